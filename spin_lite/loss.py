@@ -1,0 +1,51 @@
+"""The SPIN loss, a pure function over per-sequence log-probabilities.
+
+For a pair (x, y real, y' generated), with the policy p being trained and the frozen opponent p_t:
+    reward_real = beta * (log p(y|x)  - log p_t(y|x))
+    reward_gen  = beta * (log p(y'|x) - log p_t(y'|x))
+    u = reward_real - reward_gen                         (the margin)
+    loss = log(1 + exp(-u))  (logistic)   or   max(0, 1 - u)  (hinge)
+Log-probabilities are sums over the response tokens (spin_lite.logprobs.sequence_logprobs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("logistic", "hinge")
+
+
+@dataclass
+class SpinLossOutput:
+    losses: torch.Tensor
+    """Per-pair loss, shape [B]; differentiable."""
+    reward_real: torch.Tensor
+    """beta * (policy - opponent) log-prob of the real response, [B], detached."""
+    reward_gen: torch.Tensor
+    """Same for the generated response, [B], detached."""
+
+    @property
+    def margin(self) -> torch.Tensor:
+        return self.reward_real - self.reward_gen
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """1 where the real response gets the higher reward; ties count as wrong."""
+        return (self.margin > 0).float()
+
+
+def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, opponent_real: torch.Tensor,
+              opponent_gen: torch.Tensor, beta: float, loss_type: str = "logistic") -> SpinLossOutput:
+    """SPIN loss per pair. All inputs are summed response log-probs of shape [B] (nats)."""
+    real_ratio = policy_real - opponent_real
+    gen_ratio = policy_gen - opponent_gen
+    u = beta * (real_ratio - gen_ratio)
+    if loss_type == "logistic":
+        losses = F.softplus(-u)  # log(1 + exp(-u)), stable for large |u|
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - u)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return SpinLossOutput(losses, (beta * real_ratio).detach(), (beta * gen_ratio).detach())

