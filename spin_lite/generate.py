@@ -95,6 +95,8 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
 
     model.eval()
     todo = [b for b in mine if b not in complete]
+    if complete and rank == 0:
+        print(f"{desc}: {len(complete)} of {len(mine)} batches already on disk, generating {len(todo)}", flush=True)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
         for b in todo:

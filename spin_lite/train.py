@@ -65,6 +65,8 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        if rank == 0:
+            print(f"train iter {iteration}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
     log_lines = [l for l in _read_lines(log_path) if json.loads(l)["step"] <= start]
     log_path.write_text("".join(log_lines), encoding="utf-8")  # drop steps after the checkpoint
     writer = _tracker(cfg, out_dir, iteration) if rank == 0 else None
