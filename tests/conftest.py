@@ -1,0 +1,84 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and chat template, and a tiny random model built from a config.
+
+The tiny model has the real tokenizer's vocabulary, so prompts, responses and EOS handling are those of a
+real chat model, while a forward pass takes milliseconds.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "examples" / "data" / "demo_sft.jsonl"
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from spin_lite.model import embedded_model_dir
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from spin_lite.config import ModelConfig
+    from spin_lite.model import load_tokenizer
+    return load_tokenizer(ModelConfig(name=str(embedded_dir)))
+
+
+def make_tiny_model(path: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer Llama with the real vocabulary (hidden 64: a multiple of 64 so nf4 blocks fit)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer)
+
+
+def tiny_settings(model_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides for a run of the tiny model that takes seconds: 8 training prompts, 4 held out."""
+    settings = {
+        "run_dir": run_dir, "iterations": 2, "model.name": model_dir, "data.path": DEMO_DATA,
+        "data.max_examples": 8, "data.eval_size": 4, "data.max_prompt_length": 96, "data.max_length": 160,
+        "generation.max_new_tokens": 8, "generation.batch_size": 4, "train.epochs": 1,
+        "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2, "train.learning_rate": 1e-2,
+        "train.save_every": 1, "eval.max_new_tokens": 8, **extra}
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path):
+    from spin_lite.config import load_config
+
+    def build(**extra):
+        return load_config(None, tiny_settings(tiny_model_dir, tmp_path / "run", **extra))
+    return build
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Hash of every file under root, by relative path (to show a directory was left as it was)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*args, env=None, cwd=REPO):
+    """Run `python -m spin_lite ARGS` in a real process."""
+    import os
+    import subprocess
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "spin_lite", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
