@@ -174,6 +174,9 @@ class SpinRun:
         """The model whose one trainable adapter starts equal to iteration t's opponent."""
         previous = [str(self.dir.iteration(k) / "adapter") for k in range(t)]
         start = [self.cfg.model.adapter] if self.cfg.model.adapter else []
+        # A fresh adapter's random A matrices come from this seed, not from whatever the process did before:
+        # the same in every process of a data-parallel run, and after a resume.
+        torch.manual_seed(self.cfg.seed * 1009 + t)
         if self.cfg.mode == "stack":
             if self.base is None:
                 self.base = load_base(self.cfg.model)

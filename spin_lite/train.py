@@ -45,7 +45,9 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
 
     t = cfg.train
     beta, lr = cfg.beta_at(iteration), cfg.lr_at(iteration)
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    # Pairs per optimizer step, whatever the number of processes: each process takes a share of every
+    # step's pairs, so N processes run the same steps on the same pairs as one (data parallel).
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(pairs) / per_step)
     total_steps = steps_per_epoch * t.epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -56,7 +58,10 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     ckpt, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
-    recover_dir(ckpt)
+    if rank == 0:
+        recover_dir(ckpt)
+    if world_size > 1:
+        dist.barrier()
     start = 0
     if (ckpt / "trainer_state.pt").exists():
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
@@ -67,8 +72,11 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
         start = state["step"]
         if rank == 0:
             print(f"train iter {iteration}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
-    log_lines = [l for l in _read_lines(log_path) if json.loads(l)["step"] <= start]
-    log_path.write_text("".join(log_lines), encoding="utf-8")  # drop steps after the checkpoint
+    if rank == 0:
+        log_lines = [l for l in _read_lines(log_path) if json.loads(l)["step"] <= start]
+        log_path.write_text("".join(log_lines), encoding="utf-8")  # drop steps after the checkpoint
+    if world_size > 1:
+        _broadcast_params(params)  # every process starts from rank 0's adapter, whatever its RNG did
     writer = _tracker(cfg, out_dir, iteration) if rank == 0 else None
 
     from tqdm.auto import tqdm
@@ -97,13 +105,14 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                 sums[name] = sums.get(name, 0.0) + float(value.sum())
         if world_size > 1:
             _all_reduce_grads(params)
+            sums, tokens = _all_reduce_sums(sums, tokens, params[0].device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "epoch": epoch, **{k: v / max(len(mine), 1) for k, v in sums.items()},
+        record = {"step": step + 1, "epoch": epoch, **{k: v / len(step_pairs) for k, v in sums.items()},
                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "beta": beta,
-                  "tokens_per_s": tokens * world_size / (time.perf_counter() - began)}
+                  "tokens_per_s": tokens / (time.perf_counter() - began)}
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -118,6 +127,8 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
     if t.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
+    if world_size > 1:
+        dist.barrier()  # rank 0 has written the last step's log line
     last_epoch = [json.loads(l) for l in _read_lines(log_path)][-steps_per_epoch:]
     return {k: sum(r[k] for r in last_epoch) / len(last_epoch)
             for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen")} | {"steps": total_steps}
@@ -148,11 +159,29 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _all_reduce_grads(params):
-    """Average the LoRA gradients over processes (the adapter is small: one all-reduce per tensor)."""
+    """Average the LoRA gradients over processes, in one all-reduce of the flattened adapter gradients.
+
+    A process with no pairs in this step (fewer pairs than processes) joins with zeros.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.view_as(p).to(p.dtype)
+
+
+def _all_reduce_sums(sums: dict[str, float], tokens: int, device) -> tuple[dict[str, float], int]:
+    """The step's metric sums and token count over all processes (for the log, as one process writes it)."""
+    names = ("loss", "reward_real", "reward_gen", "margin", "accuracy", "logp_real", "logp_gen")
+    values = torch.tensor([sums.get(n, 0.0) for n in names] + [float(tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(names, values[:-1].tolist())), int(values[-1])
+
+
+def _broadcast_params(params):
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= dist.get_world_size()
+        dist.broadcast(p.data, src=0)
 
 
 def _tracker(cfg: SpinConfig, out_dir: Path, iteration: int):
