@@ -6,6 +6,7 @@
     spin-lite train runs/demo
     spin-lite evaluate runs/demo
     spin-lite table runs/demo
+    spin-lite sft examples/configs/experiment_sft.yaml      # LoRA SFT: a starting model (model.adapter) for SPIN
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir", help="run directory made by `spin-lite run`")
     table = sub.add_parser("table", help="print the results table of a run directory")
     table.add_argument("run_dir")
+    sft = sub.add_parser("sft", help="supervised fine-tuning of a LoRA adapter: the starting model for SPIN",
+                         description="LoRA SFT on the same config and data as a run; writes RUN_DIR/adapter, usable as "
+                                     "a SPIN run's model.adapter. With model.adapter set, continues that adapter.")
+    sft.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
+    sft.add_argument("overrides", nargs="*", help="key=value settings, e.g. run_dir=runs/sft train.epochs=3")
+    sft.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.epochs passes)")
     return parser
 
 
@@ -49,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(RunDir(args.run_dir)))
         elif args.command == "run":
             SpinRun(load_config(args.config, args.overrides)).run()
+        elif args.command == "sft":
+            from .sft import run_sft
+            run_sft(load_config(args.config, args.overrides), steps=args.steps)
         else:
             run_dir = RunDir(args.run_dir)
             if not run_dir.config_path.exists():
