@@ -7,6 +7,7 @@
     spin-lite evaluate runs/demo
     spin-lite table runs/demo
     spin-lite sft examples/configs/experiment_sft.yaml      # LoRA SFT: a starting model (model.adapter) for SPIN
+    spin-lite export runs/demo --out exports/demo --merged     # the last iteration as one model
 """
 from __future__ import annotations
 
@@ -41,10 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
     sft.add_argument("overrides", nargs="*", help="key=value settings, e.g. run_dir=runs/sft train.epochs=3")
     sft.add_argument("--steps", type=int, default=None, help="optimizer steps (default: train.epochs passes)")
+    from .export import add_arguments as export_arguments
+    export_arguments(sub.add_parser(
+        "export", help="export an iteration's adapter, or the merged model (--merged), optionally to the Hub",
+        description="Export the model after an iteration: its LoRA adapter (PEFT layout), or with --merged the "
+                    "base with the adapter(s) merged in, in 16/32 bits; --push-to-hub also uploads it."))
+    sub.add_parser("app", add_help=False, help="open the web app (app.py: spin-lite app --help for its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # the app parses its own options (--host, --port, --share, --auth, --workspace)
+        from .app_handlers import run_app_script
+        return run_app_script(argv[1:])
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .model import ModelError
@@ -54,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "table":
             print(format_table(RunDir(args.run_dir)))
+        elif args.command == "export":
+            from .export import main as export_main
+            return export_main(args)
         elif args.command == "run":
-            SpinRun(load_config(args.config, args.overrides)).run()
+            config, overrides = args.config, args.overrides
+            if config is not None and "=" in config:  # no config file, only overrides
+                config, overrides = None, [config, *overrides]
+            SpinRun(load_config(config, overrides)).run()
         elif args.command == "sft":
             from .sft import run_sft
             run_sft(load_config(args.config, args.overrides), steps=args.steps)
