@@ -1,0 +1,309 @@
+"""Export the model of a finished iteration: its LoRA adapter, or a merged 16/32-bit model, optionally pushed to the Hub.
+
+    spin-lite export runs/demo --out exports/demo-adapter                       # adapter of the last iteration
+    spin-lite export runs/demo --iteration 1 --out exports/demo --merged --dtype bfloat16
+    spin-lite export runs/demo --out exports/demo --merged --push-to-hub USER/NAME   # needs HF_TOKEN or --token
+
+The model after iteration N (see spin_lite.model for how the run builds it):
+  stack mode: base + adapter N. Adapter N started as a copy of adapter N-1 (iteration 0: of model.adapter, the
+              optional starting adapter), so it already holds everything learned before it and applies to the
+              plain base on its own. model.adapter is therefore not merged again.
+  merge mode: base with model.adapter (if any) and adapters 0..N merged in that order. Adapter N was trained on
+              a base with the earlier ones merged in, so it is not a standalone adapter for the original base;
+              only the merged export describes that model (and the adapter export of iteration 0 without a
+              starting adapter).
+A merged export always loads the base in 16/32 bits, even when the run trained on a 4-bit base (QLoRA): the
+adapters are merged into full-precision weights, never into quantized ones. Every export is written to a
+temporary folder and renamed into place, so an interrupted export never leaves a half-written model at `out`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+MARKER = "spin_lite_export.json"
+"""Written into every export; an existing folder holding it may be replaced by a new export."""
+
+
+class ExportError(ValueError):
+    """The export cannot be made as asked; the message says why and what to do instead."""
+
+
+# -- reading the run ------------------------------------------------------------------------------------
+def _run(run_dir):
+    from .config import load_config
+    from .state import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.config_path.exists():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
+    return rd, load_config(rd.config_path, [f"run_dir={run_dir}"])
+
+
+def trained_iterations(run_dir) -> list[int]:
+    """Iterations of the run whose adapter has been saved, in order."""
+    rd, cfg = _run(run_dir)
+    return [t for t in range(max(cfg.iterations, rd.completed()))
+            if (rd.iteration(t) / "adapter" / "adapter_config.json").exists()]
+
+
+def _check_iteration(rd, cfg, iteration: int | None) -> int:
+    done = [t for t in range(max(cfg.iterations, rd.completed()))
+            if (rd.iteration(t) / "adapter" / "adapter_config.json").exists()]
+    if not done:
+        raise ExportError(f"run {rd.root} has no trained adapter yet; run (or continue) it with spin-lite run")
+    if iteration is None:
+        return done[-1]
+    if iteration not in done:
+        raise ExportError(f"iteration {iteration} of run {rd.root} has no trained adapter "
+                          f"(iterations with one: {', '.join(map(str, done))})")
+    return iteration
+
+
+def adapters_to_merge(run_dir, iteration: int) -> list[str]:
+    """The adapters that, merged into the base in this order, give the model after `iteration`."""
+    rd, cfg = _run(run_dir)
+    own = [str(rd.iteration(k) / "adapter") for k in range(iteration + 1)]
+    if cfg.mode == "stack":
+        return own[-1:]  # adapter N holds the starting adapter and adapters 0..N-1: it began as their copy
+    return ([cfg.model.adapter] if cfg.model.adapter else []) + own
+
+
+def base_reference(cfg) -> str:
+    """The base model as a loadable name: a hub id, or the absolute path of a local folder."""
+    from .model import EMBEDDED, embedded_model_dir
+
+    if cfg.model.name == EMBEDDED:
+        return str(embedded_model_dir())
+    local = Path(cfg.model.name).expanduser()
+    return str(local.resolve()) if local.exists() else cfg.model.name
+
+
+# -- writing the export folder ----------------------------------------------------------------------------
+def _check_out(out_dir: Path):
+    """Refuse to replace a folder that holds anything but an earlier export."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER).exists())):
+        raise ExportError(f"{out_dir} exists and is not an earlier spin-lite export; choose a new --out folder "
+                          "(an earlier export there would be replaced)")
+
+
+def _start(out_dir: Path) -> Path:
+    _check_out(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(tmp: Path, out_dir: Path, info: dict) -> Path:
+    from .state import replace_dir
+
+    (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    _check_out(out_dir)  # again: the folder may have appeared while the model was being written
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _model_card(info: dict, base: str, merged: bool) -> str:
+    hub_base = base if not os.path.isabs(base) else None
+    front = ["---", "library_name: " + ("transformers" if merged else "peft"),
+             "tags:", "- spin", "- self-play-fine-tuning", "- lora"]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    front.append("---")
+    what = (f"The base model {base} with SPIN LoRA adapters merged in ({info['dtype']})." if merged else
+            f"A LoRA adapter (PEFT) for the base model {base}.")
+    if merged:
+        usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)\n"
+                 "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)\n```")
+    else:
+        usage = ("```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                 f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+                 "model = PeftModel.from_pretrained(base, PATH_OR_REPO)\n"
+                 "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)\n```")
+    return "\n".join(front) + f"""
+
+# SPIN iteration {info['iteration']}
+
+{what} Trained with spin_lite: SPIN (Self-Play Fine-Tuning, arXiv 2401.01335), {info['mode']} mode,
+iteration {info['iteration']}{' on a 4-bit (QLoRA) base' if info['trained_in_4bit'] else ''}.
+
+{usage}
+"""
+
+
+def _info(cfg, rd, iteration: int, kind: str, **extra) -> dict:
+    return {"kind": kind, "run_dir": str(Path(rd.root).resolve()), "iteration": iteration, "mode": cfg.mode,
+            "base": base_reference(cfg), "starting_adapter": cfg.model.adapter,
+            "trained_in_4bit": cfg.model.load_in_4bit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+# -- the two exports ------------------------------------------------------------------------------------------
+def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
+    """The adapter of `iteration` (default: the last trained one) in the standard PEFT layout, with the tokenizer.
+
+    `PeftModel.from_pretrained(base, out_dir)` on the original base gives the run's model after that
+    iteration. Only stack-mode runs (and merge mode's iteration 0 without a starting adapter) have such an
+    adapter; for the others this raises ExportError pointing at export_merged.
+    """
+    from .model import load_tokenizer
+
+    rd, cfg = _run(run_dir)
+    iteration = _check_iteration(rd, cfg, iteration)
+    if cfg.mode == "merge" and (iteration > 0 or cfg.model.adapter):
+        earlier = ([f"the starting adapter {cfg.model.adapter}"] if cfg.model.adapter else []) + (
+            [] if iteration == 0 else ["the adapter of iteration 0"] if iteration == 1 else
+            [f"the adapters of iterations 0..{iteration - 1}"])
+        earlier = " and ".join(earlier)
+        raise ExportError(
+            f"run {rd.root} used mode: merge, so the adapter of iteration {iteration} was trained on a base with "
+            f"{earlier} merged in; on its own, on the original base, it is not the trained model. Export the "
+            f"merged model instead: spin-lite export {rd.root} --iteration {iteration} --out DIR --merged")
+    out_dir = Path(out_dir)
+    tmp = _start(out_dir)
+    try:
+        src = rd.iteration(iteration) / "adapter"
+        base = base_reference(cfg)
+        adapter_config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = base
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+        weights = [p for p in src.iterdir() if p.name.startswith("adapter_model.")]
+        if not weights:
+            raise ExportError(f"{src} has no adapter weights (adapter_model.safetensors)")
+        for p in weights:
+            shutil.copy2(p, tmp / p.name)
+        load_tokenizer(cfg.model).save_pretrained(tmp)
+        info = _info(cfg, rd, iteration, "adapter", dtype=None)
+        (tmp / "README.md").write_text(_model_card(info, base, merged=False), encoding="utf-8")
+        return _finish(tmp, out_dir, info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_merged(run_dir, iteration: int | None, out_dir, dtype: str = "bfloat16", base: str | None = None,
+                  log=print) -> Path:
+    """The model after `iteration` as one plain transformers model in `dtype`, with the tokenizer.
+
+    The base is loaded in `dtype` (never in 4 bits, even if the run trained on a 4-bit base), the run's
+    adapters are merged in order (adapters_to_merge), and the result saved with save_pretrained. `base`
+    replaces the run's model.name, e.g. a 16-bit copy of a base that the hub stores pre-quantized.
+    """
+    import torch
+    from peft import PeftModel
+
+    from .model import load_base, load_tokenizer
+
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    rd, cfg = _run(run_dir)
+    iteration = _check_iteration(rd, cfg, iteration)
+    adapters = adapters_to_merge(run_dir, iteration)
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
+    model_cfg = dataclasses.replace(cfg.model, load_in_4bit=False, dtype=dtype, name=base or cfg.model.name)
+    log(f"export: loading {model_cfg.name} in {dtype}" + (" (the run trained on it in 4 bits)"
+                                                           if cfg.model.load_in_4bit else ""))
+    model = load_base(model_cfg, load_in_4bit=False)
+    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise ExportError(f"the base model {model_cfg.name} is stored quantized; merging needs 16/32-bit weights. "
+                          "Pass a 16-bit copy of the same model as base (--base), or export the adapter instead")
+    for adapter in adapters:
+        log(f"export: merging {adapter}")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ExportError(f"the merged weights overflow {dtype} ({len(bad)} tensors, e.g. {bad[0]}); "
+                          "export in bfloat16 or float32")
+    model.config.use_cache = True
+    tmp = _start(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer(cfg.model).save_pretrained(tmp)
+        info = _info(cfg, rd, iteration, "merged", dtype=dtype,
+                     merged_adapters=[str(Path(a).resolve()) if Path(a).exists() else a for a in adapters],
+                     base=base or base_reference(cfg))
+        (tmp / "README.md").write_text(_model_card(info, info["base"], merged=True), encoding="utf-8")
+        out = _finish(tmp, out_dir, info)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"export: wrote {out}")
+    return out
+
+
+# -- the Hub --------------------------------------------------------------------------------------------------
+def hub_token(token: str | None = None) -> str | None:
+    """`token`, else HF_TOKEN, else the token saved by `hf auth login` (or a Colab secret), else None."""
+    if token:
+        return token
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    try:
+        from huggingface_hub import get_token
+        return get_token()
+    except Exception:
+        return None
+
+
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload an export folder to the model repository `repo_id` (created if missing); returns its URL."""
+    token = hub_token(token)
+    if not token:
+        raise ExportError(f"pushing to the Hub repository {repo_id} needs a token: set HF_TOKEN, pass --token, or "
+                          f"log in with `hf auth login`. The export itself is complete in {folder}")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          ignore_patterns=[MARKER], commit_message="Upload SPIN export from spin_lite")
+    except Exception as e:
+        raise ExportError(f"could not push {folder} to the Hub repository {repo_id}: {type(e).__name__}: "
+                          f"{str(e)[:300]}. The export itself is complete in {folder}; upload it later with "
+                          f"`hf upload {repo_id} {folder}`") from None
+    return str(url)
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+def add_arguments(p):
+    """The options of `spin-lite export` (the subcommand itself is declared in spin_lite.cli)."""
+    p.add_argument("run_dir", help="run directory made by `spin-lite run`")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the last trained)")
+    p.add_argument("--out", required=True, help="folder to write (an earlier export there is replaced)")
+    p.add_argument("--merged", action="store_true",
+                   help="write the base with the adapter(s) merged in, instead of the adapter alone")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bfloat16", help="weights of a --merged export")
+    p.add_argument("--base", default=None, help="with --merged: load this base instead of the run's model.name")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the export to this Hub repo")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+
+def main(args) -> int:
+    """Run `spin-lite export` with parsed arguments; user mistakes print `error: ...` and return 2."""
+    import sys
+
+    try:
+        if args.push_to_hub and not hub_token(args.token):  # say so before the export's work, not after
+            raise ExportError(f"pushing to the Hub repository {args.push_to_hub} needs a token: set HF_TOKEN, "
+                              "pass --token, or log in with `hf auth login`")
+        if args.merged:
+            out = export_merged(args.run_dir, args.iteration, args.out, dtype=args.dtype, base=args.base)
+        else:
+            if args.base:
+                raise ExportError("--base applies to --merged exports only")
+            out = export_adapter(args.run_dir, args.iteration, args.out)
+            print(f"export: wrote the adapter to {out}")
+        if args.push_to_hub:
+            print(f"export: pushed to {push_to_hub(out, args.push_to_hub, args.token, args.private)}")
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
