@@ -1,10 +1,23 @@
 """Generation: the opponent answers every prompt, batch by batch, each finished batch saved at once.
 
 Prompts are sorted by length (longest first) so a batch pads little, then cut into batches of
-`generation.batch_size`. Batch b is sampled with its own seed, so a batch regenerated after a crash gives
-the same tokens as it would have the first time. The output file holds one JSON line per response:
+`generation.batch_size`. Batch b is sampled from its own random generator, seeded from b, so a batch
+regenerated after a crash gives the same tokens as it would have the first time. The output file holds one
+JSON line per response:
     {"batch": b, "key": "train:12", "ids": [...], "truncated": false}
 A response ends with the first EOS (kept); one with no EOS within max_new_tokens is marked truncated.
+
+Where the time goes, and what this module does about it (numbers: docs/PERFORMANCE.md):
+- An unmerged LoRA adds two small matmuls to every linear layer of every decoding step. generate_all
+  decodes from a merged copy instead: each LoRA layer's base weight (de-quantized for a 4-bit base) plus
+  its delta in one 16/32-bit linear layer, every other tensor shared; the copy is freed when it returns.
+- One decoding step reads all the weights whatever the batch size, so several planned batches are decoded
+  together, as many rows as fit (`rows_per_pass`); the plan, the seeds and the files stay per batch.
+- A finished response leaves the batch: its rows of the KV cache are dropped once a quarter of the batch
+  has finished, so the long tail decodes a smaller batch.
+- The decoding loop is this module's own (`decode`): prefill with logits of the last position only, then
+  one token per step, the logits processed exactly as transformers does (float32, temperature, top-p);
+  greedy decoding gives transformers `generate`'s tokens (tests/test_fast_generate.py).
 """
 from __future__ import annotations
 
@@ -58,21 +71,14 @@ def split_at_eos(new_tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings, eos_id: int, pad_id: int,
                    seed: int, max_new_tokens: int | None = None, do_sample: bool | None = None):
-    """Responses to `prompts` as lists of (ids, truncated)."""
-    from transformers import GenerationConfig
-
+    """Responses to `prompts` as lists of (ids, truncated), from `model` as it is (no merged copy)."""
     do_sample = settings.do_sample if do_sample is None else do_sample
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens or settings.max_new_tokens, do_sample=do_sample,
-        temperature=settings.temperature if do_sample else None, top_p=settings.top_p if do_sample else None,
-        top_k=0 if do_sample else None,  # 0 = off: the model's own top_k default must not sneak in
-        eos_token_id=eos_id, pad_token_id=pad_id)
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id)
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    new = out[:, ids.shape[1]:].tolist()
-    return [split_at_eos(tokens, eos_id) for tokens in new]
+    pick = sampler(do_sample, settings.temperature, settings.top_p, [0] * len(prompts),
+                   [_generator(seed, _device(model))])
+    out = {}
+    decode(model, prompts, eos_id, pad_id, max_new_tokens or settings.max_new_tokens, pick,
+           lambda i, ids, truncated: out.__setitem__(i, (ids, truncated)))
+    return [out[i] for i in range(len(prompts))]
 
 
 def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: GenerationSettings, path: Path,
@@ -97,19 +103,220 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     todo = [b for b in mine if b not in complete]
     if complete and rank == 0:
         print(f"{desc}: {len(complete)} of {len(mine)} batches already on disk, generating {len(todo)}", flush=True)
+    if not todo:
+        return done
+    opponent = merged_copy(model) or model
+    rows = rows_per_pass(opponent, max(len(prompts[k]) for b in todo for k in batches[b]),
+                         settings.max_new_tokens, settings.batch_size)
+    per_pass = max(1, rows // settings.batch_size)
+    written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
-        for b in todo:
-            keys = batches[b]
-            results = generate_batch(model, [prompts[k] for k in keys], settings, tokenizer.eos_token_id,
-                                     tokenizer.pad_token_id, seed=seed * 100_003 + b)
-            records = [{"batch": b, "key": k, "ids": ids, "truncated": truncated}
-                       for k, (ids, truncated) in zip(keys, results)]
-            f.write("".join(json.dumps(r) + "\n" for r in records))  # one write: a batch lands whole or not
-            f.flush()
-            os.fsync(f.fileno())
-            done.update({r["key"]: r for r in records})
-            bar.update(1)
-            fault_point("generate_batch", len(mine) - len(todo) + todo.index(b) + 1)
+        for g in range(0, len(todo), per_pass):
+            group = todo[g:g + per_pass]
+            keys = [k for b in group for k in batches[b]]
+            owners = [n for n, b in enumerate(group) for _ in batches[b]]
+            results, left = {}, [len(batches[b]) for b in group]
+
+            def finished(i, ids, truncated):
+                nonlocal written
+                results[i] = (ids, truncated)
+                left[owners[i]] -= 1
+                if left[owners[i]]:
+                    return
+                b = group[owners[i]]
+                records = [{"batch": b, "key": keys[j], "ids": results[j][0], "truncated": results[j][1]}
+                           for j in range(len(keys)) if owners[j] == owners[i]]
+                f.write("".join(json.dumps(r) + "\n" for r in records))  # one write: a batch lands whole or not
+                f.flush()
+                os.fsync(f.fileno())
+                done.update({r["key"]: r for r in records})
+                bar.update(1)
+                written += 1
+                fault_point("generate_batch", written)
+
+            device = _device(opponent)
+            pick = sampler(settings.do_sample, settings.temperature, settings.top_p, owners,
+                           [_generator(seed * 100_003 + b, device) for b in group])
+            decode(opponent, [prompts[k] for k in keys], tokenizer.eos_token_id, tokenizer.pad_token_id,
+                   settings.max_new_tokens, pick, finished)
+    del opponent
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return done
 
+
+# -- the decoding loop -------------------------------------------------------------------------------
+@torch.no_grad()
+def decode(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int, pick, on_finished):
+    """Continue every prompt until its EOS or `max_new_tokens`; `on_finished(i, new_ids, truncated)` is called
+    as row i finishes. `pick(scores [n, V] float32, rows [n] row numbers, active [n] bool)` chooses the next
+    tokens. Finished rows leave the batch (and their KV cache) once a quarter of it has finished."""
+    from transformers import DynamicCache
+
+    device = _device(model)
+    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate makes them
+    cache = DynamicCache()
+    logits = _forward(model, ids, mask, positions, cache, last_only=True)
+    rows = list(range(len(prompts)))  # row number of each line of the batch
+    active = [True] * len(rows)  # still generating (a finished row stays until the batch is compacted)
+    next_position = positions[:, -1] + 1
+    new = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        tokens = pick(logits[:, -1].float(), rows, active)
+        listed = tokens.tolist()
+        for n, (row, token) in enumerate(zip(rows, listed)):
+            if active[n]:
+                new[row].append(token)
+                if token == eos_id or step == max_new_tokens - 1:
+                    active[n] = False
+                    on_finished(row, new[row], token != eos_id)
+        running = sum(active)
+        if running == 0:
+            break
+        if (len(rows) - running) * 4 >= len(rows) and hasattr(cache, "batch_select_indices"):
+            keep = [n for n in range(len(rows)) if active[n]]
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            tokens, mask, next_position = tokens[index], mask[index], next_position[index]
+            rows, active = [rows[n] for n in keep], [True] * len(keep)
+        else:
+            tokens = tokens.masked_fill(~torch.tensor(active, device=device), pad_id)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        logits = _forward(model, tokens[:, None], mask, next_position[:, None], cache)
+        next_position = next_position + 1
+
+
+def _forward(model, ids, mask, positions, cache, last_only: bool = False) -> torch.Tensor:
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    kwargs[_cache_argument(model)] = cache
+    if last_only:
+        try:  # the logits of the last position only: [B, 1, V], not [B, T, V]
+            return model(**kwargs, logits_to_keep=1).logits
+        except TypeError:  # a model whose forward has no logits_to_keep
+            pass
+    return model(**kwargs).logits
+
+
+def _cache_argument(model) -> str:
+    """`cache` in newer transformers (which deprecates `past_key_values`), else `past_key_values`."""
+    import inspect
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def sampler(do_sample: bool, temperature: float, top_p: float, owners: list[int], generators: list):
+    """The `pick` of `decode`: argmax, or sampling where row i draws from generators[owners[i]].
+
+    A batch draws only for its own active rows, so its tokens do not depend on which other batches it is
+    decoded with. Temperature and top-p are applied as transformers' logits warpers apply them.
+    """
+    def pick(scores: torch.Tensor, rows: list[int], active: list[bool]) -> torch.Tensor:
+        if not do_sample:
+            return scores.argmax(-1)
+        if temperature != 1.0:
+            scores = scores / temperature
+        if top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=False)
+            outside = ordered.softmax(-1).cumsum(-1) <= (1 - top_p)
+            outside[..., -1:] = False  # keep at least one token
+            scores = scores.masked_fill(outside.scatter(1, order, outside), -float("inf"))
+        probs = scores.softmax(-1)
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
+        by_owner: dict[int, list[int]] = {}
+        for n, row in enumerate(rows):
+            if active[n]:
+                by_owner.setdefault(owners[row], []).append(n)
+        for owner, lines in sorted(by_owner.items()):
+            index = torch.tensor(lines, device=scores.device)
+            tokens[index] = torch.multinomial(probs[index], 1, generator=generators[owner]).squeeze(1)
+        return tokens
+    return pick
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- what to decode from, and how many rows at once ---------------------------------------------------
+def merged_copy(model):
+    """A plain model computing what the PEFT `model` computes, or None (no LoRA layers, or no room for it).
+
+    Each LoRA layer becomes one linear layer whose weight is the base weight (de-quantized from 4 bits
+    where it is quantized) plus the active adapters' deltas, in the compute dtype; every other tensor is
+    shared with `model`. Nothing of `model` is changed. On a GPU the copy is made only if it leaves room.
+    """
+    import copy
+    import itertools
+
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.integrations import dequantize_module_weight
+    except ImportError:
+        return None
+    if not isinstance(model, PeftModel):
+        return None
+    base = model.get_base_model()
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        return None
+    for m in layers.values():
+        adapters = [a for a in m.active_adapters if a in m.lora_A]
+        if (not isinstance(m.get_base_layer(), torch.nn.Linear) or m.merged
+                or any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in adapters)):
+            return None  # DoRA, LoRA biases, embeddings, merged layers: decode from the model itself
+
+    def dtype_of(layer):
+        w = layer.weight
+        return w.dtype if w.dtype.is_floating_point and w.element_size() > 1 else \
+            (getattr(layer, "compute_dtype", None) or torch.bfloat16)
+
+    if torch.cuda.is_available():
+        need = sum(m.get_base_layer().in_features * m.get_base_layer().out_features
+                   * torch.finfo(dtype_of(m.get_base_layer())).bits // 8 for m in layers.values())
+        free, total = torch.cuda.mem_get_info(_device(model))
+        if need > free - max(2 << 30, total // 10):  # leave room for the KV cache of a batch or more
+            return None
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    plain = copy.deepcopy(base, shared)  # the modules are copied, their tensors are not
+    for name, lora in layers.items():
+        layer = lora.get_base_layer()
+        dtype = dtype_of(layer)
+        weight = dequantize_module_weight(layer).to(dtype)
+        for adapter in (a for a in lora.active_adapters if a in lora.lora_A and not lora.disable_adapters):
+            weight = weight + lora.get_delta_weight(adapter).to(dtype)
+        with torch.device("meta"):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+    return plain.eval()
+
+
+def rows_per_pass(model, prompt_length: int, max_new_tokens: int, batch_size: int) -> int:
+    """How many rows to decode at once: on a GPU, what a third of the free memory holds (KV cache and
+    float32 logits); on a CPU 64, where larger batches stopped paying (docs/PERFORMANCE.md)."""
+    if _device(model).type != "cuda":
+        return max(batch_size, CPU_ROWS)
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    element = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
+    per_row = (2 * c.num_hidden_layers * kv_heads * head_dim * element * (prompt_length + max_new_tokens)
+               + 4 * 4 * c.vocab_size  # float32 logits, probabilities and the top-p sort
+               + 4 * prompt_length * max(c.hidden_size * 4, getattr(c, "intermediate_size", 0)) * element)
+    free, _ = torch.cuda.mem_get_info(_device(model))
+    return max(batch_size, min(GPU_MAX_ROWS, int(free // 3 // per_row)))
+
+
+CPU_ROWS = 64
+GPU_MAX_ROWS = 512

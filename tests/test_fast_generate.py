@@ -1,0 +1,144 @@
+"""The fast generation path against transformers `generate`, on a tiny random model with the real tokenizer.
+
+Greedy tokens must be transformers' own: from the model as it is (generate_batch, used by evaluation), and
+from the merged copy that generate_all decodes from (compared with transformers on PEFT's own merge of the
+same adapter: the same weights). Prompts of different lengths (left padding) and an EOS that some rows
+reach early (rows leaving the batch) are part of every comparison.
+Run alone: .venv/bin/python -m pytest -q tests/test_fast_generate.py
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spin_lite import generate as gen
+from spin_lite.config import GenerationSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from spin_lite.config import ModelConfig
+    from spin_lite.model import embedded_model_dir, load_tokenizer
+    return load_tokenizer(ModelConfig(name=str(embedded_model_dir())))
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[list[int]]:
+    """Nine chat prompts of the demo data, of different lengths."""
+    from spin_lite.data import encode_prompt
+    rows = [json.loads(l) for l in (REPO / "examples" / "data" / "demo_sft.jsonl").read_text().splitlines()[:9]]
+    out = []
+    for n, row in enumerate(rows):
+        chat = row["messages"][:-1] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
+        out.append(encode_prompt(tok, chat)[: 14 + 3 * n])  # cut differently: every length differs
+    assert len({len(p) for p in out}) == len(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny):
+    """The tiny model with a LoRA adapter whose B matrices are not zero (so merging it changes the weights)."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def hf_greedy(model, prompts, eos_id, pad_id, max_new):
+    from transformers import GenerationConfig
+    ids, mask = gen._left_pad(prompts, pad_id)
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return [gen.split_at_eos(row, eos_id) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def early_eos(reference, max_new) -> int:
+    """A token that the greedy continuations produce before the end in some rows: used as EOS, it makes
+    those rows finish early (and leave the batch) while the others go on."""
+    counts = {}
+    for ids, _ in reference:
+        for t in set(ids[: max_new // 2]):
+            counts[t] = counts.get(t, 0) + 1
+    token = max(counts, key=lambda t: (counts[t] < len(reference), counts[t]))
+    return token
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["full-length", "rows-leave"])
+def test_greedy_equals_transformers_generate(tiny, tok, prompts, early):
+    max_new = 12
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    if early:
+        eos = early_eos(hf_greedy(tiny, prompts, eos, pad, max_new), max_new)
+    expected = hf_greedy(tiny, prompts, eos, pad, max_new)
+    got = gen.generate_batch(tiny, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False), eos, pad,
+                             seed=0)
+    assert got == expected
+    if early:
+        assert any(not t and len(ids) < max_new for ids, t in got) and any(t for _, t in got)
+
+
+def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_path, monkeypatch):
+    """generate_all decodes from a merged copy, several planned batches at once: greedy tokens equal
+    transformers `generate` on PEFT's own merge of the adapter, and the PEFT model is left as it was."""
+    max_new = 10
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    eos = early_eos(hf_greedy(merged, prompts, tok.eos_token_id, tok.pad_token_id, max_new), max_new)
+    expected = hf_greedy(merged, prompts, eos, tok.pad_token_id, max_new)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, batch_size=2)
+    monkeypatch.setattr(gen, "CPU_ROWS", 6)  # 3 planned batches of 2 per pass, the last pass holds 1
+    eos_tok = copy.copy(tok)
+    eos_tok.eos_token_id = eos
+    records = gen.generate_all(peft_model, eos_tok, keyed, settings, tmp_path / "g.jsonl", seed=3)
+    assert [(records[f"train:{i}"]["ids"], records[f"train:{i}"]["truncated"]) for i in range(9)] == expected
+    lines = [json.loads(l) for l in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert sorted(r["batch"] for r in lines) == sorted([0, 0, 1, 1, 2, 2, 3, 3, 4])
+    after = peft_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    from peft.tuners.lora import LoraLayer
+    assert any(isinstance(m, LoraLayer) for m in peft_model.modules())  # LoRA layers still in place
+
+
+def test_sampled_batch_does_not_depend_on_its_companions(peft_model, tok, prompts, tmp_path, monkeypatch):
+    """Batch b draws from its own generator: decoded alone or with other batches, it gets the same tokens
+    (what lets a crashed run regenerate a batch as it would have been)."""
+    keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, batch_size=3)
+    runs = []
+    for rows in (3, 9):
+        monkeypatch.setattr(gen, "CPU_ROWS", rows)
+        path = tmp_path / f"rows{rows}.jsonl"
+        runs.append({k: r["ids"] for k, r in gen.generate_all(peft_model, tok, keyed, settings, path, seed=5).items()})
+    assert runs[0] == runs[1]
+    again = gen.generate_all(peft_model, tok, keyed, settings, tmp_path / "again.jsonl", seed=6)
+    assert {k: r["ids"] for k, r in again.items()} != runs[0]  # the seed matters
+
+
+def test_merged_copy_computes_the_peft_model(peft_model, prompts):
+    ids, mask = gen._left_pad(prompts[:3], 0)
+    plain = gen.merged_copy(peft_model)
+    assert plain is not None and not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
+                                   peft_model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
