@@ -3,6 +3,14 @@
 A batch holds sequences `prompt + response`, right-padded. Only response tokens are scored: the prompt and
 the padding are masked out by position (never by token id: many tokenizers pad with their EOS token, and
 the response's closing EOS must be counted).
+
+The full-vocabulary logits are never made for the whole batch: the model body gives the hidden states,
+the response positions are picked out of them, and the output layer runs on those a chunk at a time in
+float32. When gradients are wanted, each chunk's gradient with respect to its hidden states is formed at
+once (softmax minus one-hot, times the output weights) and the chunk's logits are dropped, so the memory
+is a [chunk, vocab] float32 block plus [response tokens, hidden] gradients, whatever the vocabulary and
+the sequence length: the fused linear-cross-entropy idea of Liger and cut-cross-entropy, in plain torch.
+Prompt and padding positions never reach the output layer, which saves its compute for them as well.
 """
 from __future__ import annotations
 
@@ -38,15 +46,73 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     return Batch(ids, attention, response)
 
 
-def sequence_logprobs(model, batch: Batch, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token log-probs [B], number of response tokens [B]).
+def sequence_logprobs(model, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs [B] float32, number of response tokens [B]).
 
-    The full-vocabulary log-softmax is taken `chunk` positions at a time in float32, so the float32 copy of
-    the logits never exists for the whole sequence at once.
+    `chunk` response tokens go through the output layer at a time. Models whose logits are more than
+    `output_layer(last hidden state)` (soft-capped or scaled logits), or whose output layer is quantized,
+    adapted or trained, take the plain path: full logits, log-softmax a chunk of positions at a time.
     """
+    parts = _body_and_head(model)
+    mask = batch.response_mask[:, 1:].bool()  # token t is predicted by the hidden state at position t - 1
+    if parts is None:
+        return _logprobs_from_full_logits(model, batch, mask, chunk)
+    body, head = parts
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+    picked = hidden[:, :-1][mask]  # [N, H]: the states that predict response tokens
+    targets = batch.input_ids[:, 1:][mask]
+    token_logps = _TokenLogprobs.apply(picked, head.weight, targets, chunk)
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), mask.sum(-1).to(token_logps.dtype)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(h @ W.T)[target] for each row of h, with its gradient for h formed chunk by chunk in the
+    forward pass: d logp / d h = W[target] - softmax(h @ W.T) @ W (W is frozen: no gradient for it)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.T).float()
+            norm = torch.logsumexp(logits, dim=-1)
+            out[start:start + chunk] = logits.gather(-1, t[:, None]).squeeze(-1) - norm
+            if grad is not None:
+                probs = logits.sub_(norm[:, None]).exp_()  # in place: the logits are not needed any more
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad[start:start + chunk] = -(probs.to(weight.dtype) @ weight)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None
+
+
+def _body_and_head(model):
+    """(the model's body, its output layer) where logits are just output_layer(body(...)[0]), else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_body, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+    if get_body is None or get_head is None:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0)
+           for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")):
+        return None
+    body, head = get_body(), get_head()
+    if (body is None or body is inner or type(head) is not torch.nn.Linear or head.bias is not None
+            or head.weight.requires_grad or not head.weight.is_floating_point()):
+        return None
+    return body, head
+
+
+def _logprobs_from_full_logits(model, batch: Batch, mask: torch.Tensor, chunk: int):
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    # token t is predicted by the logits at position t - 1
-    logits, targets, mask = logits[:, :-1], batch.input_ids[:, 1:], batch.response_mask[:, 1:]
+    logits, targets = logits[:, :-1], batch.input_ids[:, 1:]
     pieces = []
     for start in range(0, logits.shape[1], chunk):
         part = logits[:, start:start + chunk].float()

@@ -142,3 +142,25 @@ def test_merged_copy_computes_the_peft_model(peft_model, prompts):
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits,
                                    peft_model(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-4)
+
+
+# -- the log-prob path that training and scoring use ------------------------------------------------------
+def test_chunked_logprobs_and_gradients_equal_the_full_logits(peft_model, tok, prompts):
+    """sequence_logprobs without full-vocabulary logits (response positions only, gradient formed chunk by
+    chunk) gives the values and LoRA gradients of the plain full-logits computation."""
+    from spin_lite.logprobs import _logprobs_from_full_logits, collate, sequence_logprobs
+    responses = [p[-(3 + 2 * i):] + [tok.eos_token_id] for i, p in enumerate(prompts[:4])]
+    batch = collate(prompts[:4], responses, tok.pad_token_id)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    results = []
+    for fn in (lambda: sequence_logprobs(peft_model, batch, chunk=7),
+               lambda: _logprobs_from_full_logits(peft_model, batch, batch.response_mask[:, 1:].bool(), 5)):
+        logps, counts = fn()
+        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        results.append((logps.detach(), counts, [p.grad.clone() for p in params]))
+        peft_model.zero_grad(set_to_none=True)
+    (fast, fast_n, fast_g), (full, full_n, full_g) = results
+    assert fast_n.tolist() == full_n.tolist() == [len(r) for r in responses]
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-4)
+    for a, b in zip(fast_g, full_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
