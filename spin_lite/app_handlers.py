@@ -1,0 +1,695 @@
+"""What the web app (app.py) does, as plain functions: the app only lays these out on a page.
+
+Everything here works on one workspace folder: uploads, configs, run directories and exports stay under it,
+and a typed path that resolves outside it is refused (AppError). Runs are the CLI's: `start_run` launches
+`python -m spin_lite run CONFIG` in its own process group and session, cwd = the workspace, output appended
+to RUN_DIR/run.log, so closing the page or the app does not stop it; `abort_run` kills that process group;
+`continue_run` launches the same command on the run's own config.yaml, and the engine resumes from disk.
+Progress, plots and tables are read back from the run directory (layout: spin_lite.state) and from the
+tqdm bars in run.log, so a run started from the CLI shows up the same way.
+
+Files the app adds to a run directory: app-launch.yaml (the config it launched), run.log, app-run.json
+(pid, command, and how the process ended).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from .config import ConfigError, SpinConfig, describe_settings, load_config
+from .data import DataError, encode_example, parse_row, read_rows
+from .model import EMBEDDED, ModelError
+from .state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
+
+LAUNCH_CONFIG = "app-launch.yaml"
+PROCESS_FILE = "app-run.json"
+LOG_FILE = "run.log"
+UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
+# Values a setting may take where the config accepts a fixed set (SpinConfig.problems checks the same sets).
+CHOICES = {"mode": ["stack", "merge"], "model.dtype": ["auto", "float32", "bfloat16", "float16"],
+           "train.loss_type": ["logistic", "hinge"], "train.lr_scheduler": ["linear", "cosine", "constant"],
+           "train.report_to": ["none", "tensorboard", "wandb"]}
+
+
+class AppError(ValueError):
+    """A request the app refuses; the message is shown on the page as it is."""
+
+
+USER_ERRORS = (AppError, ConfigError, DataError, ModelError, RunLockedError)
+
+
+def user_message(error: BaseException) -> str:
+    """The text the page shows for an error raised by a handler."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return ("out of memory: use a smaller model, load it in 4 bits (model.load_in_4bit), or lower the batch "
+                f"sizes and data.max_length ({type(error).__name__}: {str(error)[:200]})")
+    return f"unexpected error: {type(error).__name__}: {str(error)[:500]}"
+
+
+# -- the workspace ---------------------------------------------------------------------------------------
+def inside(workspace: str | Path, typed: str | Path) -> Path:
+    """`typed` (relative to the workspace, or absolute) as an absolute path; refused if it leaves the workspace."""
+    ws = Path(workspace).resolve()
+    path = (ws / Path(str(typed).strip()).expanduser()).resolve()  # resolve(): ".." and symlinks followed
+    if path != ws and ws not in path.parents:
+        raise AppError(f"{typed} is outside the workspace {ws}; use a path inside it")
+    return path
+
+
+def local_or_hub(workspace, value: str | None) -> str | None:
+    """A model/data reference for use in this process: an existing local path made absolute, else the hub id."""
+    if value is None or value == EMBEDDED:
+        return value
+    path = inside(workspace, value)
+    return str(path) if path.exists() else value
+
+
+def resolved(workspace, cfg: SpinConfig) -> SpinConfig:
+    """A copy of `cfg` whose local paths are absolute (the app's process does not run in the workspace)."""
+    return dataclasses.replace(
+        cfg, run_dir=str(inside(workspace, cfg.run_dir)),
+        model=dataclasses.replace(cfg.model, name=local_or_hub(workspace, cfg.model.name),
+                                  adapter=local_or_hub(workspace, cfg.model.adapter)),
+        data=dataclasses.replace(cfg.data, path=local_or_hub(workspace, cfg.data.path),
+                                 eval_path=local_or_hub(workspace, cfg.data.eval_path)))
+
+
+def save_upload(workspace, uploaded: str | Path) -> str:
+    """Copy an uploaded file into WORKSPACE/uploads/ (a new name if a different file has its name); the
+    relative path to put in the config."""
+    source = Path(uploaded)
+    folder = inside(workspace, UPLOADS)
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / source.name, 1
+    while target.exists() and target.read_bytes() != source.read_bytes():
+        target, n = folder / f"{source.stem}-{n}{source.suffix}", n + 1
+    if not target.exists():
+        shutil.copyfile(source, target)
+    return str(target.relative_to(Path(workspace).resolve()))
+
+
+# -- the settings form: built from the config dataclasses ----------------------------------------------------
+@dataclasses.dataclass
+class Setting:
+    key: str
+    """Name as in the YAML file and the CLI overrides: `iterations`, `train.beta`."""
+    kind: str
+    """bool, int, float, str, optional-int, optional-str, or yaml (a number or a list, typed as YAML)."""
+    default: object
+    help: str
+    choices: list | None = None
+
+
+def settings() -> list[Setting]:
+    """Every config setting, in the config's order, with its default and its documentation."""
+    defaults = SpinConfig()
+    docs = {}
+    for line in describe_settings().splitlines():
+        key = line.split()[0]
+        docs[key] = line
+    out = []
+    for f in dataclasses.fields(SpinConfig):
+        section = getattr(defaults, f.name)
+        fields = ([(f"{f.name}.{sf.name}", sf, getattr(section, sf.name)) for sf in dataclasses.fields(section)]
+                  if dataclasses.is_dataclass(section) else [(f.name, f, section)])
+        for key, field, default in fields:
+            kinds = {"bool": "bool", "int": "int", "float": "float", "str": "str", "int | None": "optional-int",
+                     "str | None": "optional-str"}
+            help_text = docs[key].split(f"(default {default!r}): ", 1)[-1]
+            out.append(Setting(key, kinds.get(str(field.type), "yaml"), default, help_text, CHOICES.get(key)))
+    return out
+
+
+def yaml_value(value) -> str:
+    """A value as one line of YAML, the way `key=value` overrides are parsed (5e-05 -> 5.0e-05)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+
+def form_values(cfg: SpinConfig) -> list:
+    """`cfg` as the form's values, in settings() order."""
+    data = cfg.to_dict()
+    values = []
+    for s in settings():
+        value = data
+        for part in s.key.split("."):
+            value = value[part]
+        if s.kind == "yaml":
+            value = yaml_value(value)
+        elif s.kind.startswith("optional"):
+            value = "" if value is None else str(value)
+        values.append(value)
+    return values
+
+
+def config_from_form(values: list) -> SpinConfig:
+    """The form's values (settings() order) as a checked config; ConfigError lists every problem."""
+    data: dict = {}
+    for s, value in zip(settings(), values):
+        if s.kind == "yaml":
+            value = _parse_yaml_field(s.key, value)
+        elif s.kind == "optional-str":
+            value = value if isinstance(value, str) and value.strip() else None  # spaces may matter (a regex)
+        elif s.kind == "optional-int":
+            value = _optional_int(value)
+        elif s.kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif s.kind == "str" and isinstance(value, str):
+            value = value.strip()
+        node = data
+        *parents, leaf = s.key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return SpinConfig.from_dict(data)
+
+
+def _optional_int(text):
+    """An optional integer typed in a text box: empty is None; anything else not an integer is left for the
+    config's check to report."""
+    text = str(text).strip() if text is not None else ""
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _parse_yaml_field(key: str, text) -> object:
+    if not isinstance(text, str):
+        return text
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid configuration:\n  - {key} is not valid YAML: {e}") from None
+    if isinstance(value, str):  # "5e-5": YAML 1.1 reads a float without a dot as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def cli_overrides(cfg: SpinConfig) -> list[str]:
+    """`key=value` overrides that turn the default config into `cfg`."""
+    defaults = form_values(SpinConfig())
+    out = []
+    for s, value, default in zip(settings(), form_values(cfg), defaults):
+        if value != default:
+            if s.kind == "yaml":
+                text = value
+            elif s.kind.startswith("optional"):
+                text = value if s.kind == "optional-int" or value == "" else yaml_value(value)
+            else:
+                text = yaml_value(value)
+            out.append(f"{s.key}={text}")
+    return out
+
+
+def cli_command(workspace, cfg: SpinConfig) -> str:
+    """The shell command that runs `cfg` without the app."""
+    args = " ".join(shlex.quote(o) for o in cli_overrides(cfg))
+    return f"cd {shlex.quote(str(Path(workspace).resolve()))}\nspin-lite run {args}".rstrip()
+
+
+def save_config(workspace, cfg: SpinConfig, path: str) -> Path:
+    target = inside(workspace, path)
+    if target.suffix not in (".yaml", ".yml"):
+        raise AppError(f"{path}: a config file name ends in .yaml")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(cfg.to_yaml(), encoding="utf-8")
+    return target
+
+
+def open_config(workspace, path: str) -> SpinConfig:
+    """A config file from the workspace (a run directory stands for its config.yaml)."""
+    target = inside(workspace, path)
+    if target.is_dir():
+        target = target / "config.yaml"
+    return load_config(target)
+
+
+# -- data preview ---------------------------------------------------------------------------------------------
+def preview_data(workspace, cfg: SpinConfig, rows: int = 5) -> tuple[list[dict], str]:
+    """The first `rows` rows as the model sees them (chat template applied), and a message on the data.
+
+    A row that cannot be used shows its error in the `problem` column.
+    """
+    from .model import load_tokenizer
+
+    cfg = resolved(workspace, cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    raw = read_rows(cfg.data.path, cfg.data.split)
+    table, bad = [], 0
+    for i, row in enumerate(raw[:rows]):
+        try:
+            enc = encode_example(parse_row(row, i, cfg.data), tokenizer, cfg.data)
+        except ValueError as e:
+            bad += 1
+            table.append({"row": i, "prompt": "", "response": "", "prompt_tokens": 0, "response_tokens": 0,
+                          "problem": str(e)})
+            continue
+        notes = [n for n, cut in (("prompt cut to data.max_prompt_length", enc.prompt_truncated),
+                                  ("response cut to data.max_length", enc.response_truncated)) if cut]
+        table.append({"row": i, "prompt": tokenizer.decode(enc.prompt_ids),
+                      "response": tokenizer.decode(enc.response_ids), "prompt_tokens": len(enc.prompt_ids),
+                      "response_tokens": len(enc.response_ids), "problem": "; ".join(notes)})
+    message = f"{len(raw)} rows in {cfg.data.path}; the first {len(table)} as the model sees them."
+    if bad:
+        message += (f" {bad} of them cannot be used (see the problem column); set data.skip_bad_rows to skip "
+                    "such rows, or fix the data or the field names (data.messages_field, data.prompt_field, "
+                    "data.response_field).")
+    return table, message
+
+
+# -- run directories ------------------------------------------------------------------------------------------
+def list_runs(workspace, depth: int = 3) -> list[str]:
+    """Run directories under the workspace (relative paths, sorted): folders with a config.yaml and a
+    state.json, or launched by the app."""
+    ws = Path(workspace).resolve()
+    found = []
+    for root, dirs, files in os.walk(ws):
+        rel = Path(root).relative_to(ws)
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("node_modules", "site-packages")
+                         and not d.startswith("iter-") and len(rel.parts) < depth)
+        if ("config.yaml" in files and "state.json" in files) or LAUNCH_CONFIG in files:
+            found.append(str(rel))
+            dirs[:] = []
+    return sorted(found)
+
+
+def _alive(pid) -> bool:
+    """Whether `pid` is a live (not zombie) spin_lite process."""
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        if Path("/proc/self/stat").exists():
+            return False
+        try:  # no /proc (macOS): trust the pid
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"spin_lite" in cmdline
+
+
+def run_status(workspace, run_dir: str) -> dict:
+    """Where a run directory stands: status (running, finished, aborted, failed, stopped, not started), the
+    engine's state, iterations done and configured, and the app's process record."""
+    root = inside(workspace, run_dir)
+    rd = RunDir(root)
+    state, proc = rd.state(), read_json(root / PROCESS_FILE, {})
+    config = read_yaml(root / "config.yaml") or read_yaml(root / LAUNCH_CONFIG) or {}
+    running = _alive(proc.get("pid")) or rd.is_locked()
+    done, planned = rd.completed(), config.get("iterations")
+    if running:
+        status = "running"
+    elif state.get("status") == "finished" and planned is not None and done >= planned:
+        status = "finished"
+    elif proc.get("aborted"):
+        status = "aborted"
+    elif proc.get("returncode") not in (None, 0):
+        status = "failed"
+    elif state or done:
+        status = "stopped"
+    else:
+        status = "not started"
+    out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
+           "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
+           "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None}
+    if status == "failed":
+        out["error"] = last_error(root / LOG_FILE)
+    return out
+
+
+def read_yaml(path: Path) -> dict | None:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    except yaml.YAMLError:
+        return None
+
+
+def last_error(log: Path) -> str | None:
+    """The line of the log that says why the run stopped: `error: ...`, or the last line of a traceback."""
+    lines = [line for line in log_lines(log, 200) if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:") or re.match(r"^\w+(\.\w+)*(Error|Exception|Interrupt)\b", line):
+            return line
+    return lines[-1] if lines else None
+
+
+def runs_overview(workspace) -> list[dict]:
+    rows = []
+    for run in list_runs(workspace):
+        s = run_status(workspace, run)
+        rows.append({"run_dir": run, "status": s["status"],
+                     "iterations": f"{s['iterations_done']}/{s['iterations'] if s['iterations'] else '?'}",
+                     "stage": s["stage"] or "",
+                     "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["updated"])) if s["updated"] else ""})
+    return rows
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def start_run(workspace, cfg: SpinConfig) -> str:
+    """Check `cfg` and launch it; refuses (AppError) a run directory in use, a run directory started with
+    other settings, a folder that is not a run directory, and data or a model that cannot be loaded."""
+    from .data import load_splits
+    from .model import load_tokenizer
+    from .run import RESUMABLE_CHANGES
+
+    cfg.validate()
+    full = resolved(workspace, cfg)
+    root = Path(full.run_dir)
+    if root == Path(workspace).resolve():
+        raise AppError("run_dir must be a folder inside the workspace, not the workspace itself")
+    _refuse_if_running(workspace, cfg.run_dir)
+    previous = read_yaml(root / "config.yaml")
+    if previous is not None:
+        before, after = _flatten(previous), _flatten(cfg.to_dict())
+        changed = sorted(k for k in set(before) | set(after)
+                         if k not in RESUMABLE_CHANGES and before.get(k) != after.get(k))
+        if changed:
+            raise AppError(f"run directory {cfg.run_dir} was started with other settings (changed: "
+                           + ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+                           + "). Choose a new run_dir, or Continue it with its own settings.")
+    elif root.exists() and any(root.iterdir()) and not (root / LAUNCH_CONFIG).exists():
+        raise AppError(f"{cfg.run_dir} exists and is not a run directory; choose a new run_dir")
+    load_splits(full.data, load_tokenizer(full.model), full.seed)  # data and model errors, before launching
+    root.mkdir(parents=True, exist_ok=True)
+    (root / LAUNCH_CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
+    config = str(Path(cfg.run_dir) / LAUNCH_CONFIG)
+    return _launch(workspace, root, ["run", config])
+
+
+def continue_run(workspace, run_dir: str, iterations: int | None = None) -> str:
+    """Launch the run again on its own config (the engine skips what is on disk); `iterations` raises the total."""
+    root = inside(workspace, run_dir)
+    _refuse_if_running(workspace, run_dir)
+    config = root / "config.yaml" if (root / "config.yaml").exists() else root / LAUNCH_CONFIG
+    if not config.exists():
+        raise AppError(f"{run_dir} is not a run directory (no config.yaml); start a run with the Setup settings")
+    overrides = [f"run_dir={run_dir}"] + ([f"iterations={int(iterations)}"] if iterations else [])
+    load_config(config, overrides)  # a broken config file is reported here, not in the log
+    return _launch(workspace, root, ["run", str(config.relative_to(Path(workspace).resolve())), *overrides])
+
+
+def _refuse_if_running(workspace, run_dir: str):
+    status = run_status(workspace, run_dir)
+    if status["status"] == "running":
+        pid = f" (process {status['pid']})" if status["pid"] else ""
+        raise AppError(f"run directory {run_dir} is already running{pid}; abort it first or choose another run_dir")
+
+
+def _launch(workspace, root: Path, args: list[str]) -> str:
+    """Start `python -m spin_lite ARGS` in its own session, cwd = workspace, output appended to run.log."""
+    command = [sys.executable, "-m", "spin_lite", *args]
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    with open(root / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(f"\n$ spin-lite {shlex.join(args)}    # started by the app, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=Path(workspace).resolve(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    atomic_write_json(root / PROCESS_FILE, {"pid": proc.pid, "command": ["spin-lite", *args],
+                                            "started": time.time()})
+    threading.Thread(target=_record_exit, args=(proc, root), daemon=True).start()
+    return f"started `spin-lite {shlex.join(args)}` (process {proc.pid}); it goes on if you close the page"
+
+
+def _record_exit(proc: subprocess.Popen, root: Path):
+    """Wait for the run (so it leaves no zombie) and write down how it ended."""
+    code = proc.wait()
+    record = read_json(root / PROCESS_FILE, {})
+    if record.get("pid") == proc.pid:
+        atomic_write_json(root / PROCESS_FILE, {**record, "returncode": code, "ended": time.time()})
+
+
+def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
+    """Stop a running run: SIGTERM to its process group, SIGKILL after `grace_s`. Everything on disk is
+    written atomically, so Continue picks up from the last finished batch or checkpoint."""
+    root = inside(workspace, run_dir)
+    record = read_json(root / PROCESS_FILE, {})
+    pid = record.get("pid")
+    if not _alive(pid):
+        if RunDir(root).is_locked():  # started outside the app (the CLI): its pid is in the lock file
+            pid = int((root / ".lock").read_text().strip() or 0)
+            os.kill(pid, signal.SIGTERM)
+            return f"sent SIGTERM to process {pid}, which holds {run_dir} (started outside the app)"
+        raise AppError(f"{run_dir} is not running")
+    atomic_write_json(root / PROCESS_FILE, {**record, "aborted": True})
+    os.killpg(pid, signal.SIGTERM)  # start_new_session: the process group id is the pid
+    deadline = time.time() + grace_s
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    with open(root / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue picks it up\n")
+    return f"aborted {run_dir}; Continue resumes it from what is on disk"
+
+
+# -- what a run shows: progress, per-step and per-iteration metrics, log -----------------------------------------
+def log_lines(log: Path, n: int = 40) -> list[str]:
+    """The last `n` lines of a log, each tqdm bar reduced to its latest state."""
+    if not log.exists():
+        return []
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 256_000))
+        text = f.read().decode("utf-8", errors="replace")
+    return [line.rsplit("\r", 1)[-1] for line in text.rstrip("\r\n").split("\n")][-n:]
+
+
+TQDM = re.compile(r"(?P<name>(generate|train) iter (?P<iteration>\d+)):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
+                  r" \[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)")
+
+
+def progress(workspace, run_dir: str) -> list[dict]:
+    """The latest generation and training bars of the run (from run.log): name, n, total, elapsed, remaining."""
+    log = inside(workspace, run_dir) / LOG_FILE
+    if not log.exists():
+        return []
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 256_000))
+        text = f.read().decode("utf-8", errors="replace")
+    latest = {}
+    for m in TQDM.finditer(text):
+        kind = m["name"].split()[0]
+        latest[kind] = {"name": m["name"], "kind": kind, "iteration": int(m["iteration"]), "n": int(m["n"]),
+                        "total": int(m["total"]), "elapsed": m["elapsed"], "remaining": m["remaining"]}
+    return [latest[k] for k in ("generate", "train") if k in latest]
+
+
+def step_metrics(workspace, run_dir: str) -> list[dict]:
+    """One row per optimizer step of every iteration: iteration, step, loss, margin, accuracy (train_log.jsonl)."""
+    rd = RunDir(inside(workspace, run_dir))
+    rows = []
+    for folder in sorted(rd.root.glob("iter-[0-9][0-9]")):
+        t = int(folder.name[5:])
+        for r in read_jsonl(folder / "train_log.jsonl"):
+            rows.append({"iteration": str(t), "step": r["step"], "loss": r["loss"], "margin": r["margin"],
+                         "accuracy": r["accuracy"]})
+    return rows
+
+
+def iteration_metrics(workspace, run_dir: str) -> list[dict]:
+    """spin_lite.run.results_table: one row for the starting model, one per complete iteration, plus
+    `iterations`, the number of SPIN iterations behind the row (0: the starting model)."""
+    from .run import results_table
+
+    rows = results_table(RunDir(inside(workspace, run_dir)))
+    return [{"iterations": 0 if r["model"] == "start" else int(r["model"].split()[1]) + 1, **r} for r in rows]
+
+
+def run_log(workspace, run_dir: str, n: int = 40) -> str:
+    return "\n".join(log_lines(inside(workspace, run_dir) / LOG_FILE, n))
+
+
+# -- inspect ------------------------------------------------------------------------------------------------
+def sample_sets(workspace, run_dir: str) -> list[str]:
+    """Held-out sample sets of a run: "start" (the starting model) and "iter N" for each evaluated iteration."""
+    root = inside(workspace, run_dir)
+    sets = ["start"] if (root / "eval-start.json").exists() else []
+    return sets + [f"iter {int(p.parent.name[5:])}" for p in sorted(root.glob("iter-[0-9][0-9]/samples.jsonl"))]
+
+
+def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
+    """Held-out samples side by side (prompt, real, opponent, model), those containing `query` (any case)."""
+    root = inside(workspace, run_dir)
+    if which == "start":
+        rows = (read_json(root / "eval-start.json") or {}).get("samples", [])
+    else:
+        rows = read_jsonl(RunDir(root).iteration(_iteration(which)) / "samples.jsonl")
+    columns = ("prompt", "real", "opponent", "model")
+    table = [{c: r.get(c) or "" for c in columns} for r in rows]
+    q = query.strip().lower()
+    return [r for r in table if not q or any(q in r[c].lower() for c in columns)]
+
+
+def summary(workspace, run_dir: str, which: str) -> dict:
+    """summary.json of an iteration, or the starting model's held-out metrics."""
+    root = inside(workspace, run_dir)
+    if which == "start":
+        return {"model": "start", "eval": (read_json(root / "eval-start.json") or {}).get("metrics")}
+    return read_json(RunDir(root).iteration(_iteration(which)) / "summary.json") or {}
+
+
+def _iteration(which) -> int:
+    return int(str(which).split()[-1])
+
+
+def adapter_iterations(workspace, run_dir: str) -> list[int]:
+    """Iterations of a run with a trained adapter."""
+    root = inside(workspace, run_dir)
+    return sorted(int(p.parent.parent.name[5:]) for p in root.glob("iter-[0-9][0-9]/adapter/adapter_config.json"))
+
+
+# -- compare: chat with the starting model and an iteration's model --------------------------------------------
+def run_config(workspace, run_dir: str) -> SpinConfig:
+    root = inside(workspace, run_dir)
+    if not (root / "config.yaml").exists():
+        raise AppError(f"{run_dir} has no config.yaml yet")
+    return resolved(workspace, load_config(root / "config.yaml", [f"run_dir={run_dir}"]))
+
+
+def chat_model(workspace, run_dir: str, which: str):
+    """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N
+    (stack mode: base + adapter N; merge mode: base with the starting adapter and adapters 0..N merged)."""
+    cfg = run_config(workspace, run_dir)
+    root = Path(cfg.run_dir)
+    start = [cfg.model.adapter] if cfg.model.adapter else []
+    if which == "start":
+        adapters = start
+    else:
+        t = _iteration(which)
+        if t not in adapter_iterations(workspace, run_dir):
+            raise AppError(f"iteration {t} of {run_dir} has no trained adapter")
+        own = [str(RunDir(root).iteration(k) / "adapter") for k in range(t + 1)]
+        adapters = own[-1:] if cfg.mode == "stack" else start + own
+    stamp = tuple(os.path.getmtime(Path(a) / "adapter_config.json") if Path(a).exists() else 0 for a in adapters)
+    return _load_chat_model(dataclasses.astuple(cfg.model), tuple(adapters), stamp)
+
+
+@lru_cache(maxsize=2)  # the two models side by side stay loaded between messages
+def _load_chat_model(model_fields: tuple, adapters: tuple, stamp: tuple):
+    from peft import PeftModel
+
+    from .config import ModelConfig
+    from .model import load_base, load_tokenizer
+
+    model_cfg = ModelConfig(*model_fields)
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_base(model_cfg)
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter)
+        if len(adapters) > 1:
+            model = model.merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_new_tokens: int = 128) -> Iterator[str]:
+    """The model's answer to a chat, greedy, streamed: yields the text so far."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from .data import encode_prompt
+
+    model, tokenizer = chat_model(workspace, run_dir, which)
+    prompt = torch.tensor([encode_prompt(tokenizer, messages)], device=next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    failure = []
+
+    def generate():
+        try:
+            with torch.no_grad():
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
+                               max_new_tokens=int(max_new_tokens), do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        except Exception as e:  # reported to the page below, after the streamer is released
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if failure:
+        raise failure[0]
+    if not text:
+        yield ""
+
+
+# -- export: the CLI's `spin-lite export`, in its own process ------------------------------------------------------
+def export(workspace, run_dir: str, iteration: int, merged: bool, timeout_s: float = 3600) -> Path:
+    """Export an iteration's adapter as a zip, or the merged 16-bit model as a folder, under WORKSPACE/exports/.
+
+    Runs `spin-lite export` (spin_lite.export) in a child process in the workspace, like a run: the run's
+    relative paths resolve there, and merging a large model does not load it into the app's process.
+    """
+    ws = Path(workspace).resolve()
+    if int(iteration) not in adapter_iterations(workspace, run_dir):
+        raise AppError(f"iteration {iteration} of {run_dir} has no trained adapter to export")
+    name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{'merged' if merged else 'adapter'}"
+    out = inside(workspace, Path(EXPORTS) / name)
+    args = ["export", run_dir, "--iteration", str(int(iteration)), "--out", str(out.relative_to(ws))]
+    args += ["--merged", "--dtype", "bfloat16"] if merged else []
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-m", "spin_lite", *args], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise AppError(last_error_text(done.stderr) or f"spin-lite export failed with exit code {done.returncode}")
+    if merged:
+        return out
+    return Path(shutil.make_archive(str(out), "zip", root_dir=out))
+
+
+def last_error_text(text: str) -> str | None:
+    lines = [line for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    return lines[-1] if lines else None
+
+
+def run_app_script(argv: list[str]) -> int:
+    """`spin-lite app ARGS`: run app.py's main from the source checkout this package sits in."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "app.py"
+    if not path.exists():
+        print(f"error: the web app is app.py in the spin_lite source checkout; {path} does not exist", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("spin_lite_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv) or 0

@@ -1,0 +1,347 @@
+"""The web app's handlers (spin_lite.app_handlers) as plain functions, on real files and a tiny model.
+
+    python -m pytest -q tests/test_app.py
+
+One workspace holds a tiny random Llama (the real SmolLM2 tokenizer and chat template) and the demo data;
+the run tests launch real `spin-lite run` processes in it, as the app does, and read back what the page shows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from spin_lite import app_handlers as h
+from spin_lite.config import ConfigError, SpinConfig, load_config
+from spin_lite.data import DataError
+from spin_lite.model import ModelError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "examples" / "data" / "demo_sft.jsonl"
+# The tiny run of these tests and the browser test: 8 training prompts, 4 held out, 8 new tokens.
+TINY = {"model.name": "models/tiny", "data.path": "data/demo_sft.jsonl", "data.max_examples": 8,
+        "data.eval_size": 4, "data.max_prompt_length": 96, "data.max_length": 160, "generation.max_new_tokens": 8,
+        "generation.batch_size": 8, "train.epochs": 1, "train.micro_batch_size": 2,
+        "train.gradient_accumulation_steps": 2, "train.learning_rate": 0.01, "train.gradient_checkpointing": False,
+        "eval.max_new_tokens": 8, "iterations": 1}
+
+
+def make_workspace(root: Path) -> Path:
+    """A workspace with models/tiny (2-layer Llama, real tokenizer) and data/demo_sft.jsonl."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from spin_lite.config import ModelConfig
+    from spin_lite.model import embedded_model_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(embedded_model_dir())))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "models" / "tiny")
+    tokenizer.save_pretrained(root / "models" / "tiny")
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEMO, root / "data" / DEMO.name)
+    return root
+
+
+def tiny_config(run_dir: str, **extra) -> SpinConfig:
+    return load_config(None, [f"{k}={v}" for k, v in {**TINY, "run_dir": run_dir, **extra}.items()])
+
+
+def wait_until_stopped(ws, run_dir: str, timeout_s: float = 240) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = h.run_status(ws, run_dir)
+        if status["status"] != "running":
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"{run_dir} still running after {timeout_s} s:\n{h.run_log(ws, run_dir)}")
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    # One thread per run process: the CPU is shared, and a tiny model gains nothing from more.
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    root = make_workspace(tmp_path_factory.mktemp("workspace"))
+    yield root
+    for run in h.list_runs(root):
+        if h.run_status(root, run)["status"] == "running":
+            h.abort_run(root, run, grace_s=2)
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
+@pytest.fixture(scope="module")
+def finished_run(ws):
+    """runs/tiny: one iteration started as the Run tab starts it, run to the end."""
+    message = h.start_run(ws, tiny_config("runs/tiny"))
+    assert "started" in message
+    with pytest.raises(h.AppError, match="already running"):  # one run per run directory at a time
+        h.start_run(ws, tiny_config("runs/tiny"))
+    status = wait_until_stopped(ws, "runs/tiny")
+    assert status["status"] == "finished", h.run_log(ws, "runs/tiny")
+    return "runs/tiny"
+
+
+# -- the settings form ------------------------------------------------------------------------------------------
+def test_form_has_every_setting_with_the_configs_default():
+    cfg = SpinConfig()
+    flat = h._flatten(cfg.to_dict())
+    assert [s.key for s in h.settings()] == list(flat)
+    assert all(s.help for s in h.settings())
+    assert h.config_from_form(h.form_values(cfg)) == cfg
+    assert h.cli_overrides(cfg) == []
+
+
+def test_form_round_trip_and_cli_command_are_the_same_config(tmp_path):
+    cfg = tiny_config("runs/x", **{"train.beta": "[0.1, 0.2]", "data.system_prompt": "'Be brief: yes.'",
+                                   "eval.match_regex": "'^In short: '", "mode": "merge"})
+    values = h.form_values(cfg)
+    assert h.config_from_form(values) == cfg
+    command = h.cli_command(tmp_path, cfg)
+    assert command.splitlines()[0] == f"cd {tmp_path.resolve()}"
+    args = shlex.split(command.splitlines()[1])
+    assert args[:2] == ["spin-lite", "run"]
+    assert load_config(None, args[2:]) == cfg
+
+
+def test_form_values_typed_by_hand():
+    keys = [s.key for s in h.settings()]
+    values = h.form_values(SpinConfig())
+    values[keys.index("train.learning_rate")] = "5e-5"  # YAML 1.1 reads this as a string
+    values[keys.index("data.max_examples")] = " 12 "
+    cfg = h.config_from_form(values)
+    assert cfg.train.learning_rate == 5e-5 and cfg.data.max_examples == 12
+    values[keys.index("train.beta")] = "abc"
+    values[keys.index("data.max_examples")] = "twelve"
+    with pytest.raises(ConfigError) as e:
+        h.config_from_form(values)
+    assert "train.beta" in str(e.value) and "data.max_examples" in str(e.value)  # every problem at once
+
+
+def test_save_and_load_a_config(ws, tmp_path):
+    cfg = tiny_config("runs/saved")
+    path = h.save_config(ws, cfg, "configs/tiny.yaml")
+    assert path == ws / "configs" / "tiny.yaml"
+    assert h.open_config(ws, "configs/tiny.yaml") == cfg
+    (ws / "configs" / "bad.yaml").write_text("iterations: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        h.open_config(ws, "configs/bad.yaml")
+    (ws / "configs" / "wrong.yaml").write_text("iterations: 0\ntrain: {beta: -1}\n")
+    with pytest.raises(ConfigError, match="iterations.*\n.*train.beta"):
+        h.open_config(ws, "configs/wrong.yaml")
+
+
+# -- the workspace ------------------------------------------------------------------------------------------
+def test_paths_outside_the_workspace_are_refused(ws, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data.jsonl").write_text(DEMO.read_text())
+    (ws / "escape").symlink_to(outside)
+    for typed in ("../x", "/etc/passwd", str(outside / "data.jsonl"), "escape/data.jsonl", "data/../../x"):
+        with pytest.raises(h.AppError, match="outside the workspace"):
+            h.inside(ws, typed)
+    with pytest.raises(h.AppError, match="outside the workspace"):
+        h.preview_data(ws, tiny_config("runs/x", **{"data.path": str(outside / "data.jsonl")}))
+    with pytest.raises(h.AppError, match="outside the workspace"):
+        h.start_run(ws, tiny_config(str(outside / "run")))
+    with pytest.raises(h.AppError, match="outside the workspace"):
+        h.save_config(ws, SpinConfig(), "../config.yaml")
+    assert sorted(p.name for p in outside.iterdir()) == ["data.jsonl"]
+    assert h.inside(ws, "data/demo_sft.jsonl") == ws.resolve() / "data" / "demo_sft.jsonl"
+    assert h.local_or_hub(ws, "HuggingFaceH4/ultrachat_200k") == "HuggingFaceH4/ultrachat_200k"  # a hub id
+
+
+def test_upload_goes_to_the_workspace(ws, tmp_path):
+    assert h.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"
+    assert h.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"  # the same file again: no copy
+    other = tmp_path / "demo_sft.jsonl"
+    other.write_text(DEMO.read_text().splitlines()[0] + "\n")
+    assert h.save_upload(ws, other) == "uploads/demo_sft-1.jsonl"
+
+
+# -- data preview -------------------------------------------------------------------------------------------
+def test_preview_shows_rows_with_the_chat_template(ws):
+    rows, message = h.preview_data(ws, tiny_config("runs/x"))
+    first = json.loads(DEMO.read_text().splitlines()[0])["messages"]
+    assert len(rows) == 5 and "140 rows" in message
+    assert rows[0]["prompt"].endswith(f"<|im_start|>user\n{first[0]['content']}<|im_end|>\n<|im_start|>assistant\n")
+    assert rows[0]["response"] == first[1]["content"] + "<|im_end|>"
+    assert rows[0]["problem"] == "" and rows[0]["prompt_tokens"] > 0
+
+
+def test_preview_reports_bad_data_and_models(ws):
+    (ws / "data" / "qa.jsonl").write_text('{"question": "Hi?", "answer": "Hello."}\n')
+    rows, message = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl"}))
+    assert "missing field 'prompt'" in rows[0]["problem"] and "cannot be used" in message
+    rows, _ = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl", "data.prompt_field": "question",
+                                                           "data.response_field": "answer"}))
+    assert rows[0]["problem"] == "" and rows[0]["response"] == "Hello.<|im_end|>"
+    (ws / "data" / "broken.jsonl").write_text('{"messages": [\n')
+    with pytest.raises(DataError, match="line 1 is not valid JSON"):
+        h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/broken.jsonl"}))
+    with pytest.raises(DataError, match="does not exist"):
+        h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/missing.jsonl"}))
+    (ws / "models" / "broken").mkdir()
+    (ws / "models" / "broken" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="could not load the tokenizer"):
+        h.preview_data(ws, tiny_config("runs/x", **{"model.name": "models/broken"}))
+
+
+def test_error_messages_for_the_page():
+    import torch
+
+    assert "out of memory" in h.user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert "out of memory" in h.user_message(MemoryError())
+    assert h.user_message(h.AppError("plain")) == "plain"
+    assert h.user_message(KeyError("x")).startswith("unexpected error: KeyError")
+
+
+# -- runs -----------------------------------------------------------------------------------------------------
+def test_a_finished_run_shows_its_files(ws, finished_run):
+    root = ws / finished_run
+    assert finished_run in h.list_runs(ws)
+    steps = h.step_metrics(ws, finished_run)
+    log = [json.loads(line) for line in (root / "iter-00" / "train_log.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["loss"], s["margin"], s["accuracy"]) for s in steps] == \
+           [(r["step"], r["loss"], r["margin"], r["accuracy"]) for r in log]
+    per_iter = h.iteration_metrics(ws, finished_run)
+    assert [r["model"] for r in per_iter] == ["start", "iter 0"]
+    assert per_iter[1]["logp_per_token"] == json.loads((root / "iter-00" / "eval.json").read_text())["logp_per_token"]
+    bars = {b["kind"]: b for b in h.progress(ws, finished_run)}
+    assert bars["generate"]["n"] == bars["generate"]["total"] == 2  # 12 prompts in batches of 8
+    assert bars["train"]["n"] == bars["train"]["total"] == len(log)
+    assert "$ spin-lite run runs/tiny/app-launch.yaml" in h.run_log(ws, finished_run)
+    overview = {r["run_dir"]: r for r in h.runs_overview(ws)}
+    assert overview[finished_run]["status"] == "finished" and overview[finished_run]["iterations"] == "1/1"
+
+
+def test_inspect_samples_and_summary(ws, finished_run):
+    on_disk = [json.loads(line) for line in (ws / finished_run / "iter-00" / "samples.jsonl").read_text().splitlines()]
+    assert h.sample_sets(ws, finished_run) == ["start", "iter 0"]
+    table = h.samples(ws, finished_run, "iter 0")
+    assert table == [{c: s[c] for c in ("prompt", "real", "opponent", "model")} for s in on_disk]
+    word = on_disk[0]["real"].split()[2]
+    found = h.samples(ws, finished_run, "iter 0", word.upper())
+    assert found and all(word.lower() in " ".join(r.values()).lower() for r in found)
+    assert h.samples(ws, finished_run, "iter 0", "no such text anywhere") == []
+    assert h.samples(ws, finished_run, "start")[0]["opponent"] == ""
+    assert h.summary(ws, finished_run, "iter 0") == json.loads((ws / finished_run / "iter-00" / "summary.json").read_text())
+
+
+def test_a_changed_config_or_a_foreign_folder_is_refused_and_left_alone(ws, finished_run):
+    before = digest(ws / finished_run)
+    with pytest.raises(h.AppError, match="started with other settings.*train.beta"):
+        h.start_run(ws, tiny_config(finished_run, **{"train.beta": 0.5}))
+    with pytest.raises(h.AppError, match="not a run directory"):
+        h.start_run(ws, tiny_config("data"))
+    assert digest(ws / finished_run) == before
+    assert not (ws / "runs" / "never").exists()
+    with pytest.raises(DataError):
+        h.start_run(ws, tiny_config("runs/never", **{"data.path": "data/missing.jsonl"}))
+    assert not (ws / "runs" / "never").exists()
+
+
+def test_abort_then_continue(ws, finished_run):
+    """Continue the finished run to 2 iterations, abort it while it works, and continue it to the end."""
+    h.continue_run(ws, finished_run, iterations=2)
+    deadline = time.time() + 120
+    while not (ws / finished_run / "iter-01").exists() and time.time() < deadline:  # iteration 1 has begun
+        time.sleep(0.05)
+    assert h.run_status(ws, finished_run)["status"] == "running"
+    assert "aborted" in h.abort_run(ws, finished_run, grace_s=5)
+    status = h.run_status(ws, finished_run)
+    assert status["status"] == "aborted" and status["iterations_done"] == 1
+    with pytest.raises(h.AppError, match="not running"):
+        h.abort_run(ws, finished_run)
+    h.continue_run(ws, finished_run, iterations=2)
+    status = wait_until_stopped(ws, finished_run)
+    assert status["status"] == "finished" and status["iterations_done"] == 2, h.run_log(ws, finished_run)
+    assert [r["model"] for r in h.iteration_metrics(ws, finished_run)] == ["start", "iter 0", "iter 1"]
+    assert "aborted from the app" in h.run_log(ws, finished_run, 400)
+
+
+def test_a_failed_run_says_why(ws):
+    """A model whose tokenizer loads but whose weights are missing passes the checks before the launch and
+    fails in the run's process; the page shows the run as failed, with the error line of its log."""
+    broken = ws / "models" / "no-weights"
+    shutil.copytree(ws / "models" / "tiny", broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    h.start_run(ws, tiny_config("runs/fails", **{"model.name": "models/no-weights"}))
+    status = wait_until_stopped(ws, "runs/fails")
+    assert status["status"] == "failed" and status["returncode"] == 2
+    assert status["error"].startswith("error: could not load model 'models/no-weights'")
+
+
+# -- compare and export ---------------------------------------------------------------------------------------------
+def test_chat_streams_both_models(ws, finished_run):
+    chat = [{"role": "user", "content": "Why is the sky blue?"}]
+    start = list(h.chat_reply(ws, finished_run, "start", chat, max_new_tokens=6))
+    after = list(h.chat_reply(ws, finished_run, "iter 0", chat, max_new_tokens=6))
+    for stream in (start, after):
+        assert stream and all(isinstance(t, str) for t in stream)
+        assert all(a == b[:len(a)] for a, b in zip(stream, stream[1:]))  # each yield extends the last
+    model, _ = h.chat_model(ws, finished_run, "iter 0")
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    with pytest.raises(h.AppError, match="no trained adapter"):
+        list(h.chat_reply(ws, finished_run, "iter 7", chat))
+
+
+def test_export_adapter_zip_and_merged_folder(ws, finished_run):
+    assert h.adapter_iterations(ws, finished_run)[0] == 0
+    archive = h.export(ws, finished_run, 0, merged=False)
+    assert archive == ws / "exports" / "tiny-iter-00-adapter.zip"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipfile.ZipFile(archive).namelist())
+    merged = h.export(ws, finished_run, 0, merged=True)
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(h.AppError, match="iteration 5"):
+        h.export(ws, finished_run, 5, merged=False)
+
+
+# -- the app module ---------------------------------------------------------------------------------------------------
+def test_app_flags(monkeypatch, tmp_path):
+    pytest.importorskip("gradio")
+    sys.path.insert(0, str(REPO))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO))
+
+    launched = {}
+
+    class Demo:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
+    monkeypatch.setattr(app, "demo", Demo())
+    app.main(["--workspace", str(tmp_path)])
+    assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["auth"] is None
+    app.main(["--workspace", str(tmp_path), "--host", "0.0.0.0", "--share", "--auth", "ann:secret"])
+    assert launched["server_name"] == "0.0.0.0" and launched["share"] is True and launched["auth"] == ("ann", "secret")
+    with pytest.raises(SystemExit):
+        app.main(["--auth", "no-password"])
+    with pytest.raises(SystemExit):
+        app.main(["--workspace", str(tmp_path / "missing")])
