@@ -112,7 +112,7 @@ def load_base(cfg: ModelConfig, path: str | None = None, load_in_4bit: bool | No
     except Exception as e:
         raise ModelError(f"could not load model {cfg.name!r}: {type(e).__name__}: {str(e)[:300]}") from None
     model.config.use_cache = True
-    return model
+    return disable_cpu_4bit_repacking(model) if "quantization_config" in kwargs else model
 
 
 def lora_config(settings: LoraSettings):
@@ -160,3 +160,23 @@ def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = No
 
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+
+def disable_cpu_4bit_repacking(model):
+    """Keep bitsandbytes from repacking 4-bit weights for its fast CPU inference kernel.
+
+    bitsandbytes (0.50) repacks a Linear4bit's weights at its first eval-mode forward on CPUs with AVX512-BF16
+    and keeps them so; that kernel has no backward, so after generation (eval mode) gradients would silently
+    stop flowing through the base layers in training (measured: LoRA gradients off by 90%), and unpacking does
+    not restore the weights exactly (0.2% off). The opponent's log-probs must also come from the same kernel
+    as the policy's, so the repacking stays off for the whole run.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
