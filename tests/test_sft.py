@@ -77,3 +77,15 @@ def test_cli_continues_an_sft_adapter(tiny_model_dir, tmp_path):
     first_metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
     assert abs(metrics["heldout_logp_per_token_before"] - first_metrics["heldout_logp_per_token"]) < 1e-4
     assert (tmp_path / "more" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_experiment_configs_parse_and_share_their_data():
+    from conftest import REPO
+
+    configs = REPO / "examples" / "configs"
+    for sft, spin in (("experiment_sft", "experiment_spin"), ("experiment_gpu_sft", "experiment_gpu_spin")):
+        sft_cfg = load_config(configs / f"{sft}.yaml")
+        spin_cfg = load_config(configs / f"{spin}.yaml")
+        # The same data section and seed hold out the same rows, so SFT never trains on SPIN's held-out rows.
+        assert sft_cfg.data == spin_cfg.data and sft_cfg.model.name == spin_cfg.model.name
+        assert sft_cfg.model.adapter is None
