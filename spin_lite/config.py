@@ -38,11 +38,11 @@ class DataConfig:
     split: str = "train"
     """Split to read from a hub dataset (local files have one split)."""
     eval_path: str | None = None
-    """Held-out data: a file, or a split name of the same hub dataset (e.g. test_sft). None: hold out `eval_size` rows."""
+    """Held-out data: a file, or a split name of the same hub dataset (e.g. test_sft). None: hold out rows of `path`."""
     eval_size: int = 16
-    """Rows held out from `path` for evaluation when `eval_path` is None (chosen with the run's seed)."""
+    """Held-out rows: the first `eval_size` of `eval_path`, or drawn from `path` with the run's seed."""
     max_examples: int | None = None
-    """Use only the first N training rows (after holding out the evaluation rows)."""
+    """Read only the first max_examples (+ eval_size, when they come from `path`) rows: a subset of a big dataset."""
     messages_field: str = "messages"
     """Column holding a chat (a list of {role, content}); the last assistant turn is the response."""
     prompt_field: str = "prompt"

@@ -56,21 +56,21 @@ class DataReport:
 
 
 # -- reading ----------------------------------------------------------------------------------------
-def read_rows(path: str, split: str = "train") -> list[dict]:
-    """Rows of a local JSON/JSONL/Parquet/CSV file, or of a split of a datasets hub id."""
+def read_rows(path: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """The first `limit` (default: all) rows of a local JSON/JSONL/Parquet/CSV file, or of a hub dataset's split."""
     p = Path(path)
     if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
         if not p.is_file():
             raise DataError(f"data file {path} does not exist")
         try:
-            return _read_local(p)
+            return _read_local(p)[:limit]
         except DataError:
             raise
         except Exception as e:  # unreadable or malformed file: say which and why
             raise DataError(f"could not read data file {path}: {type(e).__name__}: {e}") from None
     try:
         import datasets
-        return datasets.load_dataset(path, split=split).to_list()
+        return datasets.load_dataset(path, split=split if limit is None else f"{split}[:{limit}]").to_list()
     except Exception as e:
         raise DataError(f"could not load dataset {path!r} (split {split!r}) from the hub: "
                         f"{type(e).__name__}: {str(e)[:300]}") from None
@@ -197,12 +197,14 @@ def prepare(rows: list, tokenizer, cfg: DataConfig, source: str) -> tuple[list[E
 
 def load_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Encoded], list[Encoded], DataReport]:
     """(train, held-out, report). Held-out rows come from `eval_path` or are drawn from `path` with `seed`."""
-    rows = read_rows(cfg.path, cfg.split)
+    limit = None if cfg.max_examples is None else cfg.max_examples + (0 if cfg.eval_path else cfg.eval_size)
+    rows = read_rows(cfg.path, cfg.split, limit)
     examples, report = prepare(rows, tokenizer, cfg, cfg.path)
     if cfg.eval_path:
         eval_source = cfg.eval_path if Path(cfg.eval_path).suffix.lower() in LOCAL_SUFFIXES else cfg.path
         eval_split = cfg.split if eval_source == cfg.eval_path else cfg.eval_path
-        held_out, eval_report = prepare(read_rows(eval_source, eval_split), tokenizer, cfg, cfg.eval_path)
+        held_out, eval_report = prepare(read_rows(eval_source, eval_split, cfg.eval_size), tokenizer, cfg,
+                                        cfg.eval_path)
         report.skipped += eval_report.skipped
         train = examples
     else:

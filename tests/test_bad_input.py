@@ -1,12 +1,11 @@
 """Bad input: a clear message naming the row and the field, before any model is loaded, and an existing
 run directory left exactly as it was."""
 import json
-import shutil
 
 import pytest
 
 from spin_lite.cli import main
-from spin_lite.config import ConfigError, load_config
+from spin_lite.config import load_config
 
 from conftest import DEMO_DATA, cli, tiny_settings, tree_digest
 
@@ -76,7 +75,8 @@ def test_all_bad_rows_listed_at_once(tiny_model_dir, tokenizer, tmp_path):
     from spin_lite.data import DataError, load_splits
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in GOOD + [CASES[c][0] for c in CASES]))
-    cfg = load_config(None, tiny_settings(tiny_model_dir, tmp_path / "run", **{"data.path": data}))
+    cfg = load_config(None, tiny_settings(tiny_model_dir, tmp_path / "run",
+                                          **{"data.path": data, "data.max_examples": "null"}))
     with pytest.raises(DataError) as e:
         load_splits(cfg.data, tokenizer, cfg.seed)
     assert "5 bad row(s)" in str(e.value)
