@@ -12,6 +12,7 @@ Each stage skips what its files show done, so running the same command again con
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -74,6 +75,9 @@ class SpinRun:
                     f"run directory {self.dir.root} was started with a different config; changed: "
                     + ", ".join(f"{k} ({previous.get(k)!r} -> {current.get(k)!r})" for k in changed)
                     + ". Use a new run_dir, or the same settings to continue.")
+        tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
+        if tracker and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_rows, self.eval_rows, self.data_report = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
