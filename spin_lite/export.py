@@ -1,4 +1,4 @@
-"""Export the model of a finished iteration: its LoRA adapter, or a merged 16/32-bit model, optionally pushed to the Hub.
+"""Export the model after an iteration: its LoRA adapter, or a merged 16/32-bit model; optionally push it to the Hub.
 
     spin-lite export runs/demo --out exports/demo-adapter                       # adapter of the last iteration
     spin-lite export runs/demo --iteration 1 --out exports/demo --merged --dtype bfloat16

@@ -80,7 +80,7 @@ def start_adapter(tmp_path_factory, stack_run) -> Path:
 @pytest.fixture(scope="module")
 def merge_run(tmp_path_factory, export_model_dir, start_adapter):
     return _run(tmp_path_factory.mktemp("export-runs") / "merge", export_model_dir, "mode=merge",
-                f"model.adapter={start_adapter}")
+                "train.mix_previous=false", f"model.adapter={start_adapter}")
 
 
 @pytest.fixture(scope="module")
