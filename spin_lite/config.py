@@ -29,6 +29,9 @@ class ModelConfig:
     """Weights and compute dtype: auto (bfloat16 where CUDA supports it, else float32), float32, bfloat16, float16."""
     trust_remote_code: bool = False
     """Run model code from the hub; off unless you trust the repository."""
+    backend: str = "auto"
+    """Model loading, LoRA and gradient checkpointing: hf (transformers + peft), unsloth (CUDA only, extra
+    spin-lite[unsloth]), or auto (unsloth when it imports and CUDA is present, else hf)."""
 
 
 @dataclass
@@ -173,6 +176,8 @@ class SpinConfig:
         check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
               f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
         check(bool(self.model.name), "model.name is empty")
+        check(self.model.backend in ("auto", "hf", "unsloth"),
+              f"model.backend must be auto, hf or unsloth, got {self.model.backend!r}")
         check(bool(self.data.path), "data.path is empty")
         check(self.data.eval_size >= 0, f"data.eval_size must be >= 0, got {self.data.eval_size}")
         check(self.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")

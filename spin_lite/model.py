@@ -78,6 +78,24 @@ def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+UNSLOTH_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def resolve_backend(cfg: ModelConfig) -> str:
+    """"hf" or "unsloth" for this machine; raises ModelError when unsloth is asked for and cannot run."""
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if cfg.backend == "unsloth":
+        if not torch.cuda.is_available():
+            raise ModelError("model.backend=unsloth needs a CUDA GPU and this machine has none; "
+                             "use model.backend=hf (or auto)")
+        if not has_unsloth:
+            raise ModelError("model.backend=unsloth needs the unsloth package: pip install 'spin-lite[unsloth]'")
+        return "unsloth"
+    if cfg.backend == "auto" and has_unsloth and torch.cuda.is_available():
+        return "unsloth"
+    return "hf"
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -97,11 +115,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_base(cfg: ModelConfig, path: str | None = None, load_in_4bit: bool | None = None):
+def load_base(cfg: ModelConfig, path: str | None = None, load_in_4bit: bool | None = None,
+              backend: str | None = None):
     """The base causal LM on this process's device, in 4 bits (nf4) or in the configured dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = resolve_dtype(cfg)
+    if (backend or resolve_backend(cfg)) == "unsloth":
+        return _load_unsloth(cfg, path or model_path(cfg), cfg.load_in_4bit if load_in_4bit is None else load_in_4bit)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.load_in_4bit if load_in_4bit is None else load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -126,6 +147,8 @@ def with_adapter(base, settings: LoraSettings, adapter: str | None):
     """`base` wrapped with one trainable LoRA adapter: a copy of `adapter` if given, else a fresh one."""
     from peft import PeftModel, get_peft_model
 
+    if getattr(base, "_spin_lite_unsloth", False):
+        return _unsloth_adapter(base, settings, adapter)
     if adapter is None:
         return get_peft_model(base, lora_config(settings))
     try:
@@ -137,18 +160,18 @@ def with_adapter(base, settings: LoraSettings, adapter: str | None):
 def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = None):
     """The base with `adapters` merged in order, in 16/32 bits; re-quantized to 4 bits when the config asks.
 
-    For a 4-bit config the merged 16-bit weights are written to `out_dir` and loaded from there with
-    quantization, so nothing is ever merged into already-quantized weights.
+    For a 4-bit config (or the unsloth backend) the merged 16-bit weights are written to `out_dir` and loaded
+    from there, with quantization, so nothing is ever merged into already-quantized weights.
     """
     from peft import PeftModel
 
-    model = load_base(cfg, load_in_4bit=False)
+    model = load_base(cfg, load_in_4bit=False, backend="hf")
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if not cfg.load_in_4bit:
+    if not cfg.load_in_4bit and resolve_backend(cfg) == "hf":
         return model
     if out_dir is None:
-        raise ValueError("merging into a 4-bit base needs a folder for the 16-bit weights")
+        raise ValueError("reloading a merged base needs a folder for the 16-bit weights")
     tmp = Path(str(out_dir) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -179,4 +202,32 @@ def disable_cpu_4bit_repacking(model):
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+    return model
+
+
+# -- Unsloth backend (CUDA only) -----------------------------------------------------------------------
+# Unsloth patches one model with one adapter. SPIN needs the opponent only before training (generation and
+# the stored log-probs), and the new adapter starts equal to it, so one adapter per model is all it takes:
+# stack mode loads adapter t-1's weights into a fresh Unsloth adapter; merge mode merges with peft in 16 bits.
+def _load_unsloth(cfg: ModelConfig, path: str, load_in_4bit: bool):
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=path, dtype=resolve_dtype(cfg),
+                                                 load_in_4bit=load_in_4bit,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    model._spin_lite_unsloth = True
+    return model
+
+
+def _unsloth_adapter(base, settings: LoraSettings, adapter: str | None):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from unsloth import FastLanguageModel
+
+    targets = UNSLOTH_ALL_LINEAR if settings.target_modules == "all-linear" else settings.target_modules
+    model = FastLanguageModel.get_peft_model(base, r=settings.r, lora_alpha=settings.alpha,
+                                             lora_dropout=settings.dropout, target_modules=targets, bias="none",
+                                             use_gradient_checkpointing="unsloth")
+    if adapter is not None:
+        set_peft_model_state_dict(model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
     return model

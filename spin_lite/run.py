@@ -28,7 +28,7 @@ from .config import ConfigError, SpinConfig
 from .data import Encoded, load_splits
 from .evaluate import evaluate, score
 from .generate import generate_all, read_generations
-from .model import load_base, load_tokenizer, merged_base, with_adapter
+from .model import load_base, load_tokenizer, merged_base, resolve_backend, with_adapter
 from .state import RunDir, atomic_write_json, atomic_write_text, read_json, read_jsonl, replace_dir
 from .train import train_adapter
 
@@ -78,11 +78,13 @@ class SpinRun:
         tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
+        self.backend = resolve_backend(self.cfg.model)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.train_rows, self.eval_rows, self.data_report = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
             self._lock = self.dir.lock()
             atomic_write_text(self.dir.config_path, self.cfg.to_yaml())
+        self.log(f"backend: {self.backend} (model.backend={self.cfg.model.backend})")
         self.log(f"data: {len(self.train_rows)} training and {len(self.eval_rows)} held-out rows "
                  f"({self.data_report.describe()})")
         for line in self.data_report.skipped[:10]:
@@ -191,8 +193,10 @@ class SpinRun:
         return with_adapter(base, self.cfg.lora, None)
 
     def _release(self, model):
-        if self.cfg.mode == "stack":
+        if self.cfg.mode == "stack" and self.backend == "hf":
             self.base = model.unload()  # the base without LoRA layers, for the next iteration's adapter
+        elif self.cfg.mode == "stack":
+            self.base = None  # an Unsloth model keeps its one adapter: the next iteration loads a fresh base
         else:
             shutil.rmtree(self.dir.root / "merged-base", ignore_errors=True)
         del model
