@@ -29,7 +29,8 @@ from spin_lite.config import SpinConfig
 SECTIONS = [("Run", ""), ("Model", "model."), ("Data", "data."), ("LoRA / QLoRA", "lora."),
             ("Generation (the opponent's responses)", "generation."), ("SPIN training", "train."),
             ("Held-out evaluation", "eval.")]
-STEP_COLUMNS = ["iteration", "step", "loss", "margin", "accuracy"]
+# Column types of the per-step plots, also when empty: a plot keeps the types of the first frame it gets.
+STEP_COLUMNS = {"iteration": str, "step": int, "loss": float, "margin": float, "accuracy": float}
 SAMPLE_COLUMNS = ["prompt", "real", "opponent", "model"]
 PREVIEW_COLUMNS = ["row", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
 RATES = ["margin_accuracy", "match_rate", "train_accuracy"]
@@ -54,8 +55,12 @@ def setting_input(s: h.Setting, value):
     return gr.Textbox(value=value, max_lines=1, **common)
 
 
-def frame(rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=columns) if rows or columns else pd.DataFrame()
+def frame(rows: list[dict], columns: list[str] | dict | None = None) -> pd.DataFrame:
+    """Rows as a table; `columns` as {name: type} also types an empty one."""
+    if not rows and not columns:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows, columns=list(columns) if columns else None)
+    return table.astype(columns) if isinstance(columns, dict) else table
 
 
 def progress_html(status: dict, bars: list[dict]) -> str:
@@ -110,6 +115,7 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                                                               wrap=True, elem_id="preview-table", interactive=False)
                     with gr.Column(scale=2):
                         setup_msg = gr.Markdown(elem_id="setup-msg")
+                        config_msg = gr.Markdown(elem_id="config-problems")
                         yaml_code = gr.Code(label="Config (YAML)", language="yaml", interactive=False,
                                             elem_id="yaml-preview")
                         cli_code = gr.Code(label="The same run from the command line", language="shell",
@@ -188,9 +194,9 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                 return gr.update(), gr.update(), error_md(e)
             return cfg.to_yaml(), h.cli_command(ws, cfg), ""
 
-        gr.on([f.change for f in fields], show_config, fields, [yaml_code, cli_code, setup_msg],
+        gr.on([f.change for f in fields], show_config, fields, [yaml_code, cli_code, config_msg],
               trigger_mode="always_last", show_progress="hidden")
-        demo.load(show_config, fields, [yaml_code, cli_code, setup_msg])
+        demo.load(show_config, fields, [yaml_code, cli_code, config_msg])
 
         data_path = fields[[s.key for s in specs].index("data.path")]
 
@@ -268,7 +274,7 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                 order = [r["model"] for r in per_iter]  # start, iter 0, iter 1, ...: not alphabetical
                 return [progress_html(status, h.progress(ws, run_dir)), steps, steps, steps,
                         gr.LinePlot(frame(per_iter), sort=order),
-                        gr.LinePlot(frame(rates, ["model", "metric", "value"]), sort=order),
+                        gr.LinePlot(frame(rates, {"model": str, "metric": str, "value": float}), sort=order),
                         frame(per_iter), log_text(run_dir), frame(h.runs_overview(ws))]
             except Exception as e:
                 return [error_md(e), *empty, None, None, None, "", gr.update()]
@@ -285,8 +291,11 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
             except Exception as e:
                 return error_md(e)
 
-        start_btn.click(start, fields, [setup_msg, run_msg, run_dd]).then(show_run, run_dd, run_view)
-        continue_btn.click(lambda r, n: act(h.continue_run, r, n), [run_dd, more_iters], run_msg)
+        # "multiple": a second click is answered too (a refusal while the run goes on), not dropped
+        start_btn.click(start, fields, [setup_msg, run_msg, run_dd], trigger_mode="multiple").then(
+            show_run, run_dd, run_view)
+        continue_btn.click(lambda r, n: act(h.continue_run, r, n), [run_dd, more_iters], run_msg,
+                           trigger_mode="multiple")
         abort_btn.click(lambda r: act(h.abort_run, r), run_dd, run_msg).then(show_run, run_dd, run_view)
         timer.tick(show_run, run_dd, run_view, show_progress="hidden", trigger_mode="always_last")
         refresh_btn.click(run_choices, run_dd, run_dd)

@@ -1,0 +1,231 @@
+"""The web app in a real browser: Playwright drives Debian's chromium against `python app.py` on localhost.
+
+    python -m pytest -q tests/test_app_browser.py        # .ci/run installs chromium with apt
+
+It sets up a tiny run in the page (config loaded from a file, data uploaded), starts it, waits for it to
+finish, and checks that the plots and the inspect table show that run's numbers and texts as they are on
+disk; then it starts a second run, aborts it and continues it to the end. A screenshot of each tab goes to
+test-artifacts/. Skips only when /usr/bin/chromium is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_app import DEMO, REPO, make_workspace, tiny_config
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+# Headless, as root, on machines with no outside network: no sandbox, no GPU, no background traffic.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """`python app.py` on a free localhost port, over a workspace with the tiny model and a tiny config."""
+    ws = make_workspace(tmp_path_factory.mktemp("browser-ws"))
+    (ws / "configs").mkdir()
+    (ws / "configs" / "tiny.yaml").write_text(tiny_config("runs/web").to_yaml())
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    log = open(ARTIFACTS / "app-browser-server.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the app did not start; see {ARTIFACTS / 'app-browser-server.log'}")
+            time.sleep(0.5)
+    yield url, ws
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+    from spin_lite import app_handlers as h
+    for run in h.list_runs(ws):  # the runs outlive the app by design; not the test
+        if h.run_status(ws, run)["status"] == "running":
+            h.abort_run(ws, run, grace_s=2)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(app[0])
+        yield page
+        browser.close()
+
+
+def shot(page, name: str):
+    page.screenshot(path=str(ARTIFACTS / f"app-{name}.png"), full_page=True)
+
+
+def textbox(page, elem_id: str):
+    return page.locator(f"#{elem_id}").get_by_role("textbox")
+
+
+def wait_for_text(page, selector: str, pattern: str, timeout_s: float = 30):
+    """Wait until the element's text matches `pattern` (a regex); fail with what it showed (and a screenshot)."""
+    deadline, text = time.time() + timeout_s, ""
+    while time.time() < deadline:
+        text = page.locator(selector).evaluate(  # what it shows, text boxes' values included
+            "el => el.innerText + '\\n' + [...el.querySelectorAll('textarea, input')].map(e => e.value).join('\\n')")
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.5)
+    shot(page, "failure")
+    raise AssertionError(f"{selector} never matched {pattern!r}; it shows:\n{text}")
+
+
+def plotted(page, elem_id: str, x: str, y: str, color: str | None = None) -> dict:
+    """The points of a native plot, read from the accessible labels of its SVG marks: {(color, x): y}."""
+    labels = page.locator(f"#{elem_id} [aria-label]").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    points = {}
+    for label in labels:
+        fields = dict(part.split(": ", 1) for part in label.split("; ") if ": " in part)
+        if x in fields and y in fields:
+            points[(fields.get(color) if color else None, fields[x])] = fields[y].replace("\u2212", "-")  # vega's minus
+    return points
+
+
+def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expected: dict, timeout_s: float = 30):
+    """Wait until the plot shows exactly the `expected` points ({(color, x): y}; vega prints 10 digits)."""
+    deadline, shown = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        shown = plotted(page, elem_id, x, y, color)
+        try:  # a plot being redrawn may show a point without its value for a moment
+            if {k: float(v) for k, v in shown.items()} == pytest.approx(expected, rel=1e-6, abs=1e-9):
+                return
+        except ValueError:
+            pass
+        time.sleep(0.5)
+    shot(page, "failure")
+    raise AssertionError(f"#{elem_id} shows {shown}, expected {expected}")
+
+
+def test_set_up_run_and_inspect_a_tiny_run(app, page):
+    url, ws = app
+    # Setup: load the config file, upload the data, preview it as the model sees it.
+    page.get_by_role("tab", name="Setup").click()
+    textbox(page, "config-path").fill("configs/tiny.yaml")
+    page.locator("#load-config").click()
+    wait_for_text(page, "#setup-msg", "loaded configs/tiny.yaml")
+    assert textbox(page, "cfg-model-name").input_value() == "models/tiny"
+    page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))
+    page.wait_for_function("() => document.querySelector('#cfg-data-path textarea, #cfg-data-path input')"
+                           ".value === 'uploads/demo_sft.jsonl'")
+    wait_for_text(page, "#preview-table", r"<\|im_start\|>user\s+Why is the sky blue\?")
+    wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
+    cli = wait_for_text(page, "#cli-preview", r"spin-lite run")
+    assert "data.max_examples=8" in cli and "run_dir=runs/web" in cli and (ws / "uploads" / DEMO.name).exists()
+    shot(page, "setup")
+
+    # Run: start it, wait for the end; the plots show the numbers of its files.
+    page.locator("#start-run").click()
+    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web/app-launch.yaml")
+    page.get_by_role("tab", name="Run").click()
+    wait_for_text(page, "#run-status", r"runs/web: finished", timeout_s=180)
+    status = wait_for_text(page, "#run-status", r"train iter 0: (\d+)/\1 steps")
+    run = ws / "runs" / "web"
+    steps = [json.loads(line) for line in (run / "iter-00" / "train_log.jsonl").read_text().splitlines()]
+    assert f"train iter 0: {len(steps)}/{len(steps)} steps" in status
+    for metric in ("loss", "margin", "accuracy"):
+        wait_for_plot(page, f"plot-{metric}", "step", metric, "iteration",
+                      {("0", str(r["step"])): r[metric] for r in steps})
+    wait_for_plot(page, "plot-logp", "model", "logp_per_token", None, {
+        (None, "start"): json.loads((run / "eval-start.json").read_text())["metrics"]["logp_per_token"],
+        (None, "iter 0"): json.loads((run / "iter-00" / "eval.json").read_text())["logp_per_token"]})
+    wait_for_text(page, "#run-log", r"SPIN results for runs/web")
+    wait_for_text(page, "#runs-overview", r"runs/web\s+finished")
+    shot(page, "run")
+
+    # Inspect: the held-out samples of iteration 0, side by side, and a search.
+    samples = [json.loads(line) for line in (run / "iter-00" / "samples.jsonl").read_text().splitlines()]
+    page.get_by_role("tab", name="Inspect").click()
+    table = wait_for_text(page, "#inspect-table", re.escape(samples[0]["real"][:40]))
+    for s in samples:
+        assert s["real"][:40] in table
+        words = [w for w in s["model"].split() if len(w) > 3 and w.isascii() and w.isprintable()]
+        assert not words or words[0] in table  # the new model's response (random tokens) is there too
+    wait_for_text(page, "#inspect-summary", r'"iteration"')
+    shot(page, "inspect")
+    question = samples[-1]["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    textbox(page, "inspect-search").fill(question)
+    page.wait_for_function("n => document.querySelectorAll('#inspect-table tbody tr').length === n", arg=1)
+    assert question in page.locator("#inspect-table").inner_text()
+
+    # Compare: both models answer, streamed into their own chat.
+    page.get_by_role("tab", name="Compare").click()
+    wait_for_text(page, "#compare-which", "iter 0")
+    textbox(page, "chat-input").fill("Why is the sky blue?")
+    page.locator("#chat-send").click()
+    for chat in ("#chat-start", "#chat-iter"):
+        page.wait_for_function("sel => document.querySelectorAll(sel + ' .message-row, ' + sel + ' .message')"
+                               ".length >= 2", arg=chat)
+        assert "Why is the sky blue?" in page.locator(chat).inner_text()
+        assert "Error" not in page.locator(chat).inner_text()
+    shot(page, "compare")
+
+    # Export: the adapter as a zip.
+    page.get_by_role("tab", name="Export").click()
+    wait_for_text(page, "#export-which", "iter 0")
+    page.locator("#export-adapter").click()
+    wait_for_text(page, "#export-msg", r"web-iter-00-adapter\.zip", timeout_s=120)
+    assert (ws / "exports" / "web-iter-00-adapter.zip").exists()
+    shot(page, "export")
+
+
+def test_abort_a_second_run_and_continue_it(app, page):
+    url, ws = app
+    page.get_by_role("tab", name="Setup").click()
+    textbox(page, "cfg-run_dir").fill("runs/web2")
+    wait_for_text(page, "#yaml-preview", r"run_dir: runs/web2")
+    page.locator("#start-run").click()
+    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")
+    page.locator("#start-run").click()  # the same run directory again, while it runs
+    wait_for_text(page, "#setup-msg", r"runs/web2 is already running")
+
+    page.get_by_role("tab", name="Run").click()
+    wait_for_text(page, "#run-status", r"runs/web2: running")
+    deadline = time.time() + 120
+    while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
+        time.sleep(0.1)
+    page.locator("#abort-run").click()
+    wait_for_text(page, "#run-msg", r"aborted runs/web2")
+    wait_for_text(page, "#run-status", r"runs/web2: aborted")
+    shot(page, "run-aborted")
+
+    page.locator("#continue-run").click()
+    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/config.yaml")
+    wait_for_text(page, "#run-status", r"runs/web2: finished — 1 of 1 iterations complete", timeout_s=180)
+    log = wait_for_text(page, "#run-log", r"SPIN results for runs/web2")
+    assert (ws / "runs" / "web2" / "iter-00" / "summary.json").exists()
+    assert "aborted from the app" in (ws / "runs" / "web2" / "run.log").read_text() and log
+    shot(page, "run-continued")
