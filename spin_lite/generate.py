@@ -105,9 +105,12 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
         print(f"{desc}: {len(complete)} of {len(mine)} batches already on disk, generating {len(todo)}", flush=True)
     if not todo:
         return done
-    opponent = merged_copy(model) or model
-    rows = rows_per_pass(opponent, max(len(prompts[k]) for b in todo for k in batches[b]),
-                         settings.max_new_tokens, settings.batch_size)
+    longest = max(len(prompts[k]) for b in todo for k in batches[b])
+    # the merged copy only where it leaves room to decode one planned batch and half as much again
+    cuda = _device(model).type == "cuda"
+    reserve = settings.batch_size * 3 // 2 * row_bytes(model, longest, settings.max_new_tokens) if cuda else 0
+    opponent = merged_copy(model, reserve) or model
+    rows = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
     per_pass = max(1, rows // settings.batch_size)
     written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
@@ -245,12 +248,13 @@ def _device(model) -> torch.device:
 
 
 # -- what to decode from, and how many rows at once ---------------------------------------------------
-def merged_copy(model):
+def merged_copy(model, reserve: int = 0):
     """A plain model computing what the PEFT `model` computes, or None (no LoRA layers, or no room for it).
 
     Each LoRA layer becomes one linear layer whose weight is the base weight (de-quantized from 4 bits
     where it is quantized) plus the active adapters' deltas, in the compute dtype; every other tensor is
-    shared with `model`. Nothing of `model` is changed. On a GPU the copy is made only if it leaves room.
+    shared with `model`. Nothing of `model` is changed. On a GPU the copy is made only if it leaves
+    `reserve` bytes free, and a margin (2 GiB or a tenth of the card) for the allocator and activations.
     """
     import copy
     import itertools
@@ -281,8 +285,8 @@ def merged_copy(model):
     if torch.cuda.is_available():
         need = sum(m.get_base_layer().in_features * m.get_base_layer().out_features
                    * torch.finfo(dtype_of(m.get_base_layer())).bits // 8 for m in layers.values())
-        free, total = torch.cuda.mem_get_info(_device(model))
-        if need > free - max(2 << 30, total // 10):  # leave room for the KV cache of a batch or more
+        free, total = _cuda_memory(_device(model))
+        if need + reserve > free - max(2 << 30, total // 10):
             return None
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     plain = copy.deepcopy(base, shared)  # the modules are copied, their tensors are not
@@ -304,19 +308,38 @@ def merged_copy(model):
 
 def rows_per_pass(model, prompt_length: int, max_new_tokens: int, batch_size: int) -> int:
     """How many rows to decode at once: on a GPU, what a third of the free memory holds (KV cache and
-    float32 logits); on a CPU 64, where larger batches stopped paying (docs/PERFORMANCE.md)."""
+    float32 logits); on a CPU at least `CPU_ROWS`: there a decoding step is bound by the matmuls' FLOPs,
+    so larger batches do not pay (docs/PERFORMANCE.md)."""
     if _device(model).type != "cuda":
         return max(batch_size, CPU_ROWS)
+    free, _ = _cuda_memory(_device(model))
+    return max(batch_size, min(GPU_MAX_ROWS, int(free // 3 // row_bytes(model, prompt_length, max_new_tokens))))
+
+
+def row_bytes(model, prompt_length: int, max_new_tokens: int) -> int:
+    """Memory one decoded row takes: its KV cache at full length, float32 logits, probabilities and the
+    top-p sort, and its share of the prefill's widest activation (the MLP's)."""
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    element = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
-    per_row = (2 * c.num_hidden_layers * kv_heads * head_dim * element * (prompt_length + max_new_tokens)
-               + 4 * 4 * c.vocab_size  # float32 logits, probabilities and the top-p sort
-               + 4 * prompt_length * max(c.hidden_size * 4, getattr(c, "intermediate_size", 0)) * element)
-    free, _ = torch.cuda.mem_get_info(_device(model))
-    return max(batch_size, min(GPU_MAX_ROWS, int(free // 3 // per_row)))
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    element = weight.element_size()
+    return (2 * c.num_hidden_layers * kv_heads * head_dim * element * (prompt_length + max_new_tokens)
+            + 4 * 4 * c.vocab_size
+            + 4 * prompt_length * max(c.hidden_size * 4, getattr(c, "intermediate_size", 0) or 0) * element)
 
 
-CPU_ROWS = 64
+def _cuda_memory(device) -> tuple[int, int]:
+    """(bytes this process may still allocate, bytes it may use in all), within a per-process fraction
+    set with torch.cuda.set_per_process_memory_fraction (how a benchmark stands in for a smaller card)."""
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    if fraction < 1.0:
+        total = int(total * fraction)
+        free = min(free, total - torch.cuda.memory_allocated(device))
+    return free, total
+
+
+CPU_ROWS = 16
 GPU_MAX_ROWS = 512
