@@ -22,6 +22,12 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile
 demo: install
 	$(BIN)/spin-lite run examples/configs/demo.yaml
 
+# spin_lite against transformers generate and TRL (bench/bench.py; about 10 minutes on 2 CPU cores).
+# Writes bench/results/<machine>.json; docs/PERFORMANCE.md keeps the numbers.
+bench:
+	$(MAKE) install EXTRAS=dev,bench
+	$(BIN)/python bench/bench.py
+
 test: install
 	$(BIN)/python -m pytest -q tests
 
