@@ -29,7 +29,8 @@ from spin_lite.config import SpinConfig
 SECTIONS = [("Run", ""), ("Model", "model."), ("Data", "data."), ("LoRA / QLoRA", "lora."),
             ("Generation (the opponent's responses)", "generation."), ("SPIN training", "train."),
             ("Held-out evaluation", "eval.")]
-# Column types of the per-step plots, also when empty: a plot keeps the types of the first frame it gets.
+# The x axis of the per-iteration plots, in this order (not alphabetical); the plot shows those present.
+MODEL_ORDER = ["start"] + [f"iter {t}" for t in range(100)]
 STEP_COLUMNS = {"iteration": str, "step": int, "loss": float, "margin": float, "accuracy": float}
 SAMPLE_COLUMNS = ["prompt", "real", "opponent", "model"]
 PREVIEW_COLUMNS = ["row", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
@@ -144,9 +145,9 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                                          elem_id=f"plot-{y}", height=260) for y in ("loss", "margin", "accuracy")]
                 with gr.Row():
                     logp_plot = gr.LinePlot(x="model", y="logp_per_token", elem_id="plot-logp", height=260,
-                                            title="held-out log-prob per token of the real responses")
+                                            sort=MODEL_ORDER, title="held-out log-prob per token of the real responses")
                     rates_plot = gr.LinePlot(x="model", y="value", color="metric", elem_id="plot-rates", height=260,
-                                             title="held-out margin accuracy, match rate; train accuracy")
+                                             sort=MODEL_ORDER, title="held-out margin accuracy, match rate; train accuracy")
                 results_df = gr.Dataframe(label="Results per iteration", interactive=False, elem_id="results-table")
                 log_box = gr.Textbox(label="Log (run.log, last lines)", lines=14, max_lines=14, autoscroll=True,
                                      interactive=False, elem_id="run-log")
@@ -168,7 +169,8 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
                 with gr.Row():
                     chat_dd = gr.Dropdown(label="Iteration's adapter", choices=[], elem_id="compare-which")
-                    max_new = gr.Slider(8, 512, value=128, step=8, label="New tokens per reply (greedy)")
+                    max_new = gr.Slider(8, 512, value=128, step=8, label="New tokens per reply (greedy)",
+                                        elem_id="compare-max-new")
                 with gr.Row():
                     chat_start = gr.Chatbot(label="Starting model", elem_id="chat-start", height=380)
                     chat_iter = gr.Chatbot(label="After the selected iteration", elem_id="chat-iter", height=380)
@@ -261,29 +263,37 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                 return error_md(e), error_md(e), gr.update()
             return message, message, run_choices(cfg.run_dir)
 
-        def show_run(run_dir):
-            empty = [frame([], STEP_COLUMNS)] * 3
-            if not run_dir:
-                return ["<p>No run directory selected.</p>", *empty, None, None, None, "", frame(h.runs_overview(ws))]
-            try:
-                status = h.run_status(ws, run_dir)
-                steps = frame(h.step_metrics(ws, run_dir), STEP_COLUMNS)
-                per_iter = h.iteration_metrics(ws, run_dir)
-                rates = [{"model": r["model"], "metric": m, "value": r[m]}
-                         for r in per_iter for m in RATES if r.get(m) is not None]
-                order = [r["model"] for r in per_iter]  # start, iter 0, iter 1, ...: not alphabetical
-                return [progress_html(status, h.progress(ws, run_dir)), steps, steps, steps,
-                        gr.LinePlot(frame(per_iter), sort=order),
-                        gr.LinePlot(frame(rates, {"model": str, "metric": str, "value": float}), sort=order),
-                        frame(per_iter), log_text(run_dir), frame(h.runs_overview(ws))]
-            except Exception as e:
-                return [error_md(e), *empty, None, None, None, "", gr.update()]
-
         def log_text(run_dir):
             text = h.run_log(ws, run_dir)
             return text or "(no run.log: this run was not started from the app; its files are shown above)"
 
-        run_view = [status_html, *plots, logp_plot, rates_plot, results_df, log_box, overview_df]
+        def show_run(run_dir, seen=None):
+            """The Run tab for `run_dir`. Plots and tables are sent only when their files changed (`seen`:
+            the signature last sent), so a plot is not redrawn every tick."""
+            overview = frame(h.runs_overview(ws))
+            if not run_dir:
+                return ["<p>No run directory selected.</p>", *[None] * 6, "", overview, None]
+            try:
+                head = [progress_html(h.run_status(ws, run_dir), h.progress(ws, run_dir))]
+                tail = [log_text(run_dir), overview]
+                signature = h.metrics_signature(ws, run_dir)
+                if signature == seen:
+                    return head + [gr.skip()] * 6 + tail + [seen]
+                steps = h.step_metrics(ws, run_dir)
+                per_iter = h.iteration_metrics(ws, run_dir)
+                rates = [{"model": r["model"], "metric": m, "value": r[m]}
+                         for r in per_iter for m in RATES if r.get(m) is not None]
+                # None, not an empty frame, while there is nothing to plot: a plot keeps the column types
+                # of the first frame it is given
+                step_frame = frame(steps, STEP_COLUMNS) if steps else None
+                return head + [step_frame] * 3 + [
+                    frame(per_iter) if per_iter else None, frame(rates) if rates else None,
+                    frame(per_iter)] + tail + [signature]
+            except Exception as e:
+                return [error_md(e), *[None] * 6, "", gr.skip(), None]
+
+        seen = gr.State(None)
+        run_view = [status_html, *plots, logp_plot, rates_plot, results_df, log_box, overview_df, seen]
 
         def act(action, *args):
             try:
@@ -293,12 +303,13 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
 
         # "multiple": a second click is answered too (a refusal while the run goes on), not dropped
         start_btn.click(start, fields, [setup_msg, run_msg, run_dd], trigger_mode="multiple").then(
-            show_run, run_dd, run_view)
+            show_run, run_dd, run_view)  # a new run: everything redrawn
         continue_btn.click(lambda r, n: act(h.continue_run, r, n), [run_dd, more_iters], run_msg,
                            trigger_mode="multiple")
-        abort_btn.click(lambda r: act(h.abort_run, r), run_dd, run_msg).then(show_run, run_dd, run_view)
-        timer.tick(show_run, run_dd, run_view, show_progress="hidden", trigger_mode="always_last")
+        abort_btn.click(lambda r: act(h.abort_run, r), run_dd, run_msg).then(show_run, [run_dd, seen], run_view)
+        timer.tick(show_run, [run_dd, seen], run_view, show_progress="hidden", trigger_mode="always_last")
         refresh_btn.click(run_choices, run_dd, run_dd)
+        run_dd.change(show_run, run_dd, run_view)
         demo.load(run_choices, None, run_dd)
 
         # -- Inspect, Compare and Export choices follow the selected run ------------------------------------
@@ -340,8 +351,12 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                 try:
                     if not run_dir or not target:
                         raise h.AppError("choose a run directory and an iteration with a trained adapter")
+                    text = ""
                     for text in h.chat_reply(ws, run_dir, target, history, max_new_tokens):
                         yield history + [{"role": "assistant", "content": text}]
+                    if not text.strip():
+                        yield history + [{"role": "assistant", "content": "(no text: the model's reply was only "
+                                                                          "special tokens, or it ended at once)"}]
                 except Exception as e:
                     yield history + [{"role": "assistant", "content": f"Error: {h.user_message(e)}"}]
             return stream

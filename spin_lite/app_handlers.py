@@ -527,6 +527,15 @@ def iteration_metrics(workspace, run_dir: str) -> list[dict]:
     return [{"iterations": 0 if r["model"] == "start" else int(r["model"].split()[1]) + 1, **r} for r in rows]
 
 
+def metrics_signature(workspace, run_dir: str) -> str:
+    """Changes whenever the files behind step_metrics and iteration_metrics change (names, sizes, times)."""
+    root = inside(workspace, run_dir)
+    files = [root / "eval-start.json", *sorted(root.glob("iter-[0-9][0-9]/train_log.jsonl")),
+             *sorted(root.glob("iter-[0-9][0-9]/summary.json"))]
+    return str(root) + "".join(f"|{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                               for p in files if p.exists())
+
+
 def run_log(workspace, run_dir: str, n: int = 40) -> str:
     return "\n".join(log_lines(inside(workspace, run_dir) / LOG_FILE, n))
 

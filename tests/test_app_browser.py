@@ -44,7 +44,7 @@ def app(tmp_path_factory):
     """`python app.py` on a free localhost port, over a workspace with the tiny model and a tiny config."""
     ws = make_workspace(tmp_path_factory.mktemp("browser-ws"))
     (ws / "configs").mkdir()
-    (ws / "configs" / "tiny.yaml").write_text(tiny_config("runs/web").to_yaml())
+    (ws / "configs" / "tiny.yaml").write_text(tiny_config("runs/web", iterations=2).to_yaml())
     ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
     log = open(ARTIFACTS / "app-browser-server.log", "w")
@@ -151,54 +151,61 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.locator("#start-run").click()
     wait_for_text(page, "#setup-msg", "started spin-lite run runs/web/app-launch.yaml")
     page.get_by_role("tab", name="Run").click()
-    wait_for_text(page, "#run-status", r"runs/web: finished", timeout_s=180)
-    status = wait_for_text(page, "#run-status", r"train iter 0: (\d+)/\1 steps")
+    wait_for_text(page, "#run-status", r"runs/web: finished — 2 of 2", timeout_s=180)
     run = ws / "runs" / "web"
-    steps = [json.loads(line) for line in (run / "iter-00" / "train_log.jsonl").read_text().splitlines()]
-    assert f"train iter 0: {len(steps)}/{len(steps)} steps" in status
+    steps = {t: [json.loads(line) for line in (run / f"iter-0{t}" / "train_log.jsonl").read_text().splitlines()]
+             for t in (0, 1)}
+    assert f"train iter 1: {len(steps[1])}/{len(steps[1])} steps" in page.locator("#run-status").inner_text()
     for metric in ("loss", "margin", "accuracy"):
         wait_for_plot(page, f"plot-{metric}", "step", metric, "iteration",
-                      {("0", str(r["step"])): r[metric] for r in steps})
+                      {(str(t), str(r["step"])): r[metric] for t in steps for r in steps[t]})
     wait_for_plot(page, "plot-logp", "model", "logp_per_token", None, {
         (None, "start"): json.loads((run / "eval-start.json").read_text())["metrics"]["logp_per_token"],
-        (None, "iter 0"): json.loads((run / "iter-00" / "eval.json").read_text())["logp_per_token"]})
+        **{(None, f"iter {t}"): json.loads((run / f"iter-0{t}" / "eval.json").read_text())["logp_per_token"]
+           for t in (0, 1)}})
     wait_for_text(page, "#run-log", r"SPIN results for runs/web")
     wait_for_text(page, "#runs-overview", r"runs/web\s+finished")
     shot(page, "run")
 
-    # Inspect: the held-out samples of iteration 0, side by side, and a search.
-    samples = [json.loads(line) for line in (run / "iter-00" / "samples.jsonl").read_text().splitlines()]
+    # Inspect: the held-out samples of the last iteration, side by side, and a search.
+    samples = [json.loads(line) for line in (run / "iter-01" / "samples.jsonl").read_text().splitlines()]
     page.get_by_role("tab", name="Inspect").click()
+    wait_for_text(page, "#inspect-which", "iter 1")
     table = wait_for_text(page, "#inspect-table", re.escape(samples[0]["real"][:40]))
     for s in samples:
-        assert s["real"][:40] in table
-        words = [w for w in s["model"].split() if len(w) > 3 and w.isascii() and w.isprintable()]
-        assert not words or words[0] in table  # the new model's response (random tokens) is there too
-    wait_for_text(page, "#inspect-summary", r'"iteration"')
+        assert s["real"][:40] in table and s["opponent"].split()[0] in table
+        assert not s["model"].split() or s["model"].split()[0] in table  # the new model's reply (random tokens)
+    wait_for_text(page, "#inspect-summary", r'"iteration"\s*:\s*1')
     shot(page, "inspect")
-    question = samples[-1]["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+    question = samples[-1]["prompt"].split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+    matching = [s for s in samples if any(question.lower() in s[c].lower() for c in ("prompt", "real", "opponent", "model"))]
     textbox(page, "inspect-search").fill(question)
-    page.wait_for_function("n => document.querySelectorAll('#inspect-table tbody tr').length === n", arg=1)
+    page.wait_for_function("n => document.querySelectorAll('#inspect-table tbody tr').length === n", arg=len(matching))
     assert question in page.locator("#inspect-table").inner_text()
 
-    # Compare: both models answer, streamed into their own chat.
+    # Compare: both models answer into their own chat, as the handlers reply in this process.
+    from spin_lite import app_handlers as h
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    expected = {chat: [*h.chat_reply(ws, "runs/web", which, question, max_new_tokens=16)][-1]
+                for chat, which in (("chat-start", "start"), ("chat-iter", "iter 1"))}
     page.get_by_role("tab", name="Compare").click()
-    wait_for_text(page, "#compare-which", "iter 0")
+    wait_for_text(page, "#compare-which", "iter 1")
+    page.locator("#compare-max-new input[type=number]").fill("16")
+    page.locator("#compare-max-new input[type=number]").press("Enter")
     textbox(page, "chat-input").fill("Why is the sky blue?")
     page.locator("#chat-send").click()
-    for chat in ("#chat-start", "#chat-iter"):
-        page.wait_for_function("sel => document.querySelectorAll(sel + ' .message-row, ' + sel + ' .message')"
-                               ".length >= 2", arg=chat)
-        assert "Why is the sky blue?" in page.locator(chat).inner_text()
-        assert "Error" not in page.locator(chat).inner_text()
+    for chat, text in expected.items():
+        letters = re.sub(r"\W", "", text)[:12] or "notext"  # the letters: markdown may change the rest
+        bot = wait_for_text(page, f"#{chat} [data-testid=bot]", r"\W*".join(map(re.escape, letters)), timeout_s=60)
+        assert "Error" not in bot and "Why is the sky blue?" in page.locator(f"#{chat}").inner_text()
     shot(page, "compare")
 
     # Export: the adapter as a zip.
     page.get_by_role("tab", name="Export").click()
-    wait_for_text(page, "#export-which", "iter 0")
+    wait_for_text(page, "#export-which", "iter 1")
     page.locator("#export-adapter").click()
-    wait_for_text(page, "#export-msg", r"web-iter-00-adapter\.zip", timeout_s=120)
-    assert (ws / "exports" / "web-iter-00-adapter.zip").exists()
+    wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=120)
+    assert (ws / "exports" / "web-iter-01-adapter.zip").exists()
     shot(page, "export")
 
 
@@ -224,8 +231,8 @@ def test_abort_a_second_run_and_continue_it(app, page):
 
     page.locator("#continue-run").click()
     wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/config.yaml")
-    wait_for_text(page, "#run-status", r"runs/web2: finished — 1 of 1 iterations complete", timeout_s=180)
+    wait_for_text(page, "#run-status", r"runs/web2: finished — 2 of 2 iterations complete", timeout_s=180)
     log = wait_for_text(page, "#run-log", r"SPIN results for runs/web2")
-    assert (ws / "runs" / "web2" / "iter-00" / "summary.json").exists()
+    assert (ws / "runs" / "web2" / "iter-01" / "summary.json").exists()
     assert "aborted from the app" in (ws / "runs" / "web2" / "run.log").read_text() and log
     shot(page, "run-continued")
