@@ -76,42 +76,46 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, full_length: boo
     return out[:, ids.shape[1]:].tolist()
 
 
-def case_gen_peer(size, quant, s: C.Sizes):
-    model = with_lora(load(size, quant)).eval()
-    todo = prompts(size, s.gen_batch, s.prompt_len)  # tokens/s of one full batch: every batch is alike
-    hf_generate(model, todo[:2], 4, True)  # warm-up
-    with C.Meter() as m:
-        hf_generate(model, todo, s.new_tokens, True)
-    C.result(tokens_per_s=len(todo) * s.new_tokens / m.seconds, seconds=m.seconds, peak_gib=m.peak_gib,
-             batch=s.gen_batch, prompts=len(todo))
-
-
-def case_gen_ours(size, quant, s: C.Sizes, auto: bool):
+def case_gen(size, quant, s: C.Sizes, repeats: int):
+    """The peer and spin_lite on the same loaded PEFT model, alternated `repeats` times (best of each):
+    transformers generate at `gen_batch`, generate_all at the same batch, generate_all at its own."""
     from spin_lite import generate as gen
     from spin_lite.config import GenerationSettings
     model = with_lora(load(size, quant)).eval()
-    chosen = {}
-    default_rows = gen.rows_per_pass
-
-    def rows(*args):
-        chosen["rows"] = default_rows(*args) if auto else s.gen_batch
-        return chosen["rows"]
-
-    gen.rows_per_pass = rows
+    chosen, default_rows = {}, gen.rows_per_pass
     no_eos = types.SimpleNamespace(eos_token_id=-1, pad_token_id=C.PAD)  # full length, as the peer's min_new_tokens
-    settings = GenerationSettings(max_new_tokens=s.new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                                  batch_size=s.gen_batch)
-    n = s.gen_prompts if auto else s.gen_batch
-    todo = {f"p{i}": p for i, p in enumerate(prompts(size, n, s.prompt_len))}
     out = C.WORK / f"gen-{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
-    gen.generate_all(model, no_eos, dict(list(todo.items())[:2]),
-                     GenerationSettings(max_new_tokens=4, batch_size=2), out / "warm.jsonl", seed=0)
-    with C.Meter() as m:  # the merged copy is made (and freed) inside: its cost is counted
-        records = gen.generate_all(model, no_eos, todo, settings, out / "g.jsonl", seed=1)
-    assert all(len(r["ids"]) == s.new_tokens for r in records.values())
-    C.result(tokens_per_s=len(todo) * s.new_tokens / m.seconds, seconds=m.seconds, peak_gib=m.peak_gib,
-             batch=chosen["rows"], prompts=len(todo))
+    batch = prompts(size, s.gen_batch, s.prompt_len)
+    many = batch + prompts(size, max(0, s.gen_prompts - s.gen_batch), s.prompt_len, seed=1)
+
+    def ours(todo: list[list[int]], auto: bool, name: str):
+        def rows(*args):
+            chosen[auto] = default_rows(*args) if auto else s.gen_batch
+            return chosen[auto]
+        gen.rows_per_pass = rows
+        settings = GenerationSettings(max_new_tokens=s.new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                                      batch_size=s.gen_batch)
+        path = out / f"{name}.jsonl"
+        path.unlink(missing_ok=True)
+        records = gen.generate_all(model, no_eos, {f"p{i}": p for i, p in enumerate(todo)}, settings, path, seed=1)
+        assert all(len(r["ids"]) == s.new_tokens for r in records.values())
+
+    runs = {"gen.peer": (lambda: hf_generate(model, batch, s.new_tokens, True), batch, lambda: s.gen_batch),
+            "gen.ours_same_batch": (lambda: ours(batch, False, "same"), batch, lambda: chosen[False]),
+            "gen.ours_auto_batch": (lambda: ours(many, True, "auto"), many, lambda: chosen[True])}
+    hf_generate(model, batch[:2], 4, True)  # warm-up
+    ours(batch[:2], False, "warm")
+    best = {}
+    for _ in range(repeats):
+        for name, (fn, todo, rows) in runs.items():
+            with C.Meter() as m:  # spin_lite's merged copy is made and freed inside: counted
+                fn()
+            r = {"tokens_per_s": len(todo) * s.new_tokens / m.seconds, "seconds": m.seconds,
+                 "peak_gib": m.peak_gib, "added_gib": m.added_gib, "batch": rows(), "prompts": len(todo)}
+            if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
+                best[name] = r
+    C.result(**best)
 
 
 def case_gen_hf_merged(size, quant, s: C.Sizes, static: bool):
@@ -124,8 +128,9 @@ def case_gen_hf_merged(size, quant, s: C.Sizes, static: bool):
     hf_generate(model, todo, s.new_tokens, True)  # warm-up at the measured shape (compiles a static cache)
     with C.Meter() as m:
         hf_generate(model, todo, s.new_tokens, True)
-    C.result(tokens_per_s=len(todo) * s.new_tokens / m.seconds, seconds=m.seconds, peak_gib=m.peak_gib,
-             batch=s.gen_batch, prompts=len(todo))
+    C.result(**{f"lever.gen.hf_merged_{'static' if static else 'dynamic'}": dict(
+        tokens_per_s=len(todo) * s.new_tokens / m.seconds, seconds=m.seconds, peak_gib=m.peak_gib,
+        added_gib=m.added_gib, batch=s.gen_batch, prompts=len(todo))})
 
 
 # -- a training step ----------------------------------------------------------------------------------------
@@ -158,8 +163,8 @@ def case_train_ours(size, quant, s: C.Sizes):
         train_adapter(model, pairs, cfg, 0, out, C.PAD)
     log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     tps = statistics.median(r["tokens_per_s"] for r in log[2:])
-    C.result(tokens_per_s=tps, peak_gib=m.peak_gib, seconds=m.seconds, steps=len(log),
-             tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))
+    C.result(**{"train.ours": dict(tokens_per_s=tps, peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds,
+                                   steps=len(log), tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))})
 
 
 def trl_trainer(size, quant, s: C.Sizes, rows: list[dict], steps: int | None, out: Path):
@@ -211,9 +216,10 @@ def case_train_trl(size, quant, s: C.Sizes):
     with C.Meter() as m:
         trainer.train()
     step_s = statistics.median(times[2:])
-    C.result(tokens_per_s=2 * s.train_pairs * (s.train_prompt + s.train_response) / step_s, peak_gib=m.peak_gib,
-             seconds=m.seconds, steps=len(times), token_lengths=lengths,
-             tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))
+    C.result(**{"train.trl": dict(tokens_per_s=2 * s.train_pairs * (s.train_prompt + s.train_response) / step_s,
+                                  peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds, steps=len(times),
+                                  token_lengths=lengths,
+                                  tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))})
 
 
 # -- a whole iteration ---------------------------------------------------------------------------------------
@@ -240,8 +246,9 @@ def case_iter_ours(size, quant, s: C.Sizes):
     with C.Meter() as m:
         run.run()
     summary = json.loads((out / "run" / "iter-00" / "summary.json").read_text())
-    C.result(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, pairs=summary["pairs"]["current"],
-             generated_mean_tokens=summary["pairs"]["generated_mean_tokens"])
+    C.result(**{"iter.ours": dict(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, added_gib=m.added_gib,
+                                  pairs=summary["pairs"]["current"],
+                                  generated_mean_tokens=summary["pairs"]["generated_mean_tokens"])})
 
 
 def case_iter_peer(size, quant, s: C.Sizes):
@@ -262,28 +269,27 @@ def case_iter_peer(size, quant, s: C.Sizes):
         trainer = trl_trainer(size, quant, s, pairs, None, C.WORK / f"trl-iter-{os.getpid()}")
         trainer.train()
         trainer.save_model(str(C.WORK / f"trl-iter-{os.getpid()}" / "adapter"))
-    C.result(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, pairs=len(pairs),
-             generated_mean_tokens=sum(min(len(g), g.index(C.EOS) + 1 if C.EOS in g else len(g))
-                                       for g in generated) / len(generated))
+    C.result(**{"iter.peer": dict(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, added_gib=m.added_gib,
+                                  pairs=len(pairs), generated_mean_tokens=sum(
+                                      g.index(C.EOS) + 1 if C.EOS in g else len(g) for g in generated) / len(generated))})
 
 
-CASES = {
-    "gen.peer": case_gen_peer,
-    "gen.ours_same_batch": lambda *a: case_gen_ours(*a, auto=False),
-    "gen.ours_auto_batch": lambda *a: case_gen_ours(*a, auto=True),
-    "train.ours": case_train_ours,
-    "train.trl": case_train_trl,
-    "iter.ours": case_iter_ours,
-    "iter.peer": case_iter_peer,
+CASES = {  # name -> (function, repeated by the driver?)
+    "gen": (lambda *a: case_gen(*a, repeats=2), False),
+    "train.ours": (case_train_ours, True),
+    "train.trl": (case_train_trl, True),
+    "iter.ours": (case_iter_ours, True),
+    "iter.peer": (case_iter_peer, True),
 }
 GPU_LEVERS = {
-    "lever.gen.hf_merged_dynamic": lambda *a: case_gen_hf_merged(*a, static=False),
-    "lever.gen.hf_merged_static": lambda *a: case_gen_hf_merged(*a, static=True),
+    "lever.gen.hf_merged_dynamic": (lambda *a: case_gen_hf_merged(*a, static=False), False),
+    "lever.gen.hf_merged_static": (lambda *a: case_gen_hf_merged(*a, static=True), False),
 }
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
 def run_case(name: str, size: str, quant: str, timeout: int, threads: int | None) -> dict:
+    """Run one case in a fresh process; {result name: measurements} (or {name: {"error": ...}})."""
     began = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads:
@@ -293,19 +299,39 @@ def run_case(name: str, size: str, quant: str, timeout: int, threads: int | None
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         print(f"  {name}: timed out after {timeout} s", file=sys.stderr, flush=True)
-        return {"error": f"timed out after {timeout} s"}
+        return {name: {"error": f"timed out after {timeout} s"}}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-1500:]
         print(f"  {name}: FAILED\n{tail}", file=sys.stderr, flush=True)
-        return {"error": tail[-600:]}
+        return {name: {"error": tail[-600:]}}
     out = json.loads(lines[-1][len("RESULT "):])
-    out["case_wall_s"] = round(time.perf_counter() - began, 1)
-    print(f"  {name}: {json.dumps(out)}", flush=True)
+    for k, v in out.items():
+        v["case_wall_s"] = round(time.perf_counter() - began, 1)
+        print(f"  {k}: {json.dumps(v)}", flush=True)
     return out
 
 
+def run_cases(names: list[str], size: str, quant: str, args, threads) -> dict:
+    """Each case once; the repeated ones `args.repeats` times, alternating with each other (best kept)."""
+    table = CASES | GPU_LEVERS
+    best: dict[str, dict] = {}
+    rounds = [[n for n in names if table[n][1] or r == 0] for r in range(args.repeats)]
+    for round_names in rounds:
+        for name in round_names:
+            for k, v in run_case(name, size, quant, args.timeout, threads).items():
+                key = "tokens_per_s" if "tokens_per_s" in v else "seconds"
+                better = (lambda a, b: a > b) if key == "tokens_per_s" else (lambda a, b: a < b)
+                if k not in best or "error" in best[k] or ("error" not in v and better(v[key], best[k][key])):
+                    best[k] = v | {"runs": best.get(k, {}).get("runs", 0) + 1}
+                else:
+                    best[k]["runs"] = best[k].get("runs", 1) + 1
+    return best
+
+
 def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[dict]:
+    memory = "peak_gib" if kind == "gpu" else "added_gib"  # RSS includes Python and libraries: its growth
+
     def row(name, metric, ours, peer, higher_is_better=True, **extra):
         o, p = cases.get(ours, {}), cases.get(peer, {})
         if metric not in o or metric not in p:
@@ -315,8 +341,8 @@ def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[d
         return {"comparison": name, "size": size, "quant": quant, "machine": where, "metric": metric,
                 "ours": round(o[metric], 2), "peer": round(p[metric], 2), "ratio": round(ratio, 2),
                 "target_ratio": target, "meets_target": None if target is None else ratio >= target,
-                "ours_peak_gib": round(o.get("peak_gib", float("nan")), 2),
-                "peer_peak_gib": round(p.get("peak_gib", float("nan")), 2), **extra}
+                "memory": memory, "ours_peak_gib": round(o.get(memory, float("nan")), 2),
+                "peer_peak_gib": round(p.get(memory, float("nan")), 2), **extra}
 
     rows = [row("gen.same_batch", "tokens_per_s", "gen.ours_same_batch", "gen.peer",
                 batch=cases.get("gen.peer", {}).get("batch")),
@@ -352,6 +378,8 @@ def main():
     parser.add_argument("--case", help="run one case in this process (used by the driver)")
     parser.add_argument("--only", nargs="*", help="run only these cases")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of the training and iteration cases, alternated; the best is kept")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per case (default on a CPU: 1, the same for every case: on a shared "
                              "2-core machine, 2 threads a process get descheduled and every number is noise)")
@@ -361,7 +389,7 @@ def main():
     quants = args.quant or (["bf16", "nf4"] if cuda else ["fp32"])
     if args.case:
         torch.manual_seed(0)
-        (CASES | GPU_LEVERS)[args.case](size, quants[0], C.SIZES[size])
+        (CASES | GPU_LEVERS)[args.case][0](size, quants[0], C.SIZES[size])
         return
     where, kind = C.machine(), "gpu" if cuda else "cpu"
     threads = args.threads or (None if cuda else 1)
@@ -373,7 +401,7 @@ def main():
     for quant in quants:
         print(f"== {size} {quant} on {where}", flush=True)
         names = [n for n in list(CASES) + (list(GPU_LEVERS) if cuda else []) if not args.only or n in args.only]
-        cases = {n: run_case(n, size, quant, args.timeout, threads) for n in names}
+        cases = run_cases(names, size, quant, args, threads)
         report["cases"][f"{size}.{quant}"] = cases
         report["comparisons"] += compare(cases, size, quant, kind, where)
     report["load_average_at_end"] = os.getloadavg()
@@ -399,7 +427,7 @@ def print_table(report: dict):
                      f"{c['ratio']:.2f}x", target, f"{c['ours_peak_gib']:.2f}", f"{c['peer_peak_gib']:.2f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     print(f"\nspin_lite vs peers on {report['machine']} ({report['date']}); ratio > 1: spin_lite faster "
-          "(memory: CUDA peak allocated, or the process's peak RSS on a CPU)")
+          "(GiB: CUDA peak allocated on a GPU; on a CPU the peak growth of the process's RSS during the case)")
     for n, r in enumerate(rows):
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
         if n == 0:

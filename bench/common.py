@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +43,8 @@ class Sizes:
 
 
 SIZES = {
-    "smollm2": Sizes(gen_batch=8, gen_prompts=32, prompt_len=32, new_tokens=64, train_pairs=2, train_prompt=32,
-                     train_response=64, train_steps=3, iter_prompts=16, iter_new_tokens=48),
+    "smollm2": Sizes(gen_batch=8, gen_prompts=64, prompt_len=32, new_tokens=64, train_pairs=2, train_prompt=32,
+                     train_response=64, train_steps=3, iter_prompts=8, iter_new_tokens=32),
     "1b": Sizes(gen_batch=64, gen_prompts=512, prompt_len=128, new_tokens=256, train_pairs=8, train_prompt=128,
                 train_response=384, train_steps=6, iter_prompts=128, iter_new_tokens=256),
 }
@@ -118,25 +118,53 @@ def sync():
 
 
 class Meter:
-    """Wall time and peak memory of a block: CUDA peak allocated, or the process's peak RSS on a CPU."""
+    """Wall time and peak memory of a block, above what was in use when it began: CUDA allocated memory on
+    a GPU; on a CPU the process's resident memory, sampled every 5 ms by a thread."""
 
     def __enter__(self):
         sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            _trim()  # hand freed heap memory back, so the RSS before the block is what is live
+            self.base = self.peak = _rss()
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         self.began = time.perf_counter()
         return self
+
+    def _sample(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
         sync()
         self.seconds = time.perf_counter() - self.began
-        self.peak_gib = peak_gib()
+        if torch.cuda.is_available():
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            self.added_gib = (torch.cuda.max_memory_allocated() - self.base) / 2**30
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+            self.peak_gib, self.added_gib = self.peak / 2**30, (self.peak - self.base) / 2**30
 
 
-def peak_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def _trim():
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the growth is measured from a higher base
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def result(**fields):
