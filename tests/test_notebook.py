@@ -30,12 +30,16 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
 
+    # A kernel of this interpreter (the project's venv), whatever other "python3" kernels the machine has.
+    from ipykernel.kernelspec import install
+    install(kernel_name="spin-lite-test", prefix=str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
     monkeypatch.setenv("SPIN_LITE_NOTEBOOK_CI", "1")
-    monkeypatch.setenv("SPIN_LITE_NOTEBOOK_DIR", str(tmp_path))
+    monkeypatch.setenv("SPIN_LITE_NOTEBOOK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="spin-lite-test",
                                      resources={"metadata": {"path": str(REPO)}})
     try:
         client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
@@ -47,10 +51,10 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, "the metrics plot was not drawn"
     assert "SPIN results for" in "".join(outputs)
-    run = tmp_path / "run"
+    run = tmp_path / "work" / "run"
     assert (run / "iter-00" / "summary.json").exists() and (run / "iter-00" / "train_log.jsonl").exists()
-    assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
-    merged = tmp_path / "export" / "merged"
+    assert (tmp_path / "work" / "export" / "adapter" / "adapter_config.json").exists()
+    merged = tmp_path / "work" / "export" / "merged"
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
 
 
