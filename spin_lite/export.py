@@ -266,7 +266,7 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
                           ignore_patterns=[MARKER], commit_message="Upload SPIN export from spin_lite")
     except Exception as e:
         raise ExportError(f"could not push {folder} to the Hub repository {repo_id}: {type(e).__name__}: "
-                          f"{str(e)[:300]}. The export itself is complete in {folder}; upload it later with "
+                          f"{str(e)[:300].rstrip('.')}. The export itself is complete in {folder}; upload it later with "
                           f"`hf upload {repo_id} {folder}`") from None
     return str(url)
 
