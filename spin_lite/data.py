@@ -201,7 +201,12 @@ def load_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Encoded], l
     rows = read_rows(cfg.path, cfg.split, limit)
     examples, report = prepare(rows, tokenizer, cfg, cfg.path)
     if cfg.eval_path:
-        eval_source = cfg.eval_path if Path(cfg.eval_path).suffix.lower() in LOCAL_SUFFIXES else cfg.path
+        eval_is_file = Path(cfg.eval_path).suffix.lower() in LOCAL_SUFFIXES
+        if not eval_is_file and (Path(cfg.path).suffix.lower() in LOCAL_SUFFIXES or Path(cfg.path).exists()):
+            raise DataError(f"data.eval_path={cfg.eval_path!r} names a split, but data.path {cfg.path} is a local "
+                            "file with one split: give a held-out file, or leave eval_path empty to hold out "
+                            "data.eval_size rows")
+        eval_source = cfg.eval_path if eval_is_file else cfg.path
         eval_split = cfg.split if eval_source == cfg.eval_path else cfg.eval_path
         held_out, eval_report = prepare(read_rows(eval_source, eval_split, cfg.eval_size), tokenizer, cfg,
                                         cfg.eval_path)

@@ -74,7 +74,9 @@ def device() -> torch.device:
 
 def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
     if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        # including_emulation=False: a T4 "supports" bf16 only by emulation, far slower than float32
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     return getattr(torch, cfg.dtype)
 
 

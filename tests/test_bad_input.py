@@ -124,3 +124,11 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
     assert main(["run", f"model.name={missing}", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "could not load the tokenizer of model" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_split_name_as_eval_path_of_a_local_file(tiny_model_dir, tokenizer, tmp_path):
+    """A split name only means something for a hub dataset; with a local file it would hold out training rows."""
+    from spin_lite.data import DataError, load_splits
+    cfg = load_config(None, tiny_settings(tiny_model_dir, tmp_path / "run", **{"data.eval_path": "test_sft"}))
+    with pytest.raises(DataError, match="names a split, but data.path .* is a local file"):
+        load_splits(cfg.data, tokenizer, cfg.seed)
