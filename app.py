@@ -31,10 +31,13 @@ SECTIONS = [("Run", ""), ("Model", "model."), ("Data", "data."), ("LoRA / QLoRA"
             ("Held-out evaluation", "eval.")]
 # The x axis of the per-iteration plots, in this order (not alphabetical); the plot shows those present.
 MODEL_ORDER = ["start"] + [f"iter {t}" for t in range(100)]
-STEP_COLUMNS = {"iteration": str, "step": int, "loss": float, "margin": float, "accuracy": float}
 SAMPLE_COLUMNS = ["prompt", "real", "opponent", "model"]
 PREVIEW_COLUMNS = ["row", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
-RATES = ["margin_accuracy", "match_rate", "train_accuracy"]
+# No plot has a `color` series: a native plot fixes its colour domain at its first data, so series that
+# appear later (a new iteration, another run directory) would not be drawn.
+STEP_PLOTS = ["loss", "margin", "accuracy"]
+ITERATION_PLOTS = {"logp_per_token": "held-out log-prob per token of the real responses",
+                   "margin_accuracy": "held-out margin accuracy", "match_rate": "held-out match rate (eval.match_regex)"}
 CSS = ".spin-bar progress { width: 100%; height: 14px; } .spin-error { color: #b91c1c; }"
 
 
@@ -56,12 +59,14 @@ def setting_input(s: h.Setting, value):
     return gr.Textbox(value=value, max_lines=1, **common)
 
 
-def frame(rows: list[dict], columns: list[str] | dict | None = None) -> pd.DataFrame:
-    """Rows as a table; `columns` as {name: type} also types an empty one."""
-    if not rows and not columns:
-        return pd.DataFrame()
-    table = pd.DataFrame(rows, columns=list(columns) if columns else None)
-    return table.astype(columns) if isinstance(columns, dict) else table
+def frame(rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=columns) if rows or columns else pd.DataFrame()
+
+
+def plot_frame(rows: list[dict]) -> pd.DataFrame | None:
+    """A plot's data; None while there is none (a native plot keeps the column types of its first frame,
+    and an empty frame has none)."""
+    return pd.DataFrame(rows) if rows else None
 
 
 def progress_html(status: dict, bars: list[dict]) -> str:
@@ -141,13 +146,12 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                 run_msg = gr.Markdown(elem_id="run-msg")
                 status_html = gr.HTML(elem_id="run-status")
                 with gr.Row():
-                    plots = [gr.LinePlot(x="step", y=y, color="iteration", title=f"{y} per step",
-                                         elem_id=f"plot-{y}", height=260) for y in ("loss", "margin", "accuracy")]
+                    step_plots = [gr.LinePlot(x="global_step", y=y, title=f"training {y} per step",
+                                              x_title="optimizer step (all iterations)",
+                                              elem_id=f"plot-{y}", height=260) for y in STEP_PLOTS]
                 with gr.Row():
-                    logp_plot = gr.LinePlot(x="model", y="logp_per_token", elem_id="plot-logp", height=260,
-                                            sort=MODEL_ORDER, title="held-out log-prob per token of the real responses")
-                    rates_plot = gr.LinePlot(x="model", y="value", color="metric", elem_id="plot-rates", height=260,
-                                             sort=MODEL_ORDER, title="held-out margin accuracy, match rate; train accuracy")
+                    iteration_plots = [gr.LinePlot(x="model", y=y, title=title, sort=MODEL_ORDER, elem_id=f"plot-{y}",
+                                                   height=260) for y, title in ITERATION_PLOTS.items()]
                 results_df = gr.Dataframe(label="Results per iteration", interactive=False, elem_id="results-table")
                 log_box = gr.Textbox(label="Log (run.log, last lines)", lines=14, max_lines=14, autoscroll=True,
                                      interactive=False, elem_id="run-log")
@@ -272,28 +276,24 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
             the signature last sent), so a plot is not redrawn every tick."""
             overview = frame(h.runs_overview(ws))
             if not run_dir:
-                return ["<p>No run directory selected.</p>", *[None] * 6, "", overview, None]
+                return ["<p>No run directory selected.</p>", *[None] * 7, "", overview, None]
             try:
                 head = [progress_html(h.run_status(ws, run_dir), h.progress(ws, run_dir))]
                 tail = [log_text(run_dir), overview]
                 signature = h.metrics_signature(ws, run_dir)
                 if signature == seen:
-                    return head + [gr.skip()] * 6 + tail + [seen]
+                    return head + [gr.skip()] * 7 + tail + [seen]
                 steps = h.step_metrics(ws, run_dir)
                 per_iter = h.iteration_metrics(ws, run_dir)
-                rates = [{"model": r["model"], "metric": m, "value": r[m]}
-                         for r in per_iter for m in RATES if r.get(m) is not None]
-                # None, not an empty frame, while there is nothing to plot: a plot keeps the column types
-                # of the first frame it is given
-                step_frame = frame(steps, STEP_COLUMNS) if steps else None
+                step_frame = plot_frame(steps)
                 return head + [step_frame] * 3 + [
-                    frame(per_iter) if per_iter else None, frame(rates) if rates else None,
+                    *[plot_frame([r for r in per_iter if r.get(y) is not None]) for y in ITERATION_PLOTS],
                     frame(per_iter)] + tail + [signature]
             except Exception as e:
-                return [error_md(e), *[None] * 6, "", gr.skip(), None]
+                return [error_md(e), *[None] * 7, "", gr.skip(), None]
 
         seen = gr.State(None)
-        run_view = [status_html, *plots, logp_plot, rates_plot, results_df, log_box, overview_df, seen]
+        run_view = [status_html, *step_plots, *iteration_plots, results_df, log_box, overview_df, seen]
 
         def act(action, *args):
             try:

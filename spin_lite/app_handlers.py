@@ -507,14 +507,14 @@ def progress(workspace, run_dir: str) -> list[dict]:
 
 
 def step_metrics(workspace, run_dir: str) -> list[dict]:
-    """One row per optimizer step of every iteration: iteration, step, loss, margin, accuracy (train_log.jsonl)."""
+    """One row per optimizer step of every iteration, from the train_log.jsonl files: iteration, step (within
+    the iteration), global_step (1, 2, ... over all iterations in order), loss, margin, accuracy."""
     rd = RunDir(inside(workspace, run_dir))
     rows = []
     for folder in sorted(rd.root.glob("iter-[0-9][0-9]")):
-        t = int(folder.name[5:])
         for r in read_jsonl(folder / "train_log.jsonl"):
-            rows.append({"iteration": str(t), "step": r["step"], "loss": r["loss"], "margin": r["margin"],
-                         "accuracy": r["accuracy"]})
+            rows.append({"iteration": int(folder.name[5:]), "step": r["step"], "global_step": len(rows) + 1,
+                         "loss": r["loss"], "margin": r["margin"], "accuracy": r["accuracy"]})
     return rows
 
 
@@ -602,7 +602,13 @@ def chat_model(workspace, run_dir: str, which: str):
         own = [str(RunDir(root).iteration(k) / "adapter") for k in range(t + 1)]
         adapters = own[-1:] if cfg.mode == "stack" else start + own
     stamp = tuple(os.path.getmtime(Path(a) / "adapter_config.json") if Path(a).exists() else 0 for a in adapters)
-    return _load_chat_model(dataclasses.astuple(cfg.model), tuple(adapters), stamp)
+    with _LOADING:
+        return _load_chat_model(dataclasses.astuple(cfg.model), tuple(adapters), stamp)
+
+
+# The two chats load their models at the same time; transformers' loading is not thread-safe (its
+# weight-initialisation switches are process-wide), and two loads at once gave a model random weights.
+_LOADING = threading.Lock()
 
 
 @lru_cache(maxsize=2)  # the two models side by side stay loaded between messages

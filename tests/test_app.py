@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -277,6 +278,9 @@ def test_abort_then_continue(ws, finished_run):
     status = wait_until_stopped(ws, finished_run)
     assert status["status"] == "finished" and status["iterations_done"] == 2, h.run_log(ws, finished_run)
     assert [r["model"] for r in h.iteration_metrics(ws, finished_run)] == ["start", "iter 0", "iter 1"]
+    steps = h.step_metrics(ws, finished_run)
+    assert [r["global_step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert [r["iteration"] for r in steps] == sorted(r["iteration"] for r in steps) and steps[-1]["iteration"] == 1
     assert "aborted from the app" in h.run_log(ws, finished_run, 400)
 
 
@@ -301,6 +305,16 @@ def test_chat_streams_both_models(ws, finished_run):
         assert all(a == b[:len(a)] for a, b in zip(stream, stream[1:]))  # each yield extends the last
     model, _ = h.chat_model(ws, finished_run, "iter 0")
     assert type(model).__name__ == "PeftModelForCausalLM"
+    # The page loads both models at once, from two threads: the same replies as one after the other.
+    h._load_chat_model.cache_clear()
+    replies = {}
+    threads = [threading.Thread(target=lambda w: replies.__setitem__(w, list(h.chat_reply(ws, finished_run, w, chat, 6))),
+                                args=(which,)) for which in ("start", "iter 0")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert replies["start"][-1] == start[-1] and replies["iter 0"][-1] == after[-1]
     with pytest.raises(h.AppError, match="no trained adapter"):
         list(h.chat_reply(ws, finished_run, "iter 7", chat))
 
