@@ -83,7 +83,8 @@ def test_experiment_configs_parse_and_share_their_data():
     from conftest import REPO
 
     configs = REPO / "examples" / "configs"
-    for sft, spin in (("experiment_sft", "experiment_spin"), ("experiment_gpu_sft", "experiment_gpu_spin")):
+    for sft, spin in (("experiment_sft", "experiment_spin"), ("experiment_sft_converged", "experiment_spin"),
+                      ("experiment_gpu_sft", "experiment_gpu_spin")):
         sft_cfg = load_config(configs / f"{sft}.yaml")
         spin_cfg = load_config(configs / f"{spin}.yaml")
         # The same data section and seed hold out the same rows, so SFT never trains on SPIN's held-out rows.
