@@ -14,7 +14,6 @@ Files the app adds to a run directory: app-launch.yaml (the config it launched),
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -359,3 +360,6 @@ def test_app_flags(monkeypatch, tmp_path):
         app.main(["--auth", "no-password"])
     with pytest.raises(SystemExit):
         app.main(["--workspace", str(tmp_path / "missing")])
+    help_text = subprocess.run([sys.executable, "-m", "spin_lite", "app", "--help"], cwd=tmp_path, text=True,
+                               capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert help_text.returncode == 0 and "--workspace" in help_text.stdout and "127.0.0.1" in help_text.stdout
