@@ -378,8 +378,9 @@ def main():
     parser.add_argument("--case", help="run one case in this process (used by the driver)")
     parser.add_argument("--only", nargs="*", help="run only these cases")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of the training and iteration cases, alternated; the best is kept")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of the training and iteration cases, alternated, the best kept "
+                             "(default: 2 on a CPU, whose neighbours make noise; 1 on a GPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per case (default on a CPU: 1, the same for every case: on a shared "
                              "2-core machine, 2 threads a process get descheduled and every number is noise)")
@@ -393,6 +394,7 @@ def main():
         return
     where, kind = C.machine(), "gpu" if cuda else "cpu"
     threads = args.threads or (None if cuda else 1)
+    args.repeats = args.repeats or (1 if cuda else 2)
     C.model_dir(size)  # made once, before the cases time anything
     report = {"machine": where, "date": datetime.date.today().isoformat(),
               "command": " ".join(["python", "bench/bench.py", *sys.argv[1:]]), "versions": versions(),
