@@ -295,7 +295,8 @@ def list_runs(workspace, depth: int = 3) -> list[str]:
 
 
 def _alive(pid) -> bool:
-    """Whether `pid` is a live (not zombie) spin_lite process."""
+    """Whether `pid` is a running spin_lite process, or one that has ended but is not reaped yet (a zombie:
+    its exit is being written down by _record_exit)."""
     if not pid:
         return False
     try:
@@ -309,7 +310,7 @@ def _alive(pid) -> bool:
             return True
         except OSError:
             return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"spin_lite" in cmdline
+    return stat.rsplit(")", 1)[1].split()[0] == "Z" or b"spin_lite" in cmdline
 
 
 def run_status(workspace, run_dir: str) -> dict:
@@ -443,11 +444,14 @@ def _launch(workspace, root: Path, args: list[str]) -> str:
 
 
 def _record_exit(proc: subprocess.Popen, root: Path):
-    """Wait for the run (so it leaves no zombie) and write down how it ended."""
-    code = proc.wait()
+    """Wait for the run to end, write down how, then reap it. Until it is reaped the process is a zombie,
+    which _alive counts as running, so the page never sees it ended without its exit code."""
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status  # killed: minus the signal
     record = read_json(root / PROCESS_FILE, {})
     if record.get("pid") == proc.pid:
         atomic_write_json(root / PROCESS_FILE, {**record, "returncode": code, "ended": time.time()})
+    proc.wait()
 
 
 def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
