@@ -28,6 +28,9 @@ bench:
 	$(MAKE) install EXTRAS=dev,bench
 	$(BIN)/python bench/bench.py
 
+app: install
+	$(BIN)/python app.py
+
 test: install
 	$(BIN)/python -m pytest -q tests
 
