@@ -21,6 +21,7 @@ All are evaluated on the same held-out rows (drawn by the seed, never trained on
                      sampled one, relative to the SFT model: log p(y)/p_sft(y) > log p(y')/p_sft(y').
                      The same yardstick for every model (for SPIN iteration 0 it is its own margin accuracy).
   word_f1            word-overlap F1 of the greedy answer with the real response (SQuAD-style)
+  repetition_rate    share of greedy answers in which some word trigram occurs 3 or more times (degeneration)
   sample_tokens      mean length of the greedy answers (tokens)
 Writes OUT/seed-S/{sft,spin,sft-continued}/ (ordinary run folders) and OUT/seed-S/results.json, then
 OUT/summary.json, OUT/results.md (the table) and OUT/spin_vs_sft.png (the plot).
@@ -48,6 +49,7 @@ METRICS = [  # (key, column title, format)
     ("logp_per_token", "held-out logp/token", "{:.3f}"),
     ("margin_acc_vs_sft", "margin acc vs SFT", "{:.2f}"),
     ("word_f1", "word F1", "{:.3f}"),
+    ("repetition_rate", "repetitive answers", "{:.2f}"),
     ("sample_tokens", "answer tokens", "{:.1f}"),
 ]
 
@@ -129,11 +131,23 @@ def margin_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int) -> f
 
 
 def row(name: str, family: str, steps: int | None, metrics: dict, samples: list[dict]) -> dict:
-    f1 = [word_f1(s["model"], s["real"]) for s in samples]
+    samples = [{"key": s["key"], "real": s["real"], "model": s["model"]} for s in samples]
     return {"model": name, "family": family, "steps_after_sft": steps,
-            **{k: v for k, v in metrics.items() if k != "margin_accuracy"},
-            "word_f1": sum(f1) / len(f1),
-            "samples": [{"key": s["key"], "real": s["real"], "model": s["model"]} for s in samples]}
+            **{k: v for k, v in metrics.items() if k != "margin_accuracy"}, **text_metrics(samples),
+            "samples": samples}
+
+
+def text_metrics(samples: list[dict]) -> dict:
+    """word_f1 and repetition_rate of the greedy answers (means over the held-out prompts)."""
+    f1 = [word_f1(s["model"], s["real"]) for s in samples]
+    repetitive = [is_repetitive(s["model"]) for s in samples]
+    return {"word_f1": sum(f1) / len(f1), "repetition_rate": sum(repetitive) / len(repetitive)}
+
+
+def is_repetitive(text: str) -> bool:
+    words = re.findall(r"\w+", text.lower())
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    return bool(trigrams) and max(trigrams.values()) >= 3
 
 
 def word_f1(answer: str, reference: str) -> float:
@@ -152,6 +166,7 @@ def summarize(results: list[dict]) -> list[dict]:
     out = []
     for name in [r["model"] for r in results[0]["rows"]]:
         per_seed = [next(r for r in res["rows"] if r["model"] == name) for res in results]
+        per_seed = [r | text_metrics(r["samples"]) for r in per_seed]  # also for results written before a metric
         entry = {"model": name, "family": per_seed[0]["family"], "steps_after_sft": per_seed[0]["steps_after_sft"]}
         for key in [m[0] for m in METRICS] + ["margin_acc_own_opponent"]:
             values = [r[key] for r in per_seed if r.get(key) is not None]
@@ -180,7 +195,7 @@ def plot(summary: list[dict], seeds: list[int], path: Path):
     import matplotlib.pyplot as plt
 
     keys = [m for m in METRICS if m[0] != "sample_tokens"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.6))
     by_name = {e["model"]: e for e in summary}
     for ax, (key, title, _) in zip(axes, keys):
         for family, label, color in (("spin", "SPIN iterations 0, 1, 2", "tab:red"),
@@ -196,6 +211,8 @@ def plot(summary: list[dict], seeds: list[int], path: Path):
                             for e in points], ".", color=color, alpha=0.5)
         if key in by_name["base"]:
             ax.axhline(by_name["base"][key]["mean"], color="gray", linestyle="--", label="model before SFT")
+        if key in ("match_rate", "margin_acc_vs_sft", "repetition_rate"):
+            ax.set_ylim(-0.03, 1.03)  # shares: the full scale, so that a saturated metric looks saturated
         ax.set_title(title)
         ax.set_xlabel("optimizer steps after SFT")
         ax.grid(alpha=0.3)
