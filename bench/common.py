@@ -94,6 +94,8 @@ def model_dir(size: str) -> Path:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(tmp)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the bf16 model's memory goes back before anything is measured
         vocab = config.vocab_size
     word_tokenizer(vocab).save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
