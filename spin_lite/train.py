@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .config import SpinConfig
 from .logprobs import collate, sequence_logprobs
 from .loss import spin_loss
-from .state import fault_point, read_json, recover_dir, replace_dir
+from .state import fault_point, recover_dir, replace_dir
 
 
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> list[int]:

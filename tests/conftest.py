@@ -5,7 +5,6 @@ real chat model, while a forward pass takes milliseconds.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import sys
 from pathlib import Path
