@@ -110,7 +110,7 @@ class SpinRun:
         out.mkdir(parents=True, exist_ok=True)
         if "generate" not in stages and not (out / "pairs.jsonl").exists():
             raise RunError(f"iteration {t} has no scored pairs yet: run `spin-lite generate {self.dir.root}` first")
-        if "train" not in stages and "evaluate" in stages and not (out / "adapter").exists():
+        if "train" not in stages and "evaluate" in stages and not (out / "adapter" / "adapter_config.json").exists():
             raise RunError(f"iteration {t} has no trained adapter yet: run `spin-lite train {self.dir.root}` first")
         self._set_state(iteration=t, stage="load", status="running")
         model = self.model_for(t)
@@ -136,7 +136,9 @@ class SpinRun:
                 replace_dir(tmp, out / "adapter")
                 shutil.rmtree(out / "checkpoint", ignore_errors=True)
             self._barrier()
-        elif "evaluate" in stages and "train" not in stages:
+        elif "evaluate" in stages:
+            # trained by an earlier process (a resume after the adapter was saved, or `spin-lite train`):
+            # evaluate that adapter, not the opponent the model was built as
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
             set_peft_model_state_dict(model, load_file(out / "adapter" / "adapter_model.safetensors"))

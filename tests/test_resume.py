@@ -57,3 +57,19 @@ def test_killed_runs_continue_to_the_same_result(tiny_model_dir, tmp_path):
     # Running the finished command again does nothing but print the table.
     again = cli(*args(crashed))
     assert again.returncode == 0 and "generate" not in again.stderr and "iter 1" in again.stdout
+
+
+def test_resume_after_the_adapter_was_saved_evaluates_the_trained_adapter(tiny_config):
+    """A run stopped between saving the adapter and finishing the evaluation evaluates the trained adapter on
+    resume, not the opponent: same held-out metrics as an uninterrupted run."""
+    import shutil
+    from spin_lite.run import SpinRun
+    run = SpinRun(tiny_config(iterations=1), log=lambda *a: None).prepare()
+    run.iteration(0)
+    out = run.dir.iteration(0)
+    expected = json.loads((out / "eval.json").read_text())
+    for name in ("eval.json", "samples.jsonl", "summary.json"):
+        (out / name).unlink()
+    run.iteration(0)
+    assert json.loads((out / "eval.json").read_text()) == expected
+    shutil.rmtree(run.dir.root)
