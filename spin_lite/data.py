@@ -3,7 +3,8 @@
 A row is either a chat (`messages`: a list of {role, content}; the last assistant turn is the response and
 everything before it the prompt) or a prompt/response pair of text columns. The prompt is rendered with the
 tokenizer's chat template and `add_generation_prompt=True`, exactly as the opponent sees it when it
-generates; the response is its text tokens followed by exactly one EOS.
+generates; the response is what follows it when the whole conversation is rendered, closed by
+exactly one end-of-turn token (`encode_conversation`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Encoded:
     row: int
     prompt_ids: list[int]
     response_ids: list[int]
-    """Response tokens; ends with one EOS unless `response_truncated`."""
+    """Response tokens; ends with one end-of-turn token (`end_of_turn_ids`) unless `response_truncated`."""
     prompt_truncated: bool = False
     response_truncated: bool = False
 
@@ -143,27 +144,80 @@ def _check_text(value, name: str):
 
 
 # -- tokenizing -------------------------------------------------------------------------------------
+# Tokens that close an assistant turn in the common chat templates, besides the tokenizer's EOS: ChatML (Qwen,
+# SmolLM), Llama 3, Phi-3, Gemma, Command-R. A model whose EOS is its template's end of turn needs none of them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|END_OF_TURN_TOKEN|>")
+PLACEHOLDER_PROMPT = [{"role": "user", "content": "Hi"}]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids that end a response: the EOS, then each known end-of-turn token that the chat template writes and
+    the tokenizer reads as one token.
+
+    The one home of this knowledge: a response is closed by the first of them that the template writes, and
+    generation stops on any of them.
+    """
+    template, ids = tokenizer.chat_template or "", [tokenizer.eos_token_id]
+    template = " ".join(template.values()) if isinstance(template, dict) else template  # named templates
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in template and token_id is not None and token_id not in ids \
+                and tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id]:
+            ids.append(token_id)
+    return ids
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt as the model sees it before answering: chat template with the generation prompt."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response tokens closed by exactly one EOS (an EOS already written at the end of the text is dropped)."""
-    eos = tokenizer.eos_token
-    text = text.rstrip()
-    while eos and text.endswith(eos):
-        text = text[: -len(eos)].rstrip()
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_conversation(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the whole conversation rendered by the chat template, split by position.
+
+    The prompt is the rendering with the generation prompt, as the opponent sees it; the response is what
+    follows it in the rendering of messages + the response as an assistant turn, tokenized in context
+    (SentencePiece tokenizers give text on its own a leading word-boundary piece that never follows a
+    prompt), up to and including the first end-of-turn token; template text after it (ChatML's newline) is
+    dropped. End-of-turn tokens typed at the end of the text are not doubled; a template that closes the
+    turn with none gets the EOS. A template whose prompt tokens are not a prefix of the conversation's
+    raises ValueError: its responses cannot be scored as the model generates them.
+    """
+    stops = end_of_turn_ids(tokenizer)
+    stop_texts = [t for t in tokenizer.convert_ids_to_tokens(stops) if t]
+    text = response.rstrip()
+    while typed := next((t for t in stop_texts if text.endswith(t)), None):
+        text = text[: -len(typed)].rstrip()
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if not full_text.startswith(prompt_text) or full_ids[: len(prompt_ids)] != prompt_ids:
+        seam = slice(max(len(prompt_ids) - 2, 0), len(prompt_ids))
+        where = ("its text" if not full_text.startswith(prompt_text) else
+                 f"its tokens: the prompt ends {tokenizer.convert_ids_to_tokens(prompt_ids[seam])}, the "
+                 f"conversation has {tokenizer.convert_ids_to_tokens(full_ids[seam])} there")
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render this conversation as "
+                         f"the generation prompt followed by the response ({where}), so the response cannot be "
+                         "scored as the model would generate it; use a template whose generation prompt is a "
+                         "prefix of the conversation")
+    rest = full_ids[len(prompt_ids):]
+    end = next((k for k, t in enumerate(rest) if t in stops), None)
+    return prompt_ids, rest[: end + 1] if end is not None else rest + [tokenizer.eos_token_id]
+
+
+def encode_response(tokenizer, text: str, prompt: list[dict] | None = None) -> list[int]:
+    """The response's tokens after `prompt` (default: a one-line user turn), closed by one end-of-turn token."""
+    return encode_conversation(tokenizer, prompt or PLACEHOLDER_PROMPT, text)[1]
 
 
 def encode_example(ex: Example, tokenizer, cfg: DataConfig) -> Encoded:
-    prompt_ids = encode_prompt(tokenizer, ex.prompt)
+    prompt_ids, response_ids = encode_conversation(tokenizer, ex.prompt, ex.response)
     if len(prompt_ids) >= cfg.max_length:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens, no room for a response within "
                          f"data.max_length={cfg.max_length}")
-    enc = Encoded(ex.row, prompt_ids, encode_response(tokenizer, ex.response))
+    enc = Encoded(ex.row, prompt_ids, response_ids)
     if len(prompt_ids) > cfg.max_prompt_length:
         enc.prompt_ids, enc.prompt_truncated = prompt_ids[-cfg.max_prompt_length:], True
     room = cfg.max_length - len(enc.prompt_ids)
