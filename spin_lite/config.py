@@ -86,6 +86,10 @@ class GenerationSettings:
     """Nucleus sampling threshold (paper: 1.0)."""
     batch_size: int = 16
     """Prompts per generation batch; a finished batch is saved at once and never regenerated on resume."""
+    engine: str = "auto"
+    """Decoding engine: eager (dynamic KV cache, finished rows leave the batch), static (a KV cache preallocated
+    for the whole answer; on CUDA each decoding step replays a CUDA graph), or auto (static on CUDA for the
+    merged copy, eager elsewhere). For the same seed the two may sample different tokens; greedy ones are equal."""
 
 
 @dataclass
@@ -191,6 +195,8 @@ class SpinConfig:
         check(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
         check(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
         check(g.batch_size >= 1, f"generation.batch_size must be >= 1, got {g.batch_size}")
+        check(g.engine in ("auto", "eager", "static"),
+              f"generation.engine must be auto, eager or static, got {g.engine!r}")
         t = self.train
         check(t.loss_type in ("logistic", "hinge"), f"train.loss_type must be logistic or hinge, got {t.loss_type!r}")
         for name in ("beta", "learning_rate"):

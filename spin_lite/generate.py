@@ -5,7 +5,9 @@ Prompts are sorted by length (longest first) so a batch pads little, then cut in
 regenerated after a crash gives the same tokens as it would have the first time. The output file holds one
 JSON line per response:
     {"batch": b, "key": "train:12", "ids": [...], "truncated": false}
-A response ends with the first EOS (kept); one with no EOS within max_new_tokens is marked truncated.
+A response ends with the first stop id (kept): the tokenizer's EOS, the ids of the model's generation config
+and the chat template's end-of-turn token (`stop_token_ids`); one with none within max_new_tokens is marked
+truncated.
 
 Where the time goes, and what this module does about it (numbers: docs/PERFORMANCE.md):
 - An unmerged LoRA adds two small matmuls to every linear layer of every decoding step. generate_all
@@ -18,17 +20,23 @@ Where the time goes, and what this module does about it (numbers: docs/PERFORMAN
 - The decoding loop is this module's own (`decode`): prefill with logits of the last position only, then
   one token per step, the logits processed exactly as transformers does (float32, temperature, top-p);
   greedy decoding gives transformers `generate`'s tokens (tests/test_fast_generate.py).
+- On a GPU a decoding step of a small model is bound by launching its few hundred kernels, not by the GPU.
+  The static engine (`generation.engine`, `decode_static`) preallocates the KV cache for the whole
+  answer and records one decoding step (forward and sampling) in a CUDA graph, replayed once a token;
+  on a CPU the same static-cache step runs without the graph (tests/test_static_engine.py).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import GenerationSettings
+from .data import end_of_turn_ids
 from .state import fault_point
 
 
@@ -51,8 +59,9 @@ def read_generations(path: Path) -> dict[str, dict]:
     return done
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(map(len, seqs))
+def _left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both [len(seqs), length], each sequence at the right end (length: the longest)."""
+    length = length or max(map(len, seqs))
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -61,31 +70,54 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def split_at_eos(new_tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
-    """(response ids up to and including the first EOS, truncated?)."""
-    if eos_id in new_tokens:
-        return new_tokens[: new_tokens.index(eos_id) + 1], False
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the chat template's end-of-turn token
+    (`data.end_of_turn_ids`: Qwen2.5 and Llama-3 end a turn with <|im_end|> / <|eot_id|>, which is not always
+    the tokenizer's EOS), and the ids in the model's generation config (`eos_token_id`, an int or a list).
+    Sorted, no repeats."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def _stop_set(stop_ids: int | list[int]) -> set[int]:
+    return {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+
+
+def split_at_eos(new_tokens: list[int], stop_ids: int | list[int]) -> tuple[list[int], bool]:
+    """(response ids up to and including the first stop id, truncated?); `stop_ids`: one id or several."""
+    stops = _stop_set(stop_ids)
+    for n, token in enumerate(new_tokens):
+        if token in stops:
+            return new_tokens[: n + 1], False
     return new_tokens, True
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings, eos_id: int, pad_id: int,
-                   seed: int, max_new_tokens: int | None = None, do_sample: bool | None = None):
-    """Responses to `prompts` as lists of (ids, truncated), from `model` as it is (no merged copy)."""
+def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings, eos_id: int | list[int],
+                   pad_id: int, seed: int, max_new_tokens: int | None = None, do_sample: bool | None = None):
+    """Responses to `prompts` as lists of (ids, truncated), from `model` as it is (no merged copy).
+
+    `eos_id`: the stop id, or a list of them (`stop_token_ids`). `settings.engine` chooses the decoder
+    (`engine_for`: under auto a PEFT or 4-bit model decodes with the eager engine)."""
     do_sample = settings.do_sample if do_sample is None else do_sample
-    pick = sampler(do_sample, settings.temperature, settings.top_p, [0] * len(prompts),
-                   [_generator(seed, _device(model))])
+    sampling = Sampling(do_sample, settings.temperature, settings.top_p, [0] * len(prompts),
+                        [_generator(seed, _device(model))])
     out = {}
-    decode(model, prompts, eos_id, pad_id, max_new_tokens or settings.max_new_tokens, pick,
-           lambda i, ids, truncated: out.__setitem__(i, (ids, truncated)))
+    _decoder(engine_for(settings.engine, model))(
+        model, prompts, eos_id, pad_id, max_new_tokens or settings.max_new_tokens, sampling,
+        lambda i, ids, truncated: out.__setitem__(i, (ids, truncated)))
     return [out[i] for i in range(len(prompts))]
 
 
 def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: GenerationSettings, path: Path,
-                 seed: int, rank: int = 0, world_size: int = 1, desc: str = "generate") -> dict[str, dict]:
+                 seed: int, rank: int = 0, world_size: int = 1, desc: str = "generate",
+                 stop_ids: list[int] | None = None) -> dict[str, dict]:
     """Generate a response for every prompt not yet in `path`, appending each finished batch to it.
 
     With `world_size` > 1 this process takes batches rank, rank + world_size, ... and writes only those.
+    A response ends at any of `stop_ids` (default: `stop_token_ids(tokenizer, model)`).
     Returns this process's records by key.
     """
     batches = plan_batches(prompts, settings.batch_size)
@@ -111,6 +143,11 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     reserve = settings.batch_size * 3 // 2 * row_bytes(model, longest, settings.max_new_tokens) if cuda else 0
     opponent = merged_copy(model, reserve) or model
     rows = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
+    stops = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
+    engine = engine_for(settings.engine, opponent)
+    decoder = _decoder(engine)
+    if rank == 0:
+        print(f"{desc}: {engine} engine, {rows} rows a pass, stop ids {stops}", flush=True)
     per_pass = max(1, rows // settings.batch_size)
     written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
@@ -139,10 +176,10 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
                 fault_point("generate_batch", written)
 
             device = _device(opponent)
-            pick = sampler(settings.do_sample, settings.temperature, settings.top_p, owners,
-                           [_generator(seed * 100_003 + b, device) for b in group])
-            decode(opponent, [prompts[k] for k in keys], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   settings.max_new_tokens, pick, finished)
+            sampling = Sampling(settings.do_sample, settings.temperature, settings.top_p, owners,
+                                [_generator(seed * 100_003 + b, device) for b in group])
+            decoder(opponent, [prompts[k] for k in keys], stops, tokenizer.pad_token_id, settings.max_new_tokens,
+                    sampling, finished)
     del opponent
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -150,13 +187,34 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
 
 
 # -- the decoding loop -------------------------------------------------------------------------------
+def engine_for(engine: str, model) -> str:
+    """"eager" or "static" for decoding from `model`. auto: static on CUDA for a plain model (the merged copy
+    generate_all decodes from), eager elsewhere: on a CPU (no launch overhead to save, and the eager engine
+    drops finished rows) and for a PEFT or 4-bit model on CUDA (not tried in a CUDA graph yet)."""
+    if engine != "auto":
+        return engine
+    # a plain model: no LoRA layers (named lora_A, lora_B), no bitsandbytes layers
+    plain = not any(hasattr(m, "lora_A") or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+                    for m in model.modules())
+    return "static" if _device(model).type == "cuda" and plain else "eager"
+
+
+def _decoder(engine: str):
+    return decode_static if engine == "static" else decode
+
+
 @torch.no_grad()
-def decode(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int, pick, on_finished):
-    """Continue every prompt until its EOS or `max_new_tokens`; `on_finished(i, new_ids, truncated)` is called
-    as row i finishes. `pick(scores [n, V] float32, rows [n] row numbers, active [n] bool)` chooses the next
-    tokens. Finished rows leave the batch (and their KV cache) once a quarter of it has finished."""
+def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: int, max_new_tokens: int, pick,
+           on_finished):
+    """The eager engine. Continue every prompt until a stop id or `max_new_tokens`; `on_finished(i, new_ids,
+    truncated)` is called as row i finishes. `pick` (a `Sampling`, or a function
+    `pick(scores [n, V] float32, rows [n] row numbers, active [n] bool)`) chooses the next tokens.
+    A dynamic KV cache; finished rows leave the batch (and the cache) once a quarter of it has finished."""
     from transformers import DynamicCache
 
+    if isinstance(pick, Sampling):
+        pick = pick.pick
+    stops = _stop_set(stop_ids)
     device = _device(model)
     ids, mask = _left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -173,9 +231,9 @@ def decode(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_to
         for n, (row, token) in enumerate(zip(rows, listed)):
             if active[n]:
                 new[row].append(token)
-                if token == eos_id or step == max_new_tokens - 1:
+                if token in stops or step == max_new_tokens - 1:
                     active[n] = False
-                    on_finished(row, new[row], token != eos_id)
+                    on_finished(row, new[row], token not in stops)
         running = sum(active)
         if running == 0:
             break
@@ -190,6 +248,103 @@ def decode(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_to
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         logits = _forward(model, tokens[:, None], mask, next_position[:, None], cache)
         next_position = next_position + 1
+
+
+@torch.no_grad()
+def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: int, max_new_tokens: int,
+                  sampling: Sampling, on_finished, graphs: bool | None = None):
+    """The static engine: what `decode` does, over a KV cache preallocated for prompt + `max_new_tokens`.
+
+    Every tensor a decoding step touches (cache, attention mask, positions, the last tokens, the step
+    counter, the pre-drawn uniform numbers, the output table) lives at a fixed address and the step updates
+    them in place: forward of the last tokens, their slot of the mask set, sampling (`Sampling.choose`),
+    the tokens written to column t of the output table. On CUDA (`graphs` None: on CUDA) that step is
+    recorded once in a CUDA graph after two eager warm-up steps and replayed for every later token: one
+    launch a token instead of a few hundred. Where recording fails the steps run eagerly, with a note.
+    The host reads the new tokens every `STATIC_CHECK_EVERY` steps on CUDA (every step on a CPU) to call
+    `on_finished` and stop once every row has ended; finished rows stay in the batch (static shapes) and
+    their later tokens are dropped. Greedy tokens equal `decode`'s (tests/test_static_engine.py).
+    """
+    from transformers import StaticCache
+
+    stops = _stop_set(stop_ids)
+    device = _device(model)
+    graphs = device.type == "cuda" if graphs is None else graphs
+    n = len(prompts)
+    ids, prompt_mask = _left_pad(prompts, pad_id)
+    width = ids.shape[1]
+    # slots [0, width) hold the prompt, slot width + s - 1 the token chosen at step s - 1 (the last one chosen
+    # is never fed back); a slot is unmasked when it is written, so no step sees an empty slot
+    mask = torch.zeros((n, width + max_new_tokens), dtype=torch.long, device=device)
+    mask[:, :width] = prompt_mask.to(device)
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1).to(device)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cache = StaticCache(config=config, max_cache_len=width + max_new_tokens)
+    logits = _forward(model, ids.to(device), mask, positions, cache, last_only=True)
+    u = sampling.uniforms(max_new_tokens, device)
+    out = torch.empty((n, max_new_tokens), dtype=torch.long, device=device)
+    out[:, 0] = sampling.choose(logits[:, -1].float(), u[0])
+    del logits
+    last = out[:, :1].clone()  # the token each row feeds next, [n, 1]
+    position = positions[:, -1:] + 1  # its position, [n, 1]
+    t = torch.ones(1, dtype=torch.long, device=device)  # the step: column of `out` it writes
+
+    def step():
+        mask.index_fill_(1, t + width - 1, 1)
+        scores = _forward(model, last, mask, position, cache)[:, -1].float()
+        tokens = sampling.choose(scores, u.index_select(0, t).squeeze(0))
+        out.index_copy_(1, t, tokens[:, None])
+        last.copy_(tokens[:, None])
+        position.add_(1)
+        t.add_(1)
+
+    new = [[] for _ in range(n)]
+    done = [False] * n
+    checked = 0  # columns of `out` read so far
+
+    def read(upto: int) -> bool:
+        """Hand finished rows to on_finished; True when every row has ended."""
+        nonlocal checked
+        for i, tokens in enumerate(out[:, checked:upto].tolist()):
+            if done[i]:
+                continue
+            for token in tokens:
+                new[i].append(token)
+                if token in stops:
+                    done[i] = True
+                    on_finished(i, new[i], False)
+                    break
+        checked = upto
+        return all(done)
+
+    every = STATIC_CHECK_EVERY if device.type == "cuda" else 1
+    replay, warm = None, 2
+    finished = read(1)
+    for s in range(1, max_new_tokens):
+        if finished:
+            break
+        if graphs and replay is None and s == 1 + warm and max_new_tokens - s > 1:
+            replay = _record(step) or step
+        (replay or step)()
+        if (s + 1) % every == 0 or s == max_new_tokens - 1:
+            finished = read(s + 1)
+    for i in range(n):
+        if not done[i]:
+            on_finished(i, new[i], True)
+
+
+def _record(step):
+    """`step` recorded in a CUDA graph, as a function replaying it; None where it cannot be recorded.
+    Recording runs nothing, so the step's in-place updates happen only at each replay."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - any failure to record means: decode eagerly, and say so
+        torch.cuda.synchronize()
+        print(f"generate: static engine without a CUDA graph ({type(e).__name__}: {str(e)[:300]})", flush=True)
+        return None
+    return graph.replay
 
 
 def _forward(model, ids, mask, positions, cache, last_only: bool = False) -> torch.Tensor:
@@ -210,37 +365,81 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def sampler(do_sample: bool, temperature: float, top_p: float, owners: list[int], generators: list):
-    """The `pick` of `decode`: argmax, or sampling where row i draws from generators[owners[i]].
+@dataclass
+class Sampling:
+    """How the next token is chosen: argmax, or sampling where row i draws from generators[owners[i]].
 
-    A batch draws only for its own active rows, so its tokens do not depend on which other batches it is
-    decoded with. Temperature and top-p are applied as transformers' logits warpers apply them.
+    Temperature and top-p are applied as transformers' logits warpers apply them, then one uniform number a
+    row picks the token by inverse CDF. A batch draws only from its own generator and only for its own rows,
+    so its tokens do not depend on which other batches it is decoded with.
+    The eager engine draws each step's numbers as it goes, for the rows still active (`pick`); the static
+    engine draws a [max_new_tokens, rows] table once, owner by owner, before decoding (`uniforms`, then
+    `choose` inside the recorded step). So for the same seed the two engines do not sample the same tokens in
+    general (they agree only while one generator serves every row and no row has finished); both sample from
+    the same distribution, each is deterministic for a given seed and engine, and greedy decoding gives the
+    same tokens with both.
     """
-    def pick(scores: torch.Tensor, rows: list[int], active: list[bool]) -> torch.Tensor:
-        if not do_sample:
-            return scores.argmax(-1)
-        if temperature != 1.0:
-            scores = scores / temperature
-        if top_p < 1.0:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    owners: list[int]
+    generators: list
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """[n, V] float32 logits -> [n, V] sampling probabilities (temperature, then top-p)."""
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_p < 1.0:
             ordered, order = torch.sort(scores, descending=False)
-            outside = ordered.softmax(-1).cumsum(-1) <= (1 - top_p)
+            outside = ordered.softmax(-1).cumsum(-1) <= (1 - self.top_p)
             outside[..., -1:] = False  # keep at least one token
             scores = scores.masked_fill(outside.scatter(1, order, outside), -float("inf"))
-        probs = torch.log_softmax(scores, -1).exp_()  # on a CPU faster than softmax
+        return torch.log_softmax(scores, -1).exp_()  # on a CPU faster than softmax
+
+    def pick(self, scores: torch.Tensor, rows: list[int], active: list[bool]) -> torch.Tensor:
+        """The eager engine's choice for lines `rows` (row numbers) of `scores`; draws for active lines only."""
+        if not self.do_sample:
+            return scores.argmax(-1)
+        probs = self.probabilities(scores)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
         by_owner: dict[int, list[int]] = {}
         for n, row in enumerate(rows):
             if active[n]:
-                by_owner.setdefault(owners[row], []).append(n)
+                by_owner.setdefault(self.owners[row], []).append(n)
         for owner, lines in sorted(by_owner.items()):
             # Inverse-CDF sampling: one uniform number a row. torch.multinomial draws one exponential
             # number per vocabulary entry, which on a CPU costs as much as a tenth of a decoding step.
             index = torch.tensor(lines, device=scores.device)
-            cdf = probs[index].cumsum(-1)
-            u = torch.rand((len(lines), 1), generator=generators[owner], device=scores.device) * cdf[:, -1:]
-            tokens[index] = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+            u = torch.rand((len(lines),), generator=self.generators[owner], device=scores.device)
+            tokens[index] = _inverse_cdf(probs[index], u)
         return tokens
-    return pick
+
+    def uniforms(self, steps: int, device) -> torch.Tensor:
+        """[steps, rows] uniform numbers for the static engine, each owner's rows from its own generator."""
+        table = torch.zeros((steps, len(self.owners)), device=device)
+        if self.do_sample:
+            for owner in sorted(set(self.owners)):
+                index = torch.tensor([i for i, o in enumerate(self.owners) if o == owner], device=device)
+                table[:, index] = torch.rand((steps, len(index)), generator=self.generators[owner], device=device)
+        return table
+
+    def choose(self, scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Every row's next token from [n, V] float32 scores and [n] uniform numbers; no host work, no
+        Python branch on values, so it can be recorded in a CUDA graph."""
+        if not self.do_sample:
+            return scores.argmax(-1)
+        return _inverse_cdf(self.probabilities(scores), u)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row of [n, V] `probs` where its cumulative sum passes u (in [0, 1)) of the total."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+
+
+def sampler(do_sample: bool, temperature: float, top_p: float, owners: list[int], generators: list):
+    """The eager engine's `pick` (kept for callers of the earlier interface)."""
+    return Sampling(do_sample, temperature, top_p, owners, generators).pick
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -347,3 +546,4 @@ def _cuda_memory(device) -> tuple[int, int]:
 
 CPU_ROWS = 64
 GPU_MAX_ROWS = 512
+STATIC_CHECK_EVERY = 16  # decoding steps between reads of the new tokens on CUDA (each read waits for the GPU)

@@ -3,7 +3,9 @@
 Greedy tokens must be transformers' own: from the model as it is (generate_batch, used by evaluation), and
 from the merged copy that generate_all decodes from (compared with transformers on PEFT's own merge of the
 same adapter: the same weights). Prompts of different lengths (left padding) and an EOS that some rows
-reach early (rows leaving the batch) are part of every comparison.
+reach early (rows leaving the batch) are part of every comparison. Both decoding engines (eager: dynamic KV
+cache; static: preallocated KV cache, the step a CUDA graph on a GPU) are held to the same tokens; more on the
+static engine in tests/test_static_engine.py.
 Run alone: .venv/bin/python -m pytest -q tests/test_fast_generate.py
 """
 from __future__ import annotations
@@ -83,21 +85,23 @@ def early_eos(reference, max_new) -> int:
     return token
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("early", [False, True], ids=["full-length", "rows-leave"])
-def test_greedy_equals_transformers_generate(tiny, tok, prompts, early):
+def test_greedy_equals_transformers_generate(tiny, tok, prompts, early, engine):
     max_new = 12
     eos, pad = tok.eos_token_id, tok.pad_token_id
     if early:
         eos = early_eos(hf_greedy(tiny, prompts, eos, pad, max_new), max_new)
     expected = hf_greedy(tiny, prompts, eos, pad, max_new)
-    got = gen.generate_batch(tiny, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False), eos, pad,
-                             seed=0)
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, engine=engine)
+    got = gen.generate_batch(tiny, prompts, settings, eos, pad, seed=0)
     assert got == expected
     if early:
         assert any(not t and len(ids) < max_new for ids, t in got) and any(t for _, t in got)
 
 
-def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_path, monkeypatch, engine):
     """generate_all decodes from a merged copy, several planned batches at once: greedy tokens equal
     transformers `generate` on PEFT's own merge of the adapter, and the PEFT model is left as it was."""
     max_new = 10
@@ -106,7 +110,7 @@ def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_p
     expected = hf_greedy(merged, prompts, eos, tok.pad_token_id, max_new)
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
-    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, batch_size=2)
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, batch_size=2, engine=engine)
     monkeypatch.setattr(gen, "CPU_ROWS", 6)  # 3 planned batches of 2 per pass, the last pass holds 1
     eos_tok = copy.copy(tok)
     eos_tok.eos_token_id = eos

@@ -1,0 +1,97 @@
+"""The static decoding engine and the stop ids, on the CPU: the static-cache step that a GPU records in a CUDA
+graph runs here eagerly, so what it computes is tested here (that the graph replays it: tests/test_gpu.py).
+
+Run alone: .venv/bin/python -m pytest -q tests/test_static_engine.py
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from spin_lite import generate as gen
+from spin_lite.config import GenerationSettings
+from test_fast_generate import early_eos, hf_greedy, peft_model, prompts, tiny, tok  # noqa: F401 - fixtures
+
+
+def test_stop_token_ids_are_the_union_of_eos_config_and_end_of_turn(tok, tiny):
+    """SmolLM2's EOS is its end-of-turn token <|im_end|>; a tokenizer whose EOS is another token still stops
+    at <|im_end|> when its chat template ends turns with it, and at every id of the model's generation config."""
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert gen.stop_token_ids(tok) == [im_end] == [tok.eos_token_id]
+    other = copy.copy(tok)
+    other.eos_token_id = 0  # <|endoftext|>, as a base model's tokenizer has it
+    model = copy.copy(tiny)
+    model.generation_config = copy.deepcopy(tiny.generation_config)
+    model.generation_config.eos_token_id = [5, im_end]
+    assert gen.stop_token_ids(other, model) == sorted({0, 5, im_end})
+    model.generation_config.eos_token_id = 7  # an int works too
+    assert gen.stop_token_ids(other, model) == sorted({0, 7, im_end})
+    no_template = copy.copy(other)
+    no_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert gen.stop_token_ids(no_template) == [0]
+
+
+def test_split_at_eos_takes_one_id_or_several():
+    assert gen.split_at_eos([4, 5, 6, 7], 6) == ([4, 5, 6], False)
+    assert gen.split_at_eos([4, 5, 6, 7], [7, 5]) == ([4, 5], False)
+    assert gen.split_at_eos([4, 5, 6, 7], [9]) == ([4, 5, 6, 7], True)
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_generation_stops_at_every_stop_id(tiny, tok, prompts, engine):
+    """Two stop ids: each row ends at the first of either, as transformers `generate` with a list of EOS ids."""
+    max_new, pad = 12, tok.pad_token_id
+    reference = hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new)
+    first = early_eos(reference, max_new)
+    second = early_eos([(ids, t) for ids, t in reference if first not in ids[: max_new // 2]] or reference, max_new)
+    stops = sorted({first, second})
+    expected = hf_greedy(tiny, prompts, stops, pad, max_new)
+    got = gen.generate_batch(tiny, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False, engine=engine),
+                             stops, pad, seed=0)
+    assert got == expected
+    assert any(not t and len(ids) < max_new for ids, t in got)
+
+
+def test_static_sampling_is_per_batch_deterministic_and_resumable(peft_model, tok, prompts, tmp_path, monkeypatch):
+    """The static engine keeps generate_all's contract: a batch draws only from its own generator (the same
+    tokens decoded alone or with other batches), the same seed gives the same tokens, and a batch regenerated
+    after a crash gives what it gave before."""
+    keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, batch_size=3,
+                                  engine="static")
+    runs = []
+    for rows in (3, 9):
+        monkeypatch.setattr(gen, "CPU_ROWS", rows)
+        path = tmp_path / f"rows{rows}.jsonl"
+        runs.append({k: r["ids"] for k, r in gen.generate_all(peft_model, tok, keyed, settings, path, seed=5).items()})
+    assert runs[0] == runs[1]
+    # a crash after the first batch: the file keeps it, the rest is generated again
+    path = tmp_path / "rows9.jsonl"
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])["batch"]
+    path.write_text("".join(l + "\n" for l in lines if json.loads(l)["batch"] == first))
+    resumed = gen.generate_all(peft_model, tok, keyed, settings, path, seed=5)
+    assert {k: r["ids"] for k, r in resumed.items()} == runs[0]
+    other = gen.generate_all(peft_model, tok, keyed, settings, tmp_path / "seed6.jsonl", seed=6)
+    assert {k: r["ids"] for k, r in other.items()} != runs[0]  # the seed matters
+
+
+def test_auto_engine_is_static_only_for_a_plain_model_on_cuda(tiny, peft_model, monkeypatch):
+    assert gen.engine_for("auto", tiny) == "eager"  # a CPU
+    assert gen.engine_for("static", tiny) == "static" and gen.engine_for("eager", tiny) == "eager"
+    monkeypatch.setattr(gen, "_device", lambda model: torch.device("cuda"))
+    assert gen.engine_for("auto", gen.merged_copy(peft_model)) == "static"  # what generate_all decodes from
+    assert gen.engine_for("auto", peft_model) == "eager"
+
+
+def test_static_step_reads_no_empty_cache_slot(tiny, tok, prompts):
+    """Without left padding (one prompt), sdpa may drop the attention mask for a one-token query; the static
+    cache's empty slots must still be masked, so a lone prompt decodes as transformers decodes it."""
+    one = [prompts[-1]]
+    expected = hf_greedy(tiny, one, -1, tok.pad_token_id, 10)
+    got = gen.generate_batch(tiny, one, GenerationSettings(max_new_tokens=10, do_sample=False, engine="static"),
+                             -1, tok.pad_token_id, seed=0)
+    assert got == expected
