@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from .config import ConfigError, describe_settings, load_config
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run SPIN iterations. Running the same command again continues the run "
                                      "where it stopped.",
                          epilog="settings (in the YAML file, or as key=value overrides):\n" + describe_settings())
-    run.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
+    run.add_argument("config", nargs="?", help="YAML config file, always first (omit to start from the defaults)")
     run.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.beta=0.2 iterations=3")
     for stage, text in (("generate", "generate and score the next iteration's pairs"),
                         ("train", "train the next iteration's adapter on its scored pairs"),
@@ -51,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A `key=value` setting: a dotted name, then "=" (a path such as cfg/lr=5e-4.yaml is not one).
+SETTING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def config_and_overrides(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """The config file is the first argument and the overrides come after it. Only a first argument that is
+    a setting (SETTING), names no existing file and does not end in .yaml/.yml starts from the defaults, with
+    every argument an override."""
+    if first is not None and SETTING.match(first) and not os.path.lexists(first) \
+            and not first.endswith((".yaml", ".yml")):
+        return None, [first, *rest]
+    return first, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["app"]:  # the app parses its own options (--host, --port, --share, --auth, --workspace)
@@ -69,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from .export import main as export_main
             return export_main(args)
         elif args.command == "run":
-            config, overrides = args.config, args.overrides
-            if config is not None and "=" in config:  # no config file, only overrides
-                config, overrides = None, [config, *overrides]
-            SpinRun(load_config(config, overrides)).run()
+            SpinRun(load_config(*config_and_overrides(args.config, args.overrides))).run()
         elif args.command == "sft":
             from .sft import run_sft
-            run_sft(load_config(args.config, args.overrides), steps=args.steps)
+            run_sft(load_config(*config_and_overrides(args.config, args.overrides)), steps=args.steps)
         else:
             run_dir = RunDir(args.run_dir)
             if not run_dir.config_path.exists():
@@ -84,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             t = run_dir.completed()
             if t >= cfg.iterations:
                 raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
-            SpinRun(cfg).prepare().iteration(t, (args.command,))
+            SpinRun(cfg).prepare().iteration(t, only=args.command)
     except (ConfigError, DataError, ModelError, RunError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,15 +6,33 @@ before any model is loaded. The YAML file is a dump of these dataclasses, sectio
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message lists every problem found."""
+
+
+# The values a setting may take where it is a fixed set: declared once here, and read by the validation
+# (SpinConfig.problems), the app's dropdowns (choices()) and the code that branches on them (loss.LOSS_TYPES).
+Mode = Literal["stack", "merge"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Backend = Literal["auto", "hf", "unsloth"]
+LossType = Literal["logistic", "hinge"]
+LrScheduler = Literal["linear", "cosine", "constant"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
+StopWhen = Literal["no_gain", "never"]
+DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
+Engine = Literal["auto", "eager", "static"]
 
 
 @dataclass
@@ -25,25 +43,35 @@ class ModelConfig:
     """Optional starting PEFT adapter (folder or hub id) that the starting model carries."""
     load_in_4bit: bool = False
     """QLoRA: load the base in 4 bits (bitsandbytes nf4, double quantization); works on CUDA and on the CPU."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Weights and compute dtype: auto (bfloat16 where CUDA supports it, else float32), float32, bfloat16, float16."""
     trust_remote_code: bool = False
     """Run model code from the hub; off unless you trust the repository."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Model loading, LoRA and gradient checkpointing: hf (transformers + peft), unsloth (CUDA only, extra
     spin-lite[unsloth]), or auto (unsloth when it imports and CUDA is present, else hf)."""
 
 
 @dataclass
 class DataConfig:
-    path: str = "examples/data/demo_sft.jsonl"
-    """Local .json/.jsonl/.parquet/.csv file, or a datasets hub id (e.g. HuggingFaceH4/ultrachat_200k)."""
+    path: str = "sample:demo"
+    """Local .json/.jsonl/.parquet/.csv file (relative paths: from the working directory), a datasets hub id
+    (e.g. HuggingFaceH4/ultrachat_200k), or sample:demo, the demo data shipped inside spin_lite."""
+    format: DataFormat = "auto"
+    """Row layout: auto (each row by its columns), chat (`messages_field`: OpenAI-style {role, content}),
+    sharegpt (`conversations`: {from, value}), alpaca (instruction, optional input, output), prompt_response."""
     split: str = "train"
-    """Split to read from a hub dataset (local files have one split)."""
+    """Split to read from a hub dataset, any datasets split expression (e.g. train_sft[:2200]); local files have one."""
     eval_path: str | None = None
     """Held-out data: a file, or a split name of the same hub dataset (e.g. test_sft). None: hold out rows of `path`."""
     eval_size: int = 16
-    """Held-out rows: the first `eval_size` of `eval_path`, or drawn from `path` with the run's seed."""
+    """Held-out test rows: the first `eval_size` of `eval_path`, or drawn from `path` with the run's seed. They are
+    reported on and never read by anything that chooses (the stop rule, the best iteration): see val_size."""
+    val_size: int = 16
+    """Validation rows, apart from the test rows: the first `val_size` of `val_path`, or drawn from `path` with
+    the run's seed after the test rows. The stop rule and the best iteration are chosen on these alone."""
+    val_path: str | None = None
+    """Optional file of validation rows (else they are drawn from `path`)."""
     max_examples: int | None = None
     """Read only the first max_examples (+ eval_size, when they come from `path`) rows: a subset of a big dataset."""
     messages_field: str = "messages"
@@ -86,7 +114,7 @@ class GenerationSettings:
     """Nucleus sampling threshold (paper: 1.0)."""
     batch_size: int = 16
     """Prompts per generation batch; a finished batch is saved at once and never regenerated on resume."""
-    engine: str = "auto"
+    engine: Engine = "auto"
     """Decoding engine: eager (dynamic KV cache, finished rows leave the batch), static (a KV cache preallocated
     for the whole answer; on CUDA each decoding step replays a CUDA graph), or auto (static on CUDA for the
     merged copy, eager elsewhere). For the same seed the two may sample different tokens; greedy ones are equal."""
@@ -94,7 +122,7 @@ class GenerationSettings:
 
 @dataclass
 class TrainSettings:
-    loss_type: str = "logistic"
+    loss_type: LossType = "logistic"
     """SPIN loss: logistic, l(u) = log(1 + exp(-u)) (paper's choice), or hinge, l(u) = max(0, 1 - u)."""
     beta: Any = 0.1
     """Regularisation strength; a number, or a list with one value per iteration (last repeats). Paper: 0.1."""
@@ -109,7 +137,7 @@ class TrainSettings:
     """Micro batches per optimizer step; pairs per step = micro_batch_size x this."""
     warmup_ratio: float = 0.1
     """Share of the steps with a linear warmup (paper: 10%)."""
-    lr_scheduler: str = "linear"
+    lr_scheduler: LrScheduler = "linear"
     """Decay after warmup: linear, cosine or constant (transformers' schedulers)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -117,11 +145,20 @@ class TrainSettings:
     """Gradient clipping norm."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    sft_weight: float = 0.0
+    """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
+    added to each pair's SPIN loss (iterative RPO; TRL's loss_type=["sigmoid", "sft"]). 0 turns it off."""
+    stop_when: StopWhen = "no_gain"
+    """Stop rule, checked on the validation rows after each iteration: no_gain stops when an iteration is not
+    better than the model before it (see spin_lite.evaluate.compare); never runs all `iterations`."""
+    max_loss: float = 1e4
+    """Divergence guard: a step whose loss or gradient norm is not finite, or whose loss exceeds this bound,
+    stops training with an error; the last checkpoint and the earlier iterations stay as they were."""
     mix_previous: bool = True
     """From iteration 1 on, also train on the previous iteration's generated pairs (paper)."""
     save_every: int = 20
     """Optimizer steps between training checkpoints (resume loses at most this many)."""
-    report_to: str = "none"
+    report_to: ReportTo = "none"
     """Also log steps to: none, tensorboard or wandb (JSONL is always written)."""
 
 
@@ -133,6 +170,9 @@ class EvalSettings:
     """New tokens for the held-out samples (default: generation.max_new_tokens); decoded greedily."""
     match_regex: str | None = None
     """Optional: report the share of held-out samples matching this regex (a measurable property of the data)."""
+    answer_regex: str | None = None
+    """Optional task metric: the regex's first group is the answer, in the real response and in the model's
+    greedy one; task_accuracy is the share where they are equal (e.g. "= *(-?[0-9]+)" for arithmetic)."""
 
 
 @dataclass
@@ -140,8 +180,8 @@ class SpinConfig:
     run_dir: str = "runs/demo"
     """Folder holding the run's state; running the same command again continues it."""
     iterations: int = 3
-    """SPIN iterations (paper: 3-4)."""
-    mode: str = "stack"
+    """Most SPIN iterations to run (paper: 3-4); train.stop_when may stop earlier."""
+    mode: Mode = "stack"
     """stack: adapter t+1 starts as a copy of adapter t. merge: adapter t is merged into the base (16-bit, then
     re-quantized for a 4-bit base) and adapter t+1 starts fresh."""
     seed: int = 42
@@ -160,6 +200,13 @@ class SpinConfig:
     def lr_at(self, iteration: int) -> float:
         return float(_per_iteration(self.train.learning_rate, iteration))
 
+    def get(self, key: str):
+        """A setting by its dotted name: `iterations`, `train.beta`."""
+        node = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
     # -- checks ---------------------------------------------------------------------------------
     def validate(self) -> "SpinConfig":
         errors = self.problems()
@@ -175,51 +222,82 @@ class SpinConfig:
             if not ok:
                 errors.append(message)
 
+        for key, allowed in choices().items():  # the Literal-typed settings
+            value = self.get(key)
+            check(value in allowed, f"{key} must be {_one_of(allowed)}, got {value!r}")
         check(self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}")
-        check(self.mode in ("stack", "merge"), f"mode must be stack or merge, got {self.mode!r}")
-        check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
-              f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
+        check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check(bool(self.model.name), "model.name is empty")
-        check(self.model.backend in ("auto", "hf", "unsloth"),
-              f"model.backend must be auto, hf or unsloth, got {self.model.backend!r}")
         check(bool(self.data.path), "data.path is empty")
         check(self.data.eval_size >= 0, f"data.eval_size must be >= 0, got {self.data.eval_size}")
+        check(self.data.max_examples is None or self.data.max_examples >= 1,
+              f"data.max_examples must be >= 1 or null (all rows), got {self.data.max_examples}")
         check(self.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
         check(self.data.max_length > self.data.max_prompt_length,
               f"data.max_length ({self.data.max_length}) must exceed data.max_prompt_length "
               f"({self.data.max_prompt_length})")
         check(self.lora.r >= 1, f"lora.r must be >= 1, got {self.lora.r}")
+        check(self.lora.alpha > 0, f"lora.alpha must be > 0, got {self.lora.alpha}")
         check(0 <= self.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        targets = self.lora.target_modules
+        check((isinstance(targets, str) and _is_regex(targets)) or (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)),
+            f"lora.target_modules must be all-linear, a regex or a non-empty list of module names, got {targets!r}")
         g = self.generation
         check(g.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
-        check(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
+        check(0 < g.temperature < math.inf, f"generation.temperature must be a finite number > 0, got {g.temperature}")
         check(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
         check(g.batch_size >= 1, f"generation.batch_size must be >= 1, got {g.batch_size}")
-        check(g.engine in ("auto", "eager", "static"),
-              f"generation.engine must be auto, eager or static, got {g.engine!r}")
         t = self.train
-        check(t.loss_type in ("logistic", "hinge"), f"train.loss_type must be logistic or hinge, got {t.loss_type!r}")
         for name in ("beta", "learning_rate"):
             value = getattr(t, name)
             values = value if isinstance(value, list) else [value]
-            check(len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            check(len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
                                           for v in values),
-                  f"train.{name} must be a positive number or a non-empty list of them, got {value!r}")
+                  f"train.{name} must be a positive number or a non-empty list of them (finite), got {value!r}")
         check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
         check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
         check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
         check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-        check(t.lr_scheduler in ("linear", "cosine", "constant"),
-              f"train.lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
+        check(0 <= t.weight_decay < math.inf, f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+        check(0 < t.max_grad_norm < math.inf,
+              f"train.max_grad_norm must be a finite number > 0 (a negative norm turns clipping into ascent), "
+              f"got {t.max_grad_norm}")
         check(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")
-        check(t.report_to in ("none", "tensorboard", "wandb"),
-              f"train.report_to must be none, tensorboard or wandb, got {t.report_to!r}")
+        check(self.eval.max_new_tokens is None or self.eval.max_new_tokens >= 1,
+              f"eval.max_new_tokens must be >= 1 or null, got {self.eval.max_new_tokens}")
+        for key in _float_keys():  # any other number: finite (NaN and infinity fail every range above too)
+            value = self.get(key)
+            if isinstance(value, float) and not math.isfinite(value) and not any(e.startswith(key + " ") for e in errors):
+                errors.append(f"{key} must be a finite number, got {value}")
         if self.eval.match_regex is not None:
-            import re
             try:
                 re.compile(self.eval.match_regex)
             except re.error as e:
                 errors.append(f"eval.match_regex is not a valid regex: {e}")
+        errors += self._method_problems()
+        return errors
+
+    def _method_problems(self) -> list[str]:
+        """Checks of the validation rows, the stop rule, the likelihood anchor and the task metric."""
+        import re
+        errors = []
+        d, t = self.data, self.train
+        if not (isinstance(d.val_size, int) and d.val_size >= 0):
+            errors.append(f"data.val_size must be an integer >= 0, got {d.val_size!r}")
+        elif t.stop_when == "no_gain" and d.val_size == 0:
+            errors.append("train.stop_when=no_gain needs validation rows: set data.val_size > 0 "
+                          "(or train.stop_when=never)")
+        if not (isinstance(t.sft_weight, (int, float)) and math.isfinite(t.sft_weight) and t.sft_weight >= 0):
+            errors.append(f"train.sft_weight must be a finite number >= 0, got {t.sft_weight!r}")
+        if not (isinstance(t.max_loss, (int, float)) and t.max_loss > 0):
+            errors.append(f"train.max_loss must be a number > 0, got {t.max_loss!r}")
+        if self.eval.answer_regex is not None:
+            try:
+                if re.compile(self.eval.answer_regex).groups < 1:
+                    errors.append("eval.answer_regex needs one group around the answer, e.g. '= *(-?[0-9]+)'")
+            except re.error as e:
+                errors.append(f"eval.answer_regex is not a valid regex: {e}")
         return errors
 
     # -- YAML -----------------------------------------------------------------------------------
@@ -254,7 +332,7 @@ def _build(cls, data: dict, prefix: str, errors: list):
     if not isinstance(data, dict):
         errors.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
         return cls()
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in known:
@@ -263,7 +341,9 @@ def _build(cls, data: dict, prefix: str, errors: list):
         if cls is SpinConfig and key in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[key], value, f"{key}.", errors)
             continue
-        problem = _type_problem(known[key].type, value)
+        if _takes_float(known[key]):
+            value = _exponent_number(value)
+        problem = _type_problem(known[key], value)
         if problem:
             errors.append(f"{prefix}{key} must be {problem}, got {value!r}")
         else:
@@ -271,37 +351,122 @@ def _build(cls, data: dict, prefix: str, errors: list):
     return cls(**kwargs)
 
 
+@lru_cache(maxsize=None)
+def _field_types(cls) -> dict[str, Any]:
+    """Field name -> its type, resolved from the annotation ("int | None" -> int | None, "Mode" -> Literal[...])."""
+    return get_type_hints(cls)
+
+
+def _settings_fields() -> list[tuple[str, Any, Any, type, str]]:
+    """(dotted key, resolved type, default, dataclass, field name) of every setting, in the config's order."""
+    top, out = SpinConfig(), []
+    for name, tp in _field_types(SpinConfig).items():
+        if name in _SECTIONS:
+            section = _SECTIONS[name]
+            out += [(f"{name}.{sub}", stp, getattr(getattr(top, name), sub), section, sub)
+                    for sub, stp in _field_types(section).items()]
+        else:
+            out.append((name, tp, getattr(top, name), SpinConfig, name))
+    return out
+
+
+def _type_args(tp) -> tuple:
+    """The members of a union type (int | None -> (int, NoneType)); a plain type stands alone."""
+    return get_args(tp) if get_origin(tp) in (Union, UnionType) else (tp,)
+
+
+def _takes_float(tp) -> bool:
+    return tp is Any or float in _type_args(tp)
+
+
+@lru_cache(maxsize=1)
+def _float_keys() -> tuple[str, ...]:
+    return tuple(key for key, tp, *_ in _settings_fields() if float in _type_args(tp))
+
+
+@lru_cache(maxsize=1)
+def choices() -> dict[str, tuple]:
+    """The allowed values of every setting with a Literal type, by dotted name (do not modify)."""
+    return {key: get_args(tp) for key, tp, *_ in _settings_fields() if get_origin(tp) is Literal}
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+def _one_of(values) -> str:
+    values = [str(v) for v in values]
+    return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
+
+
+# PyYAML reads YAML 1.1, where a number in exponent form without a dot (1e6, 5e-5) is a string; a setting
+# that takes a number reads it as the number it is, in a config file, an override or the app's form alike.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_number(value):
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_exponent_number(v) for v in value]
+    return value
+
+
 _TYPE_CHECKS = {
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
 }
 
 
-def _type_problem(annotation: str, value) -> str | None:
-    """What `value` should be for a field annotated `annotation` ("int", "str | None", ...), or None if it is."""
-    base, optional = annotation.replace(" | None", ""), annotation.endswith("| None")
-    if base not in _TYPE_CHECKS or (optional and value is None):
+def _type_problem(tp, value) -> str | None:
+    """What `value` should be for a field of type `tp` (int, str | None, ...), or None if it is. Literal
+    types and Any are left to SpinConfig.problems."""
+    members = _type_args(tp)
+    optional = type(None) in members
+    base = [m for m in members if m is not type(None)]
+    if len(base) != 1 or base[0] not in _TYPE_CHECKS or (optional and value is None):
         return None
-    description, ok = _TYPE_CHECKS[base]
+    description, ok = _TYPE_CHECKS[base[0]]
     return None if ok(value) else description + (" or null" if optional else "")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested config dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of settings, got {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.beta=0.2)")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override {item!r} has no setting name before '='")
         node = data
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     return data
+
+
+def where(path: str | Path) -> str:
+    """Where a path from a config points, for error messages: the absolute path tried and, for a relative
+    one, the folder it was taken from. Every relative path in a config (run_dir, data.path, data.eval_path,
+    a local model.name or model.adapter) is taken from the working directory, as in axolotl, litgpt and TRL."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return f"looked for {path}"
+    return f"looked for {Path.cwd() / path}: relative paths are taken from the working directory {Path.cwd()}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SpinConfig:
@@ -312,36 +477,78 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not a text file (not UTF-8 at byte {e.start}); "
+                              "a config is YAML text") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings (e.g. `train: {{beta: 0.1}}`), "
+                              f"got a {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     return SpinConfig.from_dict(data)
 
 
-def describe_settings() -> str:
-    """Every setting as `section.key (default): description`, read from the docstrings in this file."""
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting, for --help and the app's form."""
+    key: str
+    """Dotted name, as in the YAML file and the overrides: `iterations`, `train.beta`."""
+    type: Any
+    """The field's resolved type: int, str | None, Literal["stack", "merge"], Any, ..."""
+    default: Any
+    help: str
+    """The field's docstring, on one line."""
+    choices: tuple | None = None
+    """The allowed values of a Literal-typed setting."""
+
+
+_SETTINGS_LOCK = threading.Lock()
+
+
+def settings_info() -> tuple[SettingInfo, ...]:
+    """Every setting in the config's order, documented from the docstrings under the fields in this file.
+
+    Computed once: reading the docstrings parses this file's source, which the app's threads must not do at
+    the same time (concurrent ast parses once raised "AST constructor recursion depth mismatch").
+    """
+    with _SETTINGS_LOCK:
+        return _settings_info()
+
+
+@lru_cache(maxsize=1)
+def _settings_info() -> tuple[SettingInfo, ...]:
     import ast
     import inspect
     import sys
 
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
+    docs: dict[tuple[str, str], str] = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
         if isinstance(node, ast.ClassDef):
-            body, fields = node.body, docs.setdefault(node.name, {})
-            for stmt, after in zip(body, body[1:]):
+            for stmt, after in zip(node.body, node.body[1:]):
                 if (isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
                         and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-                    fields[stmt.target.id] = " ".join(after.value.value.split())
-    lines = []
-    top = SpinConfig()
-    for f in dataclasses.fields(SpinConfig):
-        if f.name in _SECTIONS:
-            section = _SECTIONS[f.name]
-            for sf in dataclasses.fields(section):
-                default = getattr(getattr(top, f.name), sf.name)
-                lines.append(f"  {f.name}.{sf.name} (default {default!r}): {docs[section.__name__].get(sf.name, '')}")
-        else:
-            lines.append(f"  {f.name} (default {getattr(top, f.name)!r}): {docs['SpinConfig'].get(f.name, '')}")
-    return "\n".join(lines)
+                    docs[node.name, stmt.target.id] = " ".join(after.value.value.split())
+    allowed = choices()
+    return tuple(SettingInfo(key, tp, default, docs.get((cls.__name__, name), ""), allowed.get(key))
+                 for key, tp, default, cls, name in _settings_fields())
+
+
+def describe_settings() -> str:
+    """Every setting as `section.key (default): description`, for --help."""
+    return "\n".join(f"  {s.key} (default {s.default!r}): {s.help}" for s in settings_info())
+
+
+def apply_legacy(cfg: SpinConfig, settings: dict) -> SpinConfig:
+    """`cfg` with dotted settings ({"data.val_size": 0, ...}) replaced: a run made by an earlier version
+    continues with the values it was made with (spin_lite.state.LEGACY_VALUES)."""
+    data = cfg.to_dict()
+    for key, value in settings.items():
+        section, _, name = key.rpartition(".")
+        (data[section] if section else data)[name] = value
+    return SpinConfig.from_dict(data)

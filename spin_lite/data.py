@@ -1,7 +1,8 @@
 """SFT data: read rows, check them, turn them into (prompt, response) token ids with the chat template.
 
-A row is either a chat (`messages`: a list of {role, content}; the last assistant turn is the response and
-everything before it the prompt) or a prompt/response pair of text columns. The prompt is rendered with the
+A row is a chat (`messages`: a list of {role, content}; the last assistant turn is the response and
+everything before it the prompt), a ShareGPT chat (`conversations` of {from, value}), an Alpaca row
+(instruction, optional input, output) or a prompt/response pair of text columns (parse_row). The prompt is rendered with the
 tokenizer's chat template and `add_generation_prompt=True`, exactly as the opponent sees it when it
 generates; the response is what follows it when the whole conversation is rendered, closed by
 exactly one end-of-turn token (`encode_conversation`).
@@ -11,13 +12,21 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import DataConfig
+from .config import DataConfig, where
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 MAX_LISTED_ERRORS = 20
+SAMPLE_PREFIX = "sample:"
+SAMPLES_DIR = Path(__file__).parent / "samples"
+SAMPLES = ("demo",)
+"""`sample:demo` is spin_lite/samples/demo_sft.jsonl (a copy of examples/data/demo_sft.jsonl)."""
+SHAREGPT_FIELD = "conversations"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "assistant": "assistant", "system": "system"}
+"""ShareGPT's `from` values as chat roles (others are passed on as they are)."""
 
 
 class DataError(ValueError):
@@ -57,31 +66,59 @@ class DataReport:
 
 
 # -- reading ----------------------------------------------------------------------------------------
+def local_file(path: str) -> Path | None:
+    """The local file that `path` names, or None for a hub dataset id.
+
+    `sample:NAME` is data shipped inside spin_lite (spin_lite/samples/NAME_sft.jsonl). Any other relative path
+    is taken from the working directory, as axolotl, litgpt and TRL take theirs.
+    """
+    if path.startswith(SAMPLE_PREFIX):
+        name = path[len(SAMPLE_PREFIX):]
+        if name not in SAMPLES:
+            raise DataError(f"unknown sample data {path!r}; the samples are: "
+                            + ", ".join(SAMPLE_PREFIX + s for s in SAMPLES))
+        return SAMPLES_DIR / f"{name}_sft.jsonl"
+    p = Path(path).expanduser()
+    return p if p.suffix.lower() in LOCAL_SUFFIXES or p.exists() else None
+
+
 def read_rows(path: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """The first `limit` (default: all) rows of a local JSON/JSONL/Parquet/CSV file, or of a hub dataset's split."""
-    p = Path(path)
-    if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
+    """The first `limit` (default: all) rows of a local JSON/JSONL/Parquet/CSV file, or of a hub dataset's split.
+
+    `split` is any datasets split expression ("train", "train_sft[:2200]", "train[10%:]"); `limit` applies to
+    the rows it selects.
+    """
+    p = local_file(path)
+    if p is not None:
         if not p.is_file():
-            raise DataError(f"data file {path} does not exist")
+            raise DataError(f"data file {path} does not exist ({where(p)})")
         try:
             return _read_local(p)[:limit]
         except DataError:
             raise
         except Exception as e:  # unreadable or malformed file: say which and why
             raise DataError(f"could not read data file {path}: {type(e).__name__}: {e}") from None
+    import datasets
     try:
-        import datasets
-        return datasets.load_dataset(path, split=split if limit is None else f"{split}[:{limit}]").to_list()
+        datasets.ReadInstruction.from_spec(split)
     except Exception as e:
+        raise DataError(f"data split {split!r} of {path} is not a split expression (e.g. train, train_sft[:2200], "
+                        f"train[:10%]): {e}") from None
+    try:
+        rows = datasets.load_dataset(path, split=split)
+        return (rows if limit is None else rows.select(range(min(limit, len(rows))))).to_list()
+    except Exception as e:
+        looked = "" if "/" not in path and "." not in path else (
+            f"; it is not a local file or folder either ({where(Path(path).expanduser())})")
         raise DataError(f"could not load dataset {path!r} (split {split!r}) from the hub: "
-                        f"{type(e).__name__}: {str(e)[:300]}") from None
+                        f"{type(e).__name__}: {str(e)[:300]}{looked}") from None
 
 
 def _read_local(p: Path) -> list[dict]:
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".jsonl":  # utf-8-sig: files saved by Excel and Windows editors start with a byte-order mark
         rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -89,58 +126,132 @@ def _read_local(p: Path) -> list[dict]:
                     raise DataError(f"{p} line {n} is not valid JSON: {e}") from None
         return rows
     if suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]} layout
         if not isinstance(data, list):
             raise DataError(f"{p} must hold a list of rows (or one key mapping to a list)")
         return data
     if suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     import pyarrow.parquet as pq
     return pq.read_table(p).to_pylist()
 
 
 # -- checking ---------------------------------------------------------------------------------------
+def row_format(row: dict, cfg: DataConfig) -> str:
+    """The layout of one row: `data.format`, or for auto the first layout whose columns the row has."""
+    if cfg.format != "auto":
+        return cfg.format
+    if row.get(cfg.messages_field) is not None:
+        return "chat"
+    if row.get(SHAREGPT_FIELD) is not None:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if cfg.prompt_field in row or cfg.response_field in row:
+        return "prompt_response"
+    if "instruction" in row or "output" in row:
+        return "alpaca"  # half an Alpaca row: reported as its missing field
+    raise ValueError(f"has none of the columns of a known layout ({_columns(row)}); expected "
+                     f"{cfg.messages_field!r} (chat), {SHAREGPT_FIELD!r} (ShareGPT), 'instruction' + 'output' "
+                     f"(Alpaca) or {cfg.prompt_field!r} + {cfg.response_field!r}; {_mapping_hint(row)}")
+
+
 def parse_row(row, index: int, cfg: DataConfig) -> Example:
-    """One raw row as an Example; raises ValueError naming the field that is wrong."""
+    """One raw row as an Example; raises ValueError naming the field that is wrong.
+
+    chat: `messages_field`, a list of {role, content} (or ShareGPT's {from, value}); the last assistant turn
+    is the response, everything before it the prompt. sharegpt: the same in `conversations`. alpaca: the
+    prompt is `instruction`, followed by a blank line and `input` when that is not empty; the response is
+    `output`. prompt_response: `prompt_field` and `response_field`. Single-turn rows get `system_prompt`.
+    """
     if not isinstance(row, dict):
         raise ValueError(f"is a {type(row).__name__}, not an object with fields")
-    if cfg.messages_field in row and row[cfg.messages_field] is not None:
-        return _parse_chat(row[cfg.messages_field], index, cfg.messages_field)
-    missing = [f for f in (cfg.prompt_field, cfg.response_field) if f not in row or row[f] is None]
-    if missing:
-        raise ValueError(f"missing field {missing[0]!r} (expected {cfg.messages_field!r}, or "
-                         f"{cfg.prompt_field!r} and {cfg.response_field!r})")
-    prompt, response = row[cfg.prompt_field], row[cfg.response_field]
-    _check_text(prompt, cfg.prompt_field)
-    _check_text(response, cfg.response_field)
+    fmt = row_format(row, cfg)
+    if fmt in ("chat", "sharegpt"):
+        name = cfg.messages_field if fmt == "chat" else SHAREGPT_FIELD
+        _require(row, [name], cfg, f"data.format={fmt} reads {name!r}" + (
+            "; data.messages_field names another column" if fmt == "chat" else ""))
+        return _parse_chat(row[name], index, name)
+    if fmt == "alpaca":
+        _require(row, ["instruction", "output"], cfg, "data.format=alpaca reads 'instruction', 'input' and 'output'")
+        _check_text(row["instruction"], "instruction")
+        _check_text(row["output"], "output")
+        extra = row.get("input")
+        if extra is not None:
+            _check_text(extra, "input", allow_empty=True)
+        prompt = row["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+        return _single_turn(index, prompt, row["output"], cfg)
+    _require(row, [cfg.prompt_field, cfg.response_field], cfg, _mapping_hint(row))
+    _check_text(row[cfg.prompt_field], cfg.prompt_field)
+    _check_text(row[cfg.response_field], cfg.response_field)
+    return _single_turn(index, row[cfg.prompt_field], row[cfg.response_field], cfg)
+
+
+def _single_turn(index: int, prompt: str, response: str, cfg: DataConfig) -> Example:
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     return Example(index, messages + [{"role": "user", "content": prompt}], response)
+
+
+def _require(row: dict, fields: list[str], cfg: DataConfig, hint: str):
+    """Raise the missing-field error; its text depends only on the row's columns, so rows that share the
+    problem share the message (and are listed once, with their count)."""
+    missing = [f for f in fields if row.get(f) is None]
+    if not missing:
+        return
+    if cfg.format != "auto":
+        try:
+            detected = row_format(row, replace(cfg, format="auto"))
+        except ValueError:
+            detected = cfg.format
+        if detected != cfg.format:
+            hint = f"data.format=auto reads these columns as {detected}; " + hint
+    raise ValueError(f"missing field {missing[0]!r} (columns: {_columns(row)}; {hint})")
+
+
+def _columns(row: dict) -> str:
+    return ", ".join(repr(str(k)) for k in row) or "none"
+
+
+def _mapping_hint(row: dict) -> str:
+    names = [str(k) for k in row]
+    if len(names) == 2:
+        return f"to read these, set data.prompt_field={names[0]} data.response_field={names[1]}"
+    return "name the columns with data.prompt_field=COLUMN data.response_field=COLUMN"
 
 
 def _parse_chat(messages, index: int, name: str) -> Example:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"field {name!r} must be a non-empty list of messages")
+    turns = []
     for k, m in enumerate(messages):
+        if isinstance(m, dict) and "role" not in m and "from" in m:  # ShareGPT: {from: human|gpt|system, value}
+            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ValueError(f"field {name!r} message {k} must have a 'role' and a 'content'")
-    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            raise ValueError(f"field {name!r} message {k} must have a 'role' and a 'content' (or 'from' and 'value')")
+        _check_text(m["content"], f"{name}[{k}].content", allow_empty=True)
+        turns.append({"role": m["role"], "content": m["content"]})
+    last = max((k for k, m in enumerate(turns) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError(f"field {name!r} has no assistant message to use as the response")
-    if not any(m["role"] == "user" for m in messages[:last]):
+    if not any(m["role"] == "user" for m in turns[:last]):
         raise ValueError(f"field {name!r} has no user message before the last assistant message")
-    _check_text(messages[last]["content"], f"{name}[{last}].content")
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-    return Example(index, prompt, messages[last]["content"])
+    _check_text(turns[last]["content"], f"{name}[{last}].content")
+    return Example(index, turns[:last], turns[last]["content"])
 
 
-def _check_text(value, name: str):
+def _check_text(value, name: str, allow_empty: bool = False):
     if not isinstance(value, str):
         raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if not allow_empty and not value.strip():
         raise ValueError(f"field {name!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a JSON escape "\ud800" with no pair
+        raise ValueError(f"field {name!r} is not valid Unicode text: {value[e.start]!r} at character {e.start} "
+                         "is half of a surrogate pair, which no tokenizer can encode") from None
 
 
 # -- tokenizing -------------------------------------------------------------------------------------
@@ -228,52 +339,88 @@ def encode_example(ex: Example, tokenizer, cfg: DataConfig) -> Encoded:
 
 def prepare(rows: list, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Encoded], DataReport]:
     """Check and encode every row; bad rows raise one DataError listing them, or are skipped when asked."""
-    report, encoded, errors = DataReport(rows=len(rows)), [], []
+    report, encoded, errors = DataReport(rows=len(rows)), [], {}
     for i, row in enumerate(rows):
         try:
-            enc = encode_example(parse_row(row, i, cfg), tokenizer, cfg)
+            example = parse_row(row, i, cfg)
         except ValueError as e:
-            message = f"{source} row {i}: {e}"
-            (report.skipped if cfg.skip_bad_rows else errors).append(message)
-            continue
-        encoded.append(enc)
-        report.prompts_truncated += enc.prompt_truncated
-        report.responses_truncated += enc.response_truncated
+            problem = str(e)
+        else:
+            try:
+                enc = encode_example(example, tokenizer, cfg)
+            except ValueError as e:
+                problem = str(e)
+            except TypeError as e:  # the tokenizer refuses text (parse_row catches the known cases by field)
+                problem = f"the tokenizer cannot encode it ({type(e).__name__}: {str(e)[:200]})"
+            else:
+                encoded.append(enc)
+                report.prompts_truncated += enc.prompt_truncated
+                report.responses_truncated += enc.response_truncated
+                continue
+        if cfg.skip_bad_rows:
+            report.skipped.append(f"{source} row {i}: {problem}")
+        else:
+            errors.setdefault(problem, []).append(i)
     if errors:
-        listed = errors[:MAX_LISTED_ERRORS] + ([f"... and {len(errors) - MAX_LISTED_ERRORS} more"]
-                                              if len(errors) > MAX_LISTED_ERRORS else [])
-        raise DataError(f"{len(errors)} bad row(s) in {source} (set data.skip_bad_rows=true to skip them):\n  - "
+        # rows that share a problem (a column missing from the whole file) are one line, with their count
+        listed = [f"{source} row {ks[0]}: {problem}" if len(ks) == 1 else
+                  f"{source} rows {', '.join(map(str, ks[:5]))}{' ...' if len(ks) > 5 else ''} ({len(ks)} rows): "
+                  f"{problem}" for problem, ks in errors.items()]
+        listed = listed[:MAX_LISTED_ERRORS] + ([f"... and {len(listed) - MAX_LISTED_ERRORS} more problems"]
+                                              if len(listed) > MAX_LISTED_ERRORS else [])
+        count = sum(map(len, errors.values()))
+        raise DataError(f"{count} bad row(s) in {source} (set data.skip_bad_rows=true to skip them):\n  - "
                         + "\n  - ".join(listed))
     if not encoded:
         raise DataError(f"{source} has no usable rows")
     return encoded, report
 
 
-def load_splits(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Encoded], list[Encoded], DataReport]:
-    """(train, held-out, report). Held-out rows come from `eval_path` or are drawn from `path` with `seed`."""
-    limit = None if cfg.max_examples is None else cfg.max_examples + (0 if cfg.eval_path else cfg.eval_size)
-    rows = read_rows(cfg.path, cfg.split, limit)
-    examples, report = prepare(rows, tokenizer, cfg, cfg.path)
-    if cfg.eval_path:
-        eval_is_file = Path(cfg.eval_path).suffix.lower() in LOCAL_SUFFIXES
-        if not eval_is_file and (Path(cfg.path).suffix.lower() in LOCAL_SUFFIXES or Path(cfg.path).exists()):
-            raise DataError(f"data.eval_path={cfg.eval_path!r} names a split, but data.path {cfg.path} is a local "
-                            "file with one split: give a held-out file, or leave eval_path empty to hold out "
-                            "data.eval_size rows")
-        eval_source = cfg.eval_path if eval_is_file else cfg.path
-        eval_split = cfg.split if eval_source == cfg.eval_path else cfg.eval_path
-        held_out, eval_report = prepare(read_rows(eval_source, eval_split, cfg.eval_size), tokenizer, cfg,
-                                        cfg.eval_path)
-        report.skipped += eval_report.skipped
-        train = examples
-    else:
-        if cfg.eval_size >= len(examples):
-            raise DataError(f"data.eval_size={cfg.eval_size} leaves no training rows out of {len(examples)}")
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: cfg.eval_size])
-        held_out = [e for k, e in enumerate(examples) if k in held]
-        train = [e for k, e in enumerate(examples) if k not in held]
+@dataclass
+class Splits:
+    """The rows of a run, in three disjoint parts."""
+    train: list[Encoded]
+    """Trained on."""
+    val: list[Encoded]
+    """Validation: what the stop rule and the best iteration are chosen on."""
+    test: list[Encoded]
+    """Held-out test rows: reported on, never read by anything that chooses."""
+    report: DataReport
+
+
+def load_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
+    """Training, validation and test rows. The test rows come from `eval_path` (its first eval_size rows) or
+    are drawn from `path` with `seed`; the validation rows likewise from `val_path`, or drawn next; the rest
+    (at most max_examples) are the training rows."""
+    drawn = (0 if cfg.eval_path else cfg.eval_size) + (0 if cfg.val_path else cfg.val_size)
+    limit = None if cfg.max_examples is None else cfg.max_examples + drawn
+    examples, report = prepare(read_rows(cfg.path, cfg.split, limit), tokenizer, cfg, cfg.path)
+    if drawn >= len(examples):
+        raise DataError(f"data.eval_size={cfg.eval_size} and data.val_size={cfg.val_size} leave no training rows "
+                        f"out of the {len(examples)} rows of {cfg.path}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    parts = {}
+    for name, path, size in (("test", cfg.eval_path, cfg.eval_size), ("val", cfg.val_path, cfg.val_size)):
+        if path:
+            parts[name] = _held_out_file(cfg, tokenizer, report, path, size, name)
+        else:
+            parts[name] = [examples[k] for k in sorted(order[:size])]
+            order = order[size:]
+    train = [examples[k] for k in sorted(order)]
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
-    return train, held_out, report
+    return Splits(train, parts["val"], parts["test"], report)
+
+
+def _held_out_file(cfg: DataConfig, tokenizer, report: DataReport, path: str, size: int, name: str):
+    """The first `size` rows of a held-out file, or of a split (named by `path`) of the hub dataset `cfg.path`."""
+    setting = "data.eval_path" if name == "test" else "data.val_path"
+    is_file = path.startswith(SAMPLE_PREFIX) or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    if not is_file and local_file(cfg.path) is not None:
+        raise DataError(f"{setting}={path!r} names a split, but data.path {cfg.path} is a local file with one "
+                        f"split: give a file, or leave {setting} empty to draw the rows from data.path")
+    source, split = (path, cfg.split) if is_file else (cfg.path, path)
+    rows, held_report = prepare(read_rows(source, split, size), tokenizer, cfg, path)
+    report.skipped += held_report.skipped
+    return rows

@@ -5,16 +5,23 @@ For a pair (x, y real, y' generated), with the policy p being trained and the fr
     reward_gen  = beta * (log p(y'|x) - log p_t(y'|x))
     u = reward_real - reward_gen                         (the margin)
     loss = log(1 + exp(-u))  (logistic)   or   max(0, 1 - u)  (hinge)
-Log-probabilities are sums over the response tokens (spin_lite.logprobs.sequence_logprobs).
+    loss += sft_weight * nll_real,  nll_real = -log p(y|x) / |y|   (optional likelihood anchor; iterative RPO,
+                                                                   TRL's loss_type=["sigmoid", "sft"])
+Log-probabilities are sums over the response tokens (spin_lite.logprobs.sequence_logprobs); |y| is the number
+of those tokens. The anchor counters "likelihood displacement": a DPO-style margin can grow while log p(y|x)
+of the real response falls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("logistic", "hinge")
+from .config import LossType
+
+LOSS_TYPES = get_args(LossType)  # declared once, in spin_lite.config
 
 
 @dataclass
@@ -25,6 +32,8 @@ class SpinLossOutput:
     """beta * (policy - opponent) log-prob of the real response, [B], detached."""
     reward_gen: torch.Tensor
     """Same for the generated response, [B], detached."""
+    nll_real: torch.Tensor
+    """Negative log-likelihood per token of the real response, -log p(y|x) / |y|, [B], detached (nats)."""
 
     @property
     def margin(self) -> torch.Tensor:
@@ -37,8 +46,10 @@ class SpinLossOutput:
 
 
 def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, opponent_real: torch.Tensor,
-              opponent_gen: torch.Tensor, beta: float, loss_type: str = "logistic") -> SpinLossOutput:
-    """SPIN loss per pair. All inputs are summed response log-probs of shape [B] (nats)."""
+              opponent_gen: torch.Tensor, beta: float, loss_type: str = "logistic", sft_weight: float = 0.0,
+              real_tokens: torch.Tensor | None = None) -> SpinLossOutput:
+    """SPIN loss per pair. All log-prob inputs are summed response log-probs of shape [B] (nats);
+    real_tokens [B] counts the real responses' tokens (needed for the anchor; default 1 each)."""
     real_ratio = policy_real - opponent_real
     gen_ratio = policy_gen - opponent_gen
     u = beta * (real_ratio - gen_ratio)
@@ -48,4 +59,7 @@ def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, opponent_real
         losses = torch.relu(1 - u)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    return SpinLossOutput(losses, (beta * real_ratio).detach(), (beta * gen_ratio).detach())
+    nll_real = -policy_real / (real_tokens if real_tokens is not None else 1.0)
+    if sft_weight:
+        losses = losses + sft_weight * nll_real
+    return SpinLossOutput(losses, (beta * real_ratio).detach(), (beta * gen_ratio).detach(), nll_real.detach())

@@ -1,10 +1,14 @@
 """Loading the base model, its tokenizer and the LoRA adapters; merging adapters into 16-bit weights.
 
-One base model carries one adapter per iteration. Which weights make up the opponent of iteration t:
+One base model carries one adapter per iteration. Which adapters make the model after an iteration is the run
+directory's to say (spin_lite.state.RunDir.adapters_after); `build_model` puts them on the base:
   stack mode: base + adapter t-1 (base + the starting adapter, or the base alone, at t = 0);
-  merge mode: base with adapters 0..t-1 merged in sequence (in 16 bits, re-quantized for a 4-bit base).
-In both modes the model built for iteration t starts out equal to its opponent: in stack mode the new
-adapter is a trainable copy of adapter t-1, in merge mode it is a fresh adapter, whose B matrices are zero.
+  merge mode: base + adapters 0..t-1, each a frozen, active LoRA layer over the same (possibly 4-bit) base.
+In both modes the model built for iteration t starts out equal to its opponent, the model evaluated after
+iteration t-1: in stack mode the new adapter is a trainable copy of adapter t-1, in merge mode it is a fresh
+adapter, whose B matrices are zero. Merge mode never re-quantizes: Q(W + delta) is not the model that was
+trained, Q(W) + delta (on a 1024x1024 nf4 matrix the re-quantization noise measured 2.4-6x delta itself), so
+the adapters are merged for real only at export, into 16/32-bit weights.
 """
 from __future__ import annotations
 
@@ -145,25 +149,85 @@ def lora_config(settings: LoraSettings):
                       lora_dropout=settings.dropout, target_modules=settings.target_modules)
 
 
-def with_adapter(base, settings: LoraSettings, adapter: str | None):
-    """`base` wrapped with one trainable LoRA adapter: a copy of `adapter` if given, else a fresh one."""
-    from peft import PeftModel, get_peft_model
+def build_model(base, settings: LoraSettings, adapters: list[str], mode: str = "stack", trainable: bool = True,
+                log=print):
+    """`base` carrying `adapters`, the model after some iteration (RunDir.adapters_after), and with `trainable`
+    one trainable adapter named "default" that starts equal to that model:
+      stack: a trainable copy of the last adapter (a fresh one without adapters);
+      merge: the adapters as frozen active layers, plus a fresh adapter (B = 0).
+    Without `trainable`: the adapters, all active and frozen, for inference (evaluation, chat, export)."""
+    if trainable and (mode == "stack" or not adapters):
+        return with_adapter(base, settings, adapters[-1] if adapters else None, log)
+    if not adapters:
+        return base
+    if getattr(base, "_spin_lite_unsloth", False):
+        raise ModelError("the unsloth backend carries one adapter; merge mode uses merged_base with it")
+    from peft import PeftModel
+    names = ["default"] + [f"frozen-{k:02d}" for k in range(1, len(adapters))]
+    if trainable:
+        names = [f"frozen-{k:02d}" for k in range(len(adapters))]
+    model = _load_adapter(lambda a, n: PeftModel.from_pretrained(base, a, adapter_name=n), adapters[0], names[0])
+    for adapter, name in zip(adapters[1:], names[1:]):
+        _load_adapter(lambda a, n: model.load_adapter(a, adapter_name=n), adapter, name)
+    if trainable:
+        model.add_adapter("default", lora_config(settings))
+        names.append("default")
+    model.base_model.set_adapter(names)  # all active: their deltas add up over the base
+    for name, p in model.named_parameters():
+        p.requires_grad = trainable and ".default." in name
+    return model
+
+
+def with_adapter(base, settings: LoraSettings, adapter: str | None, log=print):
+    """`base` wrapped with one trainable LoRA adapter: a copy of `adapter` if given, else a fresh one.
+
+    A copied adapter keeps its own shape (r, alpha, target modules: its weights fit only those) and takes
+    lora.dropout from `settings`; a differing shape is said in the log."""
+    from peft import PeftConfig, PeftModel, get_peft_model
 
     if getattr(base, "_spin_lite_unsloth", False):
         return _unsloth_adapter(base, settings, adapter)
     if adapter is None:
         return get_peft_model(base, lora_config(settings))
+    config = _load_adapter(lambda a, n: PeftConfig.from_pretrained(a), adapter, "default")
+    if hasattr(config, "lora_dropout"):
+        config.lora_dropout = settings.dropout
+        own = (config.r, config.lora_alpha)
+        if own != (settings.r, settings.alpha):
+            log(f"adapter {adapter}: its own r={own[0]}, alpha={own[1]} are kept (lora.r={settings.r}, "
+                f"lora.alpha={settings.alpha} apply to fresh adapters only); lora.dropout={settings.dropout} applies")
+    return _load_adapter(lambda a, n: PeftModel.from_pretrained(base, a, is_trainable=True, config=config),
+                         adapter, "default")
+
+
+def _load_adapter(load, adapter: str, name: str):
     try:
-        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        return load(adapter, name)
     except Exception as e:
         raise ModelError(f"could not load adapter {adapter}: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def load_adapter_weights(model, folder: str | Path):
+    """Load a saved adapter's weights into the model's "default" adapter; every tensor must fit, none be left."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and ".default." in k]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        raise ModelError(f"adapter {folder} does not fit the model: {len(missing)} LoRA weights missing "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+                         "was it trained with other lora settings or another model?")
+    return model
 
 
 def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = None):
     """The base with `adapters` merged in order, in 16/32 bits; re-quantized to 4 bits when the config asks.
 
-    For a 4-bit config (or the unsloth backend) the merged 16-bit weights are written to `out_dir` and loaded
-    from there, with quantization, so nothing is ever merged into already-quantized weights.
+    Used by merge mode on the unsloth backend only (one adapter a model there): re-quantizing a 4-bit base
+    makes an opponent that only approximates the trained model (see the module docstring). The merged 16-bit
+    weights are written to `out_dir` and loaded from there, so nothing is merged into quantized weights.
     """
     from peft import PeftModel
 
@@ -181,11 +245,6 @@ def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = No
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return load_base(cfg, path=str(out_dir))
-
-
-def trainable_parameters(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
 
 
 def disable_cpu_4bit_repacking(model):
@@ -222,8 +281,6 @@ def _load_unsloth(cfg: ModelConfig, path: str, load_in_4bit: bool):
 
 
 def _unsloth_adapter(base, settings: LoraSettings, adapter: str | None):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     from unsloth import FastLanguageModel
 
     targets = UNSLOTH_ALL_LINEAR if settings.target_modules == "all-linear" else settings.target_modules
@@ -231,5 +288,5 @@ def _unsloth_adapter(base, settings: LoraSettings, adapter: str | None):
                                              lora_dropout=settings.dropout, target_modules=targets, bias="none",
                                              use_gradient_checkpointing="unsloth")
     if adapter is not None:
-        set_peft_model_state_dict(model, load_file(str(Path(adapter) / "adapter_model.safetensors")))
+        load_adapter_weights(model, adapter)
     return model

@@ -1,14 +1,18 @@
-"""One SPIN run: iterations of generate -> score -> train -> evaluate, continued from the run directory.
+"""One SPIN run: iterations of generate -> train -> evaluate, continued from the run directory.
 
-Iteration t (see DESIGN.md):
-  1. build the model of iteration t; its one trainable adapter starts equal to the opponent (spin_lite.model)
-  2. generate: the opponent answers every training and held-out prompt         -> generations.jsonl
-  3. score: the opponent's log-probs of the real and generated responses, once -> pairs.jsonl
-     (from t = 1, the previous iteration's generated pairs are rescored and mixed in)
-  4. train the adapter with the SPIN loss                                      -> adapter/
-  5. evaluate on the held-out rows                                             -> eval.json, samples.jsonl
-  6. summary.json marks the iteration complete; the adapter is the next opponent.
-Each stage skips what its files show done, so running the same command again continues the run.
+Iteration t (see README, "The method"):
+  0. build the model of iteration t: the opponent (the model after iteration t-1, RunDir.adapters_after) plus
+     one trainable adapter that starts equal to it (spin_lite.model.build_model)
+  1. generate: the opponent answers every training, validation and test prompt            -> generations.jsonl
+     and scores the real and generated responses once (from t = 1 the previous iteration's
+     training pairs are rescored and mixed in)                                             -> pairs.jsonl
+  2. train the adapter with the SPIN loss (+ the optional likelihood anchor)               -> adapter/
+  3. evaluate on the validation and test rows; the stop rule compares the validation
+     metrics with the best model before (spin_lite.evaluate.compare)                       -> eval.json, summary.json
+The stages are the table `STAGES` (spin_lite.state): each is skipped when its file says it is done, so
+running the same command again continues the run, and `spin-lite generate|train|evaluate` run one of them.
+`iterations` is a maximum: with train.stop_when=no_gain the run ends after the first iteration that is not
+better than the best model before it on the validation rows; the best one is recorded (RunDir.best_iteration).
 """
 from __future__ import annotations
 
@@ -21,28 +25,15 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from .config import ConfigError, SpinConfig
-from .data import Encoded, load_splits
-from .evaluate import evaluate, score
+from .config import ConfigError, SpinConfig, apply_legacy
+from .data import load_splits
+from .evaluate import compare, evaluate, score
 from .generate import generate_all, read_generations
-from .model import load_base, load_tokenizer, merged_base, resolve_backend, with_adapter
-from .state import RunDir, atomic_write_json, atomic_write_text, read_json, read_jsonl, replace_dir
+from .model import build_model, load_adapter_weights, load_base, load_tokenizer, merged_base, resolve_backend
+from .preflight import check_model
+from .state import STAGES, RunDir, atomic_write_json, atomic_write_text, read_json, read_jsonl, replace_dir
 from .train import train_adapter
-
-# Settings that may change between invocations of the same run directory without changing its results.
-RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled"}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class RunError(RuntimeError):
@@ -50,7 +41,7 @@ class RunError(RuntimeError):
 
 
 class SpinRun:
-    """A run over `cfg.run_dir`. Use `SpinRun(cfg).run()`; stages can also be called one by one."""
+    """A run over `cfg.run_dir`. Use `SpinRun(cfg).run()`; stages can also be run one by one (`iteration`)."""
 
     def __init__(self, cfg: SpinConfig, log=print):
         self.cfg, self.dir, self.log = cfg, RunDir(cfg.run_dir), log
@@ -58,35 +49,36 @@ class SpinRun:
         self.rank = int(os.environ.get("RANK", 0))
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.tokenizer = self.train_rows = self.eval_rows = self.data_report = None
+        self.tokenizer = self.splits = None
         self.base = None
         self._lock = None
 
     # -- set-up: everything that can fail on user input fails here, before a model is loaded ------------
     def prepare(self):
-        if self.dir.config_path.exists():
-            previous = _flatten(yaml.safe_load(self.dir.config_path.read_text()) or {})
-            current = _flatten(self.cfg.to_dict())
-            changed = sorted(k for k in set(previous) | set(current)
-                             if k not in RESUMABLE_CHANGES and previous.get(k) != current.get(k))
-            if changed:
-                raise ConfigError(
-                    f"run directory {self.dir.root} was started with a different config; changed: "
-                    + ", ".join(f"{k} ({previous.get(k)!r} -> {current.get(k)!r})" for k in changed)
-                    + ". Use a new run_dir, or the same settings to continue.")
+        check_model(self.cfg)  # model, adapter and LoRA targets checked before anything is written
+        legacy = self.dir.legacy_settings()
+        if legacy:  # a run made before these settings existed continues as it was made
+            self.cfg = apply_legacy(self.cfg, legacy)
+            self.log("run started by an earlier version; continuing it with " +
+                     ", ".join(f"{k}={v!r}" for k, v in legacy.items()))
+        changed = self.dir.changed_settings(self.cfg.to_dict())
+        if changed:
+            raise ConfigError(f"run directory {self.dir.root} was started with a different config; changed: "
+                              + ", ".join(changed) + ". Use a new run_dir, or the same settings to continue.")
         tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
         self.backend = resolve_backend(self.cfg.model)
         self.tokenizer = load_tokenizer(self.cfg.model)
-        self.train_rows, self.eval_rows, self.data_report = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
+        self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
             self._lock = self.dir.lock()
             atomic_write_text(self.dir.config_path, self.cfg.to_yaml())
+        s = self.splits
         self.log(f"backend: {self.backend} (model.backend={self.cfg.model.backend})")
-        self.log(f"data: {len(self.train_rows)} training and {len(self.eval_rows)} held-out rows "
-                 f"({self.data_report.describe()})")
-        for line in self.data_report.skipped[:10]:
+        self.log(f"data: {len(s.train)} training, {len(s.val)} validation and {len(s.test)} test rows "
+                 f"({s.report.describe()})")
+        for line in s.report.skipped[:10]:
             self.log(f"  skipped {line}")
         return self
 
@@ -94,79 +86,126 @@ class SpinRun:
         if self.tokenizer is None:
             self.prepare()
         for t in range(self.dir.completed(), self.cfg.iterations):
+            if self.dir.stopped():
+                break
             self.iteration(t)
         if self.rank == 0:
+            self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration())
             self.log(format_table(self.dir))
         self._barrier()
         return self.dir.summaries()
 
-    # -- one iteration ---------------------------------------------------------------------------------
-    STAGES = ("generate", "train", "evaluate")
-
-    def iteration(self, t: int, stages: tuple[str, ...] = STAGES):
-        """Run `stages` of iteration t; a stage whose files exist is skipped, a missing earlier one is an error."""
+    # -- one iteration: the stage table ----------------------------------------------------------------
+    def iteration(self, t: int, only: str | None = None):
+        """Run the stages of iteration t that are not done yet, or the one stage `only` (its earlier stages
+        must be done: `spin-lite generate|train|evaluate`)."""
         began = time.time()
-        out = self.dir.iteration(t)
-        out.mkdir(parents=True, exist_ok=True)
-        if "generate" not in stages and not (out / "pairs.jsonl").exists():
-            raise RunError(f"iteration {t} has no scored pairs yet: run `spin-lite generate {self.dir.root}` first")
-        if "train" not in stages and "evaluate" in stages and not (out / "adapter" / "adapter_config.json").exists():
-            raise RunError(f"iteration {t} has no trained adapter yet: run `spin-lite train {self.dir.root}` first")
+        todo = [name for name, _ in STAGES if not self.dir.stage_done(t, name)]
+        if only is not None:
+            missing = [name for name, _ in STAGES[:[n for n, _ in STAGES].index(only)] if name in todo]
+            if missing:
+                raise RunError(f"iteration {t} has not done its {missing[0]} stage yet: run "
+                               f"`spin-lite {missing[0]} {self.dir.root}` first")
+            todo = [only] if only in todo else []
+        self.dir.iteration(t).mkdir(parents=True, exist_ok=True)
         self._set_state(iteration=t, stage="load", status="running")
         model = self.model_for(t)
         if t == 0 and self.cfg.eval.enabled and self.rank == 0 and not (self.dir.root / "eval-start.json").exists():
             self._set_state(stage="evaluate start")
             self.evaluate_start(model)
-        if "generate" in stages:
-            self._set_state(stage="generate")
-            generations = self.generate(t, model)
-            self._set_state(stage="score")
-            pairs = self.score(t, model, generations)
+        stage_functions = {"generate": self.generate, "train": self.train, "evaluate": self.evaluate}
+        for name in todo:
+            self._set_state(stage=name)
+            stage_functions[name](t, model, began)
+        if self.dir.is_complete(t):
+            done = self.dir.stopped() or t + 1 >= self.cfg.iterations
+            self._set_state(iteration=t + 1, stage="done", status="finished" if done else "running",
+                            best_iteration=self.dir.best_iteration())
         else:
-            pairs = read_jsonl(out / "pairs.jsonl")
-        if "train" in stages and not (out / "adapter" / "adapter_config.json").exists():
-            self._set_state(stage="train")
-            train_metrics = train_adapter(model, [p for p in pairs if p["split"] != "eval"], self.cfg, t, out,
-                                          self.tokenizer.pad_token_id, self.rank, self.world_size)
-            if self.rank == 0:
-                atomic_write_json(out / "train_metrics.json", train_metrics)
-                tmp = out / "adapter.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                model.save_pretrained(tmp)
-                replace_dir(tmp, out / "adapter")
-                shutil.rmtree(out / "checkpoint", ignore_errors=True)
-            self._barrier()
-        elif "evaluate" in stages:
-            # trained by an earlier process (a resume after the adapter was saved, or `spin-lite train`):
-            # evaluate that adapter, not the opponent the model was built as
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model, load_file(out / "adapter" / "adapter_model.safetensors"))
-        if "evaluate" in stages and self.rank == 0:
-            eval_metrics = None
-            if self.cfg.eval.enabled:
-                self._set_state(stage="evaluate")
-                eval_metrics = self.evaluate_iteration(t, model, [p for p in pairs if p["split"] == "eval"])
-            self.write_summary(t, pairs, eval_metrics, time.time() - began)
-            self._set_state(iteration=t + 1, stage="done",
-                            status="running" if t + 1 < self.cfg.iterations else "finished")
-        else:
-            self._set_state(stage=f"{stages[-1]} done", status="stopped")
+            self._set_state(stage=f"{todo[-1] if todo else 'nothing'} done", status="stopped")
         self._barrier()
         self._release(model)
 
-    def write_summary(self, t: int, pairs: list[dict], eval_metrics: dict | None, wall_s: float):
+    def generate(self, t: int, model, began: float):
+        """The opponent's responses to every prompt, then its log-probs of the pairs -> pairs.jsonl."""
+        out = self.dir.iteration(t)
+        name = "generations.jsonl" if self.world_size == 1 else f"generations-rank{self.rank}.jsonl"
+        generate_all(model, self.tokenizer, self.prompts(), self.cfg.generation, out / name,
+                     seed=self.cfg.seed * 1000 + t, rank=self.rank, world_size=self.world_size,
+                     desc=f"generate iter {t}")
+        self._barrier()
+        generations = {}
+        for path in sorted(out.glob("generations*.jsonl")):
+            generations.update(read_generations(path))
+        self.score(t, model, generations)
+
+    def train(self, t: int, model, began: float):
+        pairs = [p for p in read_jsonl(self.dir.iteration(t) / "pairs.jsonl") if p["split"] in ("train", "train_prev")]
+        out = self.dir.iteration(t)
+        metrics = train_adapter(model, pairs, self.cfg, t, out, self.tokenizer.pad_token_id, self.rank,
+                                self.world_size, progress=self._progress(t, "train"))
+        if self.rank == 0:
+            atomic_write_json(out / "train_metrics.json", metrics)
+            tmp = out / f"adapter.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, selected_adapters=["default"])
+            replace_dir(tmp, out / "adapter")
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        self._barrier()
+
+    def evaluate(self, t: int, model, began: float):
+        """Validation and test metrics of the trained adapter, the stop rule's verdict, and summary.json."""
+        if self.rank != 0:
+            return
+        out = self.dir.iteration(t)
+        # the trained adapter as saved: also right when an earlier process trained it (a resume, `spin-lite train`)
+        load_adapter_weights(model, out / "adapter")
+        pairs = read_jsonl(out / "pairs.jsonl")
+        val = test = None
+        if self.cfg.eval.enabled:
+            results = read_json(out / "eval.json")
+            if results is None:
+                beta = self.cfg.beta_at(t)
+                val = self._evaluate(t, model, [p for p in pairs if p["split"] == "val"], beta, "val")[0]
+                test, samples = self._evaluate(t, model, [p for p in pairs if p["split"] == "eval"], beta, "test")
+                atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+                atomic_write_json(out / "eval.json", {"test": test, "val": val})
+            else:
+                test, val = results.get("test", results), results.get("val")  # eval.json before validation rows
+        self.write_summary(t, pairs, test, val, time.time() - began)
+        s = read_json(out / "summary.json")["selection"]
+        if s and s["accepted"] is False:
+            self.log(f"iteration {t} is not better than {s['compared_with']} on the validation rows: "
+                     + "; ".join(s["reasons"]) + (". Stopping (train.stop_when=no_gain)." if s["stop"] else "."))
+
+    def write_summary(self, t: int, pairs: list[dict], test: dict | None, val: dict | None, wall_s: float):
         out = self.dir.iteration(t)
         gen_train = [p for p in pairs if p["split"] == "train"]
+        report = self.splits.report
         atomic_write_json(out / "summary.json", {
             "iteration": t, "opponent": self.opponent_description(t), "mode": self.cfg.mode,
-            "beta": self.cfg.beta_at(t), "learning_rate": self.cfg.lr_at(t),
+            "beta": self.cfg.beta_at(t), "learning_rate": self.cfg.lr_at(t), "sft_weight": self.cfg.train.sft_weight,
             "pairs": {"current": len(gen_train), "previous": sum(p["split"] == "train_prev" for p in pairs),
                       "generated_truncated": sum(p["gen_truncated"] for p in gen_train),
                       "generated_mean_tokens": sum(len(p["gen_ids"]) for p in gen_train) / len(gen_train)},
-            "train": read_json(out / "train_metrics.json"), "eval": eval_metrics,
-            "data": asdict(self.data_report) | {"skipped": len(self.data_report.skipped)},
+            "train": read_json(out / "train_metrics.json"), "eval": test, "val": val,
+            "selection": self.selection(t, val),
+            "data": asdict(report) | {"skipped": len(report.skipped)},
             "wall_s": round(wall_s, 1)})
+
+    def selection(self, t: int, val: dict | None) -> dict | None:
+        """The stop rule's verdict on iteration t: is it better, on the validation rows, than the best model
+        before it (the starting model, or the best earlier iteration)? None without validation metrics."""
+        if not val:
+            return None
+        best = self.dir.best_iteration()
+        if best is None or best < 0:
+            before, name = (read_json(self.dir.root / "eval-start.json") or {}).get("val"), "the starting model"
+        else:
+            before, name = read_json(self.dir.iteration(best) / "summary.json")["val"], f"iteration {best}"
+        reasons = compare(val, before) if before else []
+        return {"compared_with": name, "accepted": not reasons, "reasons": reasons,
+                "stop": bool(reasons) and self.cfg.train.stop_when == "no_gain"}
 
     def opponent_description(self, t: int) -> str:
         start = f"base {self.cfg.model.name}" + (f" + adapter {self.cfg.model.adapter}" if self.cfg.model.adapter else "")
@@ -174,61 +213,47 @@ class SpinRun:
             return start
         if self.cfg.mode == "stack":
             return f"base + adapter of iteration {t - 1}"
-        return f"{start} with adapters of iterations 0..{t - 1} merged"
+        return f"{start} + the adapters of iterations 0..{t - 1}, frozen"
 
     # -- model of iteration t ------------------------------------------------------------------------
     def model_for(self, t: int):
         """The model whose one trainable adapter starts equal to iteration t's opponent."""
-        previous = [str(self.dir.iteration(k) / "adapter") for k in range(t)]
-        start = [self.cfg.model.adapter] if self.cfg.model.adapter else []
+        adapters = self.dir.adapters_after(t - 1, self.cfg.mode, self.cfg.model.adapter)
         # A fresh adapter's random A matrices come from this seed, not from whatever the process did before:
         # the same in every process of a data-parallel run, and after a resume.
         torch.manual_seed(self.cfg.seed * 1009 + t)
-        if self.cfg.mode == "stack":
-            if self.base is None:
-                self.base = load_base(self.cfg.model)
-            return with_adapter(self.base, self.cfg.lora, (start + previous)[-1] if start + previous else None)
-        # merge: a fresh adapter on the base with every earlier adapter merged in, in order
-        merged_dir = self.dir.root / "merged-base"
-        base = merged_base(self.cfg.model, start + previous, merged_dir) if start + previous else load_base(self.cfg.model)
-        return with_adapter(base, self.cfg.lora, None)
+        if self.cfg.mode == "merge" and self.backend == "unsloth":  # one adapter a model: merge for real
+            merged_dir = self.dir.root / "merged-base"
+            base = merged_base(self.cfg.model, adapters, merged_dir) if adapters else load_base(self.cfg.model)
+            return build_model(base, self.cfg.lora, [], log=self.log)
+        if self.base is None:
+            self.base = load_base(self.cfg.model)
+        return build_model(self.base, self.cfg.lora, adapters, self.cfg.mode, log=self.log)
 
     def _release(self, model):
-        if self.cfg.mode == "stack" and self.backend == "hf":
-            self.base = model.unload()  # the base without LoRA layers, for the next iteration's adapter
-        elif self.cfg.mode == "stack":
-            self.base = None  # an Unsloth model keeps its one adapter: the next iteration loads a fresh base
+        if self.backend == "hf":
+            self.base = model.unload()  # the base without LoRA layers, for the next iteration's adapters
         else:
+            self.base = None  # an Unsloth model keeps its one adapter: the next iteration loads a fresh base
             shutil.rmtree(self.dir.root / "merged-base", ignore_errors=True)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # -- stages ------------------------------------------------------------------------------------------
-    def prompts(self) -> dict[str, list[int]]:
-        rows = {f"train:{e.row}": e.prompt_ids for e in self.train_rows}
-        rows.update({f"eval:{e.row}": e.prompt_ids for e in self.eval_rows})
-        return rows
+    # -- the stages' work ----------------------------------------------------------------------------------
+    def rows(self) -> dict:
+        """Every row by key: train:N, val:N (validation) and eval:N (test)."""
+        s = self.splits
+        return {f"{split}:{e.row}": e for split, rows in (("train", s.train), ("val", s.val), ("eval", s.test))
+                for e in rows}
 
-    def generate(self, t: int, model) -> dict[str, dict]:
-        out = self.dir.iteration(t)
-        name = "generations.jsonl" if self.world_size == 1 else f"generations-rank{self.rank}.jsonl"
-        generate_all(model, self.tokenizer, self.prompts(), self.cfg.generation, out / name,
-                     seed=self.cfg.seed * 1000 + t, rank=self.rank, world_size=self.world_size,
-                     desc=f"generate iter {t}")
-        self._barrier()
-        records = {}
-        for path in sorted(out.glob("generations*.jsonl")):
-            records.update(read_generations(path))
-        return records
+    def prompts(self) -> dict[str, list[int]]:
+        return {k: e.prompt_ids for k, e in self.rows().items()}
 
     def score(self, t: int, model, generations: dict[str, dict]) -> list[dict]:
         """Pairs of iteration t with the opponent's log-probs, computed once and saved with them."""
         path = self.dir.iteration(t) / "pairs.jsonl"
-        if path.exists():
-            return read_jsonl(path)
-        rows: dict[str, Encoded] = {f"train:{e.row}": e for e in self.train_rows}
-        rows.update({f"eval:{e.row}": e for e in self.eval_rows})
+        rows = self.rows()
         pairs = [{"key": k, "split": k.split(":")[0], "prompt_ids": rows[k].prompt_ids,
                   "real_ids": rows[k].response_ids, "gen_ids": g["ids"], "gen_truncated": g["truncated"]}
                  for k, g in sorted(generations.items()) if k in rows]
@@ -238,8 +263,10 @@ class SpinRun:
         mine = pairs[self.rank::self.world_size]
         bs = self.cfg.train.micro_batch_size * 2
         pad = self.tokenizer.pad_token_id
-        real, _ = score(model, [p["prompt_ids"] for p in mine], [p["real_ids"] for p in mine], pad, bs)
-        gen, _ = score(model, [p["prompt_ids"] for p in mine], [p["gen_ids"] for p in mine], pad, bs)
+        progress = self._progress(t, "score", 2 * len(mine))
+        real, _ = score(model, [p["prompt_ids"] for p in mine], [p["real_ids"] for p in mine], pad, bs, progress)
+        offset = (lambda done: progress(len(mine) + done)) if progress else None
+        gen, _ = score(model, [p["prompt_ids"] for p in mine], [p["gen_ids"] for p in mine], pad, bs, offset)
         for p, r, g in zip(mine, real, gen):
             p["opponent_real"], p["opponent_gen"] = r, g
         if self.world_size > 1:
@@ -253,19 +280,21 @@ class SpinRun:
         return pairs
 
     def evaluate_start(self, model):
-        items = [{"key": f"eval:{e.row}", "prompt_ids": e.prompt_ids, "real_ids": e.response_ids}
-                 for e in self.eval_rows]
-        metrics, samples = evaluate(model, self.tokenizer, items, self.cfg)
-        atomic_write_json(self.dir.root / "eval-start.json", {"metrics": metrics, "samples": samples})
+        s = self.splits
+        items = lambda split, rows: [{"key": f"{split}:{e.row}", "prompt_ids": e.prompt_ids,
+                                      "real_ids": e.response_ids} for e in rows]
+        val = self._evaluate(None, model, items("val", s.val), None, "val")[0] if s.val else None
+        test, samples = self._evaluate(None, model, items("eval", s.test), None, "test")
+        atomic_write_json(self.dir.root / "eval-start.json", {"metrics": test, "val": val, "samples": samples})
 
-    def evaluate_iteration(self, t: int, model, eval_pairs: list[dict]) -> dict:
-        out = self.dir.iteration(t)
-        if (out / "eval.json").exists():
-            return read_json(out / "eval.json")
-        metrics, samples = evaluate(model, self.tokenizer, eval_pairs, self.cfg)
-        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        atomic_write_json(out / "eval.json", metrics)
-        return metrics
+    def _evaluate(self, t, model, items: list[dict], beta, which: str):
+        if not items:
+            return None, []
+        self.dir.progress(t, f"evaluate {which}", len(items))
+        return evaluate(model, self.tokenizer, items, self.cfg, beta)
+
+    def _progress(self, t: int, stage: str, total: int | None = None):
+        return self.dir.progress(t, stage, total) if self.rank == 0 else None
 
     def _set_state(self, **fields):
         if self.rank == 0:
@@ -277,29 +306,32 @@ class SpinRun:
 
 
 def results_table(run_dir: RunDir) -> list[dict]:
-    """One row for the starting model, one per complete iteration."""
-    rows = []
-    start = read_json(run_dir.root / "eval-start.json")
-    if start:
-        rows.append({"model": "start", **start["metrics"]})
-    for s in run_dir.summaries():
-        row = {"model": f"iter {s['iteration']}", **(s.get("eval") or {})}
-        row["train_loss"] = s["train"]["loss"]
-        row["train_accuracy"] = s["train"]["accuracy"]
-        rows.append(row)
-    return rows
+    """One row for the starting model, one per complete iteration (RunDir.results_table)."""
+    return run_dir.results_table()
+
+
+# (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
+TABLE_COLUMNS = [("model", "model", "{}"), ("train_loss", "train loss", "{:.4f}"),
+                 ("val_logp_per_token", "val logp/tok", "{:.3f}"), ("val_ended_rate", "val ended", "{:.2f}"),
+                 ("margin_accuracy", "test margin acc", "{:.2f}"), ("logp_per_token", "test logp/tok", "{:.3f}"),
+                 ("ended_rate", "test ended", "{:.2f}"), ("repetition_rate", "test repetitive", "{:.2f}"),
+                 ("match_rate", "test match", "{:.2f}"), ("task_accuracy", "test task acc", "{:.2f}"),
+                 ("sample_tokens", "answer tokens", "{:.1f}")]
 
 
 def format_table(run_dir: RunDir) -> str:
     rows = results_table(run_dir)
-    columns = [("model", "model", "{}"), ("train_loss", "train loss", "{:.4f}"),
-               ("train_accuracy", "train acc", "{:.2f}"), ("margin_accuracy", "held-out margin acc", "{:.2f}"),
-               ("logp_per_token", "held-out logp/token", "{:.3f}"), ("match_rate", "held-out match rate", "{:.2f}"),
-               ("sample_tokens", "sample tokens", "{:.1f}")]
-    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    cells = [[c[1] for c in columns]] + [
-        [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[c[1] for c in columns] + ["chosen"]] + [
+        [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]
+        for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return f"SPIN results for {run_dir.root}\n" + "\n".join(lines)
+    notes = [f"{r['model']}: not better than {r['selection']['compared_with']} on validation ("
+             + "; ".join(r["selection"]["reasons"]) + ")" + (", run stopped" if r["selection"]["stop"] else "")
+             for r in rows if r.get("selection") and r["selection"]["accepted"] is False]
+    best = run_dir.best_iteration()
+    chosen = ("no validation rows: nothing chosen" if best is None else
+              "chosen on the validation rows: " + ("the starting model" if best < 0 else f"iteration {best}"))
+    return f"SPIN results for {run_dir.root} (test rows unless marked val)\n" + "\n".join(lines + notes + [chosen])

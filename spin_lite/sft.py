@@ -41,7 +41,7 @@ from .evaluate import score
 from .logprobs import collate, sequence_logprobs
 from .model import load_base, load_tokenizer, with_adapter
 from .state import atomic_write_json, atomic_write_text, read_json, replace_dir
-from .train import epoch_order
+from .train import epoch_order, lr_schedule
 
 
 def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] = (), log=print) -> dict:
@@ -63,7 +63,8 @@ def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] 
     atomic_write_text(root / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
 
     tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows, report = load_splits(cfg.data, tokenizer, cfg.seed)
+    splits = load_splits(cfg.data, tokenizer, cfg.seed)
+    train_rows, eval_rows, report = splits.train, splits.test, splits.report
     log(f"sft data: {len(train_rows)} training and {len(eval_rows)} held-out rows ({report.describe()})")
     torch.manual_seed(cfg.seed)  # the initialisation of a fresh adapter
     model = with_adapter(load_base(cfg.model), cfg.lora, cfg.model.adapter)
@@ -94,16 +95,13 @@ def train_sft(model, rows: list[Encoded], cfg: SpinConfig, pad_id: int, out_dir:
               save_at: tuple[int, ...] = ()) -> list[dict]:
     """Fit the model's trainable (LoRA) parameters to the rows' responses; returns the step records."""
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
     t = cfg.train
     per_step = t.micro_batch_size * t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(rows) / per_step)
     total_steps = steps or steps_per_epoch * t.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr_at(0), weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = lr_schedule(optimizer, t.lr_scheduler, total_steps, t.warmup_ratio)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = next(model.parameters()).device

@@ -1,39 +1,60 @@
-"""The run directory: the run's state on disk, which is also its checkpoint.
+"""The run directory: the run's state on disk, which is also its checkpoint. `RunDir` is its one contract.
 
     run_dir/
       config.yaml            the resolved config of the run
-      state.json             where the run is (iteration, stage, status); written atomically, for display
-      eval-start.json        held-out metrics of the starting model
+      state.json             where the run is (iteration, stage, status) and its best iteration; for display
+      progress.json          the running stage's progress: {iteration, stage, done, total, rate}
+      eval-start.json        validation and test metrics of the starting model
       iter-00/
         generations.jsonl    the opponent's responses, appended one finished batch at a time
-        pairs.jsonl          (prompt, real, generated) token ids with the opponent's log-probs
+        pairs.jsonl          (prompt, real, generated) token ids with the opponent's log-probs   <- generate done
         checkpoint/          last training checkpoint (adapter, optimizer, scheduler, RNG); removed when done
         train_log.jsonl      one line per optimizer step
-        adapter/             the trained adapter, standard PEFT layout
-        eval.json            held-out metrics of the new model
-        samples.jsonl        held-out prompt, real, opponent and new model responses side by side
-        summary.json         written last: its presence marks the iteration complete
+        adapter/             the trained adapter, standard PEFT layout                          <- train done
+        eval.json            validation and test metrics of the new model
+        samples.jsonl        test prompt, real, opponent and new model responses side by side
+        summary.json         written last: the iteration is complete; says whether the stop rule accepted it
+                                                                                                <- evaluate done
 Every file a resume trusts is written to a temporary name and renamed into place, so a kill at any moment
 leaves either the old file or the new one, never half of one.
+
+Which adapters make the model after iteration n (RunDir.adapters_after), for the run, the export and the app:
+  stack mode: the adapter of iteration n alone (each iteration's adapter starts as a copy of the one before);
+  merge mode: the starting adapter and the adapters of iterations 0..n, all active over the same base.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `path` whole or not at all: a temporary file of this process and thread, renamed into place.
+
+    The temporary name is unique (two writers of the same file never share one) and is created anew, never
+    through a symlink; the rename replaces a link at `path` itself rather than writing where it points.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    if os.path.lexists(tmp):  # left by a killed process whose pid came round again
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_json(path: Path, obj):
@@ -67,9 +88,109 @@ def recover_dir(target: Path):
         os.replace(old, target)
 
 
+# The stages of an iteration, in order, and the file whose presence marks each one done.
+STAGES = (("generate", "pairs.jsonl"), ("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
+
+# Settings that may change between invocations of the same run directory without changing its results.
+RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled"}
+
+# Settings added after runs were made without them, with the value that reproduces such a run: a run
+# directory whose config.yaml lacks one continues with this value.
+LEGACY_VALUES = {"data.val_size": 0, "data.val_path": None, "train.sft_weight": 0.0, "train.stop_when": "never",
+                 "eval.answer_regex": None}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    # -- the config a run was started with ------------------------------------------------------------
+    def changed_settings(self, settings: dict, resumable=RESUMABLE_CHANGES) -> list[str]:
+        """Settings (nested dicts, as config.yaml holds them) that differ from the run's config.yaml, other than
+        those a run may change when it continues; [] when the run is new or the settings match. The one rule for
+        continuing a run, used by `spin-lite run`, the stage commands, the app and SFT."""
+        import yaml
+        if not self.config_path.exists():
+            return []
+        previous = flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
+        previous = {**{k: v for k, v in LEGACY_VALUES.items() if k not in previous}, **previous}
+        current = flatten(settings)
+        return sorted(f"{k} ({previous.get(k)!r} -> {current.get(k)!r})" for k in set(previous) | set(current)
+                      if k not in resumable and k in previous and previous.get(k) != current.get(k))
+
+    def legacy_settings(self) -> dict:
+        """LEGACY_VALUES for the settings that this run's config.yaml lacks (a run made by an earlier version)."""
+        import yaml
+        if not self.config_path.exists():
+            return {}
+        previous = flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
+        return {k: v for k, v in LEGACY_VALUES.items() if k not in previous}
+
+    # -- iterations and their stages -------------------------------------------------------------------
+    def stage_done(self, t: int, stage: str) -> bool:
+        return (self.iteration(t) / dict(STAGES)[stage]).exists()
+
+    def next_stage(self, t: int) -> str | None:
+        """The first stage of iteration t that is not done, or None when the iteration is complete."""
+        return next((name for name, _ in STAGES if not self.stage_done(t, name)), None)
+
+    def trained_iterations(self) -> list[int]:
+        """Iterations with a trained adapter, complete or not."""
+        found = sorted(int(p.parent.name[5:]) for p in self.root.glob("iter-*/adapter/adapter_config.json"))
+        return [t for k, t in enumerate(found) if t == k]  # only the unbroken chain from iteration 0
+
+    def adapters_after(self, n: int, mode: str, start_adapter: str | None = None) -> list[str]:
+        """The adapters that make the model after iteration n (n = -1: the starting model), in order."""
+        chain = ([start_adapter] if start_adapter else []) + [str(self.iteration(k) / "adapter") for k in range(n + 1)]
+        return chain[-1:] if mode == "stack" else chain
+
+    # -- results ----------------------------------------------------------------------------------------
+    def best_iteration(self) -> int | None:
+        """The iteration chosen on the validation rows: the latest one the stop rule accepted as better than the
+        best model before it; -1 when none was (the starting model is the best); None without validation rows."""
+        best = None
+        for s in self.summaries():
+            if s.get("selection") is not None:
+                best = s["iteration"] if s["selection"]["accepted"] else (-1 if best is None else best)
+        return best
+
+    def stopped(self) -> bool:
+        """Whether the stop rule ended the run: its latest complete iteration was not accepted under no_gain."""
+        summaries = self.summaries()
+        return bool(summaries) and (summaries[-1].get("selection") or {}).get("stop", False)
+
+    def results_table(self) -> list[dict]:
+        """One row for the starting model, one per complete iteration: test metrics (held-out), validation
+        metrics prefixed val_, train loss and accuracy, and `best` on the iteration the stop rule chose."""
+        rows = []
+        best = self.best_iteration()
+        start = read_json(self.root / "eval-start.json")
+        if start:
+            rows.append({"model": "start", **start["metrics"], **_prefixed(start.get("val")), "best": best == -1})
+        for s in self.summaries():
+            row = {"model": f"iter {s['iteration']}", **(s.get("eval") or {}), **_prefixed(s.get("val"))}
+            row.update(train_loss=s["train"]["loss"], train_accuracy=s["train"]["accuracy"],
+                       best=s["iteration"] == best, selection=s.get("selection"))
+            rows.append(row)
+        return rows
+
+    # -- progress ---------------------------------------------------------------------------------------
+    def progress(self, iteration: int | None, stage: str, total: int | None) -> "Progress":
+        return Progress(self.root / "progress.json", iteration, stage, total)
+
+    def read_progress(self) -> dict:
+        return read_json(self.root / "progress.json", {})
 
     @property
     def config_path(self) -> Path:
@@ -105,29 +226,86 @@ class RunDir:
     def lock(self):
         """Hold the run directory for this process; refuse if another process holds it.
 
-        An flock dies with its process, so a killed run never leaves the directory locked.
+        An flock dies with its process, so a killed run never leaves the directory locked. The file is opened
+        without truncating it and never through a symlink; the pid is written only once the lock is held, so a
+        refused process leaves the holder's pid in place. A process started by a launcher that already took
+        the lock for it (the app: SPIN_LITE_LOCK_FD names the inherited descriptor) adopts that lock.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise RunLockedError(f"run directory {self.root} is in use by another process") from None
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+        path = self.root / ".lock"
+        fd = _inherited_lock(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self.lock_holder()
+                raise RunLockedError(f"run directory {self.root} is in use by another process"
+                                     + (f" (process {holder})" if holder else "")) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return open(fd, "r+b", buffering=0)
 
     def is_locked(self) -> bool:
-        if not (self.root / ".lock").exists():
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # no lock file (or a symlink planted in its place: no run of ours holds that)
             return False
-        with open(self.root / ".lock") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def lock_holder(self) -> int | None:
+        """The pid written in the lock file by the process holding it, or None."""
+        try:
+            text = (self.root / ".lock").read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def _inherited_lock(path: Path) -> int | None:
+    """The descriptor of `path`'s lock inherited from the launcher (SPIN_LITE_LOCK_FD), already locked."""
+    fd = os.environ.pop("SPIN_LITE_LOCK_FD", None)
+    if fd is None or not fd.isdigit():
+        return None
+    try:
+        held, there = os.fstat(int(fd)), os.stat(path, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+            return None
+        fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: already ours
+    except OSError:
+        return None
+    return int(fd)
+
+
+def _prefixed(metrics: dict | None) -> dict:
+    return {f"val_{k}": v for k, v in (metrics or {}).items()}
+
+
+class Progress:
+    """Progress of one running stage as data: progress.json holds {iteration, stage, done, total, rate (units a
+    second), updated}. Call it with the units done so far; it writes at most twice a second, and always at the end."""
+
+    def __init__(self, path: Path, iteration: int | None, stage: str, total: int | None):
+        self.path, self.iteration, self.stage, self.total = path, iteration, stage, total
+        self.began = self.written = time.time()
+        self(0)
+
+    def __call__(self, done: int, total: int | None = None):
+        self.total = total if total is not None else self.total
+        now = time.time()
+        if done and now - self.written < 0.5 and done != self.total:
+            return
+        self.written = now
+        rate = done / (now - self.began) if done and now > self.began else None
+        atomic_write_json(self.path, {"iteration": self.iteration, "stage": self.stage, "done": done,
+                                      "total": self.total, "rate": rate, "updated": now})
 
 
 class RunLockedError(RuntimeError):

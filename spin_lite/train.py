@@ -23,6 +23,40 @@ from .loss import spin_loss
 from .state import fault_point, recover_dir, replace_dir
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient was not finite, or beyond train.max_loss: training stopped before that step."""
+
+
+def lr_schedule(optimizer, kind: str, total_steps: int, warmup_ratio: float):
+    """Warmup then decay, as a LambdaLR. A positive warmup_ratio gives at least one warmup step, and no step
+    runs at rate 0: warmup step k (0-based) of w runs at (k + 1) / (w + 1) of the peak; then linear decay to
+    1 / (total - w) of it at the last step, cosine to above 0, or constant."""
+    warmup = math.ceil(warmup_ratio * total_steps) if warmup_ratio > 0 else 0
+    warmup = min(warmup, max(total_steps - 1, 0))
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (k - warmup) / max(total_steps - warmup, 1)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - progress  # linear
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str):
+    """Raise TrainingDiverged when a step's loss or gradient norm is not finite or the loss exceeds max_loss."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > max_loss:
+        raise TrainingDiverged(
+            f"{where}: training diverged at step {step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}; "
+            f"train.max_loss={max_loss:g}). The step was not taken and nothing of this iteration was saved "
+            "after the last checkpoint; lower train.learning_rate and run again in a new run_dir, or resume "
+            "this one with the same settings to retry from the checkpoint.")
+
+
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
     return torch.randperm(n, generator=generator).tolist()
@@ -35,14 +69,12 @@ def policy_batch(pairs: list[dict], pad_id: int):
 
 
 def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out_dir: Path, pad_id: int,
-                  rank: int = 0, world_size: int = 1) -> dict:
+                  rank: int = 0, world_size: int = 1, progress=None) -> dict:
     """Train the model's trainable (LoRA) parameters on `pairs`; returns the last epoch's mean metrics.
 
     Writes out_dir/train_log.jsonl and out_dir/checkpoint/, and resumes from that checkpoint if present.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import get_scheduler
-
     t = cfg.train
     beta, lr = cfg.beta_at(iteration), cfg.lr_at(iteration)
     # Pairs per optimizer step, whatever the number of processes: each process takes a share of every
@@ -52,8 +84,7 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
     total_steps = steps_per_epoch * t.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = lr_schedule(optimizer, t.lr_scheduler, total_steps, t.warmup_ratio)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -94,19 +125,22 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
             logps, counts = sequence_logprobs(model, batch)
             n = len(micro)
             out = spin_loss(logps[:n], logps[n:], _tensor(micro, "opponent_real", logps),
-                            _tensor(micro, "opponent_gen", logps), beta, t.loss_type)
+                            _tensor(micro, "opponent_gen", logps), beta, t.loss_type, t.sft_weight,
+                            counts[:n].to(logps.dtype))
             # Mean over the step's pairs on all processes; DDP averages over processes, hence * world_size.
             (out.losses.sum() * world_size / len(step_pairs)).backward()
             tokens += int(batch.attention_mask.sum())
             for name, value in (("loss", out.losses.detach()), ("reward_real", out.reward_real),
                                 ("reward_gen", out.reward_gen), ("margin", out.margin),
-                                ("accuracy", out.accuracy), ("logp_real", logps[:n].detach()),
+                                ("accuracy", out.accuracy), ("nll_real", out.nll_real),
+                                ("logp_real", logps[:n].detach()),
                                 ("logp_gen", logps[n:].detach())):
                 sums[name] = sums.get(name, 0.0) + float(value.sum())
         if world_size > 1:
             _all_reduce_grads(params)
             sums, tokens = _all_reduce_sums(sums, tokens, params[0].device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        check_step(sums["loss"] / len(step_pairs), grad_norm, t.max_loss, step + 1, f"train iter {iteration}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -120,6 +154,8 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                 writer(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        if progress is not None and rank == 0:
+            progress(step + 1, total_steps)
         if (step + 1) % t.save_every == 0 and step + 1 < total_steps and rank == 0:
             _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict)
         fault_point("train_step", step + 1)
@@ -130,8 +166,9 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
     if world_size > 1:
         dist.barrier()  # rank 0 has written the last step's log line
     last_epoch = [json.loads(l) for l in _read_lines(log_path)][-steps_per_epoch:]
-    return {k: sum(r[k] for r in last_epoch) / len(last_epoch)
-            for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen")} | {"steps": total_steps}
+    keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "nll_real")
+            if all(k in r for r in last_epoch)]  # nll_real is missing from logs of runs before it existed
+    return {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} | {"steps": total_steps}
 
 
 def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt: Path, get_state):
@@ -173,7 +210,7 @@ def _all_reduce_grads(params):
 
 def _all_reduce_sums(sums: dict[str, float], tokens: int, device) -> tuple[dict[str, float], int]:
     """The step's metric sums and token count over all processes (for the log, as one process writes it)."""
-    names = ("loss", "reward_real", "reward_gen", "margin", "accuracy", "logp_real", "logp_gen")
+    names = ("loss", "reward_real", "reward_gen", "margin", "accuracy", "nll_real", "logp_real", "logp_gen")
     values = torch.tensor([sums.get(n, 0.0) for n in names] + [float(tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return dict(zip(names, values[:-1].tolist())), int(values[-1])

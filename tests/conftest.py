@@ -49,10 +49,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 def tiny_settings(model_dir: Path, run_dir: Path, **extra) -> list[str]:
-    """Overrides for a run of the tiny model that takes seconds: 8 training prompts, 4 held out."""
+    """Overrides for a run of the tiny model that takes seconds: 8 training prompts, 4 test and 4 validation rows
+    held out; all iterations run (train.stop_when=never) unless a test asks for the stop rule."""
     settings = {
         "run_dir": run_dir, "iterations": 2, "model.name": model_dir, "data.path": DEMO_DATA,
-        "data.max_examples": 8, "data.eval_size": 4, "data.max_prompt_length": 96, "data.max_length": 160,
+        "data.max_examples": 8, "data.eval_size": 4, "data.val_size": 4, "train.stop_when": "never",
+        "data.max_prompt_length": 96, "data.max_length": 160,
         "generation.max_new_tokens": 8, "generation.batch_size": 4, "train.epochs": 1,
         "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2, "train.learning_rate": 1e-2,
         "train.save_every": 1, "eval.max_new_tokens": 8, **extra}

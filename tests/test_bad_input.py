@@ -65,10 +65,10 @@ def test_bad_rows_skipped_and_counted_when_asked(tiny_model_dir, tokenizer, tmp_
     cfg = load_config(None, tiny_settings(tiny_model_dir, tmp_path / "run",
                                           **{"data.path": data, "data.skip_bad_rows": "true",
                                              "data.max_examples": "null"}))
-    train, held_out, report = load_splits(cfg.data, tokenizer, cfg.seed)
-    assert len(report.skipped) == 5
-    assert len(train) + len(held_out) == 16
-    assert "row 16: missing field 'response'" in report.skipped[0]
+    splits = load_splits(cfg.data, tokenizer, cfg.seed)
+    assert len(splits.report.skipped) == 5
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 16
+    assert "row 16: missing field 'response'" in splits.report.skipped[0]
 
 
 def test_all_bad_rows_listed_at_once(tiny_model_dir, tokenizer, tmp_path):

@@ -21,7 +21,7 @@ def test_stages_one_at_a_time(tiny_model_dir, tmp_path):
     out = cli("generate", run_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     pairs = [json.loads(l) for l in (run_dir / "iter-00" / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 12 and all("opponent_real" in p for p in pairs)
+    assert len(pairs) == 16 and all("opponent_real" in p for p in pairs)  # 8 train, 4 validation, 4 test
     assert not (run_dir / "iter-00" / "adapter").exists()
     out = cli("evaluate", run_dir)
     assert out.returncode == 2 and "run `spin-lite train" in out.stderr
@@ -56,7 +56,7 @@ def test_embedded_model_end_to_end(tmp_path):
               "data.max_examples=8", "data.eval_size=4", "generation.max_new_tokens=16", "eval.max_new_tokens=16",
               "generation.batch_size=12")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "iter 0" in out.stdout and "held-out logp/token" in out.stdout
+    assert "iter 0" in out.stdout and "test logp/tok" in out.stdout
     summary = json.loads((run_dir / "iter-00" / "summary.json").read_text())
     samples = [json.loads(l) for l in (run_dir / "iter-00" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["real"].startswith("In short: ") for s in samples)

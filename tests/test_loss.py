@@ -65,3 +65,35 @@ def test_large_margins_are_stable():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         run(0.1, 0, 0, 0, 0, "sigmoid-ish")
+
+
+def test_likelihood_anchor_by_hand():
+    """Pair A with sft_weight 0.5 and a 4-token real response:
+    nll_real = -(-10) / 4 = 2.5;  loss = log(1 + e^-1) + 0.5 * 2.5 = 0.3132617 + 1.25 = 1.5632617 (logistic),
+    0 + 1.25 = 1.25 (hinge). Rewards and margin are the SPIN ones, unchanged by the anchor."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    for loss_type, expected in (("logistic", 1.5632617), ("hinge", 1.25)):
+        out = spin_loss(t(-10), t(-12), t(-11), t(-11), 0.5, loss_type, sft_weight=0.5, real_tokens=t(4))
+        assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+        assert out.nll_real.item() == pytest.approx(2.5)
+        assert out.margin.item() == pytest.approx(1.0)
+    off = spin_loss(t(-10), t(-12), t(-11), t(-11), 0.5, sft_weight=0.0, real_tokens=t(4))
+    assert off.losses.item() == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_likelihood_anchor_gradient():
+    """d loss / d policy_real = -beta * sigmoid(-u) - sft_weight / |y| = -0.5 * 0.2689414 - 0.5 / 4;
+    the generated side is untouched by the anchor: +beta * sigmoid(-u). Checked by autograd and gradcheck."""
+    pr = torch.tensor([-10.0], dtype=torch.float64, requires_grad=True)
+    pg = torch.tensor([-12.0], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([4.0], dtype=torch.float64)
+    o = torch.tensor([-11.0], dtype=torch.float64)
+    spin_loss(pr, pg, o, o, 0.5, sft_weight=0.5, real_tokens=n).losses.sum().backward()
+    assert pr.grad.item() == pytest.approx(-0.5 * 0.2689414 - 0.125, abs=1e-6)
+    assert pg.grad.item() == pytest.approx(0.5 * 0.2689414, abs=1e-6)
+    x = torch.tensor([-10.0, -3.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([-12.0, -2.0], dtype=torch.float64, requires_grad=True)
+    f = lambda a, b: spin_loss(a, b, torch.tensor([-11.0, -4.0], dtype=torch.float64),
+                               torch.tensor([-11.0, -1.0], dtype=torch.float64), 0.3, sft_weight=0.7,
+                               real_tokens=torch.tensor([4.0, 2.0], dtype=torch.float64)).losses
+    assert torch.autograd.gradcheck(f, (x, y))

@@ -61,3 +61,32 @@ def test_gradients_flow_through_4bit_layers_after_an_eval_forward(tiny_model_dir
     assert first_layer and all(before[n].abs().sum() > 0 for n in first_layer)
     for n in before:
         assert torch.equal(after[n], before[n]), n
+
+
+def test_4bit_merge_opponent_is_the_model_evaluated_before(tiny_config, tiny_model_dir, tmp_path):
+    """Merge mode on a 4-bit base: the opponent of iteration 1 is exactly the model evaluated after iteration 0,
+    Q(W) + delta_0, not the re-quantized Q(W + delta_0) (which a merge-then-quantize opponent would be)."""
+    import torch
+    from peft import PeftModel
+    from spin_lite.config import ModelConfig
+    from spin_lite.evaluate import score
+    from spin_lite.model import load_base, merged_base
+
+    cfg = tiny_config(mode="merge", iterations=2, **{"model.load_in_4bit": "true", "eval.enabled": "false"})
+    SpinRun(cfg, log=lambda *a: None).run()
+    from pathlib import Path
+    root, pad = Path(cfg.run_dir), 2
+    pairs = read_jsonl(root / "iter-01" / "pairs.jsonl")[:8]
+    stored = torch.tensor([p["opponent_real"] for p in pairs] + [p["opponent_gen"] for p in pairs])
+
+    def logps(model):
+        prompts = [p["prompt_ids"] for p in pairs]
+        real, _ = score(model, prompts, [p["real_ids"] for p in pairs], pad, 4)
+        gen, _ = score(model, prompts, [p["gen_ids"] for p in pairs], pad, 4)
+        return torch.tensor(real + gen)
+
+    four_bit = ModelConfig(name=str(tiny_model_dir), load_in_4bit=True)
+    evaluated = PeftModel.from_pretrained(load_base(four_bit), root / "iter-00" / "adapter")  # Q(W) + delta_0
+    torch.testing.assert_close(stored, logps(evaluated), atol=1e-4, rtol=0)
+    requantized = merged_base(four_bit, [str(root / "iter-00" / "adapter")], tmp_path / "merged")  # Q(W + delta_0)
+    assert (logps(requantized) - stored).abs().max() > 1e-2, "the check could not tell the two opponents apart"

@@ -22,7 +22,7 @@ def test_killed_runs_continue_to_the_same_result(tiny_model_dir, tmp_path):
     done = cli(*args(reference))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # 1. killed after the first of 4 generation batches of iteration 0 (12 train + 4 held-out prompts)
+    # 1. killed after the first of 5 generation batches of iteration 0 (12 train + 4 validation + 4 test prompts)
     first = cli(*args(crashed), env={"SPIN_LITE_KILL_AT": "generate_batch:1"})
     assert first.returncode == -9, first.stderr[-3000:]
     gens = (crashed / "iter-00" / "generations.jsonl").read_text().splitlines()
@@ -32,20 +32,20 @@ def test_killed_runs_continue_to_the_same_result(tiny_model_dir, tmp_path):
     # 2. resumed, then killed after training step 2 of 3 of iteration 0 (checkpoints every step)
     second = cli(*args(crashed), env={"SPIN_LITE_KILL_AT": "train_step:2"})
     assert second.returncode == -9, second.stderr[-3000:]
-    assert "1 of 4 batches already on disk, generating 3" in second.stdout
+    assert "1 of 5 batches already on disk, generating 4" in second.stdout
     assert (crashed / "iter-00" / "checkpoint" / "trainer_state.pt").exists()
     assert not (crashed / "iter-00" / "adapter").exists()
 
     # 3. resumed to the end
     third = cli(*args(crashed))
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "generate iter 0: 4 of 4 batches already on disk, generating 0" in third.stdout  # nothing redone
+    assert "generate iter 0: 5 of 5 batches already on disk, generating 0" in third.stdout  # nothing redone
     assert "resumed from the checkpoint at step 2 of 3" in third.stdout
     assert "iter 1" in third.stdout
 
     lines = (crashed / "iter-00" / "generations.jsonl").read_text().splitlines()
     keys = [json.loads(l)["key"] for l in lines]
-    assert len(keys) == len(set(keys)) == 16
+    assert len(keys) == len(set(keys)) == 20
     steps = [json.loads(l)["step"] for l in (crashed / "iter-00" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 

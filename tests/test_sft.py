@@ -24,7 +24,7 @@ def nll_per_token(model, rows, pad_id):
 def test_sft_lowers_the_loss_and_changes_only_the_adapter(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.epochs": 3})
     tokenizer = load_tokenizer(cfg.model)
-    rows, _, _ = load_splits(cfg.data, tokenizer, cfg.seed)
+    rows = load_splits(cfg.data, tokenizer, cfg.seed).train
     model = with_adapter(load_base(cfg.model), cfg.lora, None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = nll_per_token(model, rows, tokenizer.pad_token_id)
