@@ -401,6 +401,8 @@ demo = build_demo(WORKSPACE)
 
 def main(argv: list[str] | None = None) -> int:
     global demo
+    from spin_lite import quiet
+    quiet.apply()  # the chat tab's model loading: no library noise a user cannot act on (runs: the CLI's own)
     parser = argparse.ArgumentParser(prog="spin-lite app", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")

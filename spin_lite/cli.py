@@ -69,6 +69,8 @@ def config_and_overrides(first: str | None, rest: list[str]) -> tuple[str | None
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from . import quiet
+    quiet.apply()  # library noise a user cannot act on (spin_lite.quiet), for the CLI and the app alike
     if argv[:1] == ["app"]:  # the app parses its own options (--host, --port, --share, --auth, --workspace)
         from .app_handlers import run_app_script
         return run_app_script(argv[1:])

