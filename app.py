@@ -1,7 +1,7 @@
 """The spin_lite web app: set up, run, watch, inspect, compare and export SPIN runs from a browser.
 
     python app.py                                  # http://127.0.0.1:7860, workspace: the current folder
-    python app.py --workspace ~/spin --port 8000 --auth alice:secret
+    SPIN_LITE_APP_AUTH=alice:secret python app.py --workspace ~/spin --port 8000   # or --auth-file FILE
     spin-lite app --host 0.0.0.0                   # every interface: only on a network you trust
 
 A thin shell over spin_lite.app_handlers: each button calls one of its functions, and a run is the CLI's
@@ -409,11 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public share link (off unless given)")
     parser.add_argument("--auth", default=os.environ.get("SPIN_LITE_APP_AUTH"), metavar="USER:PASSWORD",
-                        help="ask for this username and password (or set SPIN_LITE_APP_AUTH)")
+                        help="ask for this username and password; on the command line other users see it in `ps`, "
+                             "so prefer SPIN_LITE_APP_AUTH=USER:PASSWORD or --auth-file")
+    parser.add_argument("--auth-file", metavar="FILE", help="read USER:PASSWORD from the first line of FILE")
     parser.add_argument("--workspace", default=WORKSPACE,
                         help="folder for uploads, configs, run directories and exports (default: the current folder)")
     args = parser.parse_args(argv)
     auth = None
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--auth-file {args.auth_file}: {e}")
+        args.auth = lines[0].strip() if lines else ""
+        if not args.auth:
+            parser.error(f"--auth-file {args.auth_file} is empty; it holds USER:PASSWORD")
     if args.auth:
         user, sep, password = args.auth.partition(":")
         if not sep or not user or not password:

@@ -13,7 +13,10 @@ Files the app adds to a run directory: app-launch.yaml (the config it launched),
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import itertools
 import os
 import re
 import shlex
@@ -29,19 +32,22 @@ from typing import Iterator
 
 import yaml
 
-from .config import ConfigError, SpinConfig, describe_settings, load_config
+from .config import ConfigError, SpinConfig, load_config, settings_info
+from .config import choices as setting_choices
 from .data import DataError, encode_example, parse_row, read_rows
 from .model import EMBEDDED, ModelError
 from .state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
+from .state import flatten as _flatten  # noqa: F401 - the form's keys are the flattened config's (tests)
 
 LAUNCH_CONFIG = "app-launch.yaml"
 PROCESS_FILE = "app-run.json"
 LOG_FILE = "run.log"
 UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
-# Values a setting may take where the config accepts a fixed set (SpinConfig.problems checks the same sets).
-CHOICES = {"mode": ["stack", "merge"], "model.dtype": ["auto", "float32", "bfloat16", "float16"],
-           "train.loss_type": ["logistic", "hinge"], "train.lr_scheduler": ["linear", "cosine", "constant"],
-           "train.report_to": ["none", "tensorboard", "wandb"]}
+# Values a setting may take where the config accepts a fixed set: its Literal type in spin_lite.config.
+CHOICES = {key: list(values) for key, values in setting_choices().items()}
+# A run directory name the app accepts: folders of letters, digits, "_", "." and "-", each starting with a letter,
+# digit or "_" (no "=", spaces, quotes or "#", so no name can be read as a setting, an option or a YAML comment).
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 
 
 class AppError(ValueError):
@@ -71,6 +77,44 @@ def inside(workspace: str | Path, typed: str | Path) -> Path:
     return path
 
 
+def run_name(workspace, typed: str | Path) -> str:
+    """A run directory typed on the page, as its path relative to the workspace: inside it, not the workspace
+    itself, and named with RUN_NAME's characters only, since the name goes into the run's command line."""
+    ws = Path(workspace).resolve()
+    path = inside(ws, typed)
+    if path == ws:
+        raise AppError("run_dir must be a folder inside the workspace, not the workspace itself")
+    rel = path.relative_to(ws).as_posix()
+    if not RUN_NAME.fullmatch(rel):
+        raise AppError(f"run directory name {str(typed)!r}: use only letters, digits, '_', '.', '-' and '/' "
+                       "(each folder name starting with a letter, digit or '_')")
+    return rel
+
+
+def open_to_write(path: Path, append: bool = False, new: bool = False):
+    """`path` opened for writing in bytes, never through a symlink (O_NOFOLLOW): a link planted in the workspace
+    cannot redirect the app's writes. `new`: fail with FileExistsError if anything has the name already."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC) | (os.O_EXCL if new else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AppError(f"{path} is a symbolic link; the app does not write through links") from None
+        raise
+    return open(fd, "ab" if append else "wb")
+
+
+def refuse_links(workspace, root: Path):
+    """A launched run writes anywhere under `root`; refuse a folder holding a symlink, which could send the
+    writes outside the workspace."""
+    for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
+        for name in dirs + files:
+            if (Path(folder) / name).is_symlink():
+                link = (Path(folder) / name).relative_to(Path(workspace).resolve())
+                raise AppError(f"{link} is a symbolic link; the app does not run into a folder holding links "
+                               "(remove it, or choose another run_dir)")
+
+
 def local_or_hub(workspace, value: str | None) -> str | None:
     """A model/data reference for use in this process: an existing local path made absolute, else the hub id."""
     if value is None or value == EMBEDDED:
@@ -79,14 +123,19 @@ def local_or_hub(workspace, value: str | None) -> str | None:
     return str(path) if path.exists() else value
 
 
+# Every setting naming a file or folder that a run reads (run_dir aside); each must be inside the workspace.
+LOCAL_PATHS = {"model": ("name", "adapter"), "data": ("path", "eval_path", "val_path")}
+
+
 def resolved(workspace, cfg: SpinConfig) -> SpinConfig:
-    """A copy of `cfg` whose local paths are absolute (the app's process does not run in the workspace)."""
-    return dataclasses.replace(
-        cfg, run_dir=str(inside(workspace, cfg.run_dir)),
-        model=dataclasses.replace(cfg.model, name=local_or_hub(workspace, cfg.model.name),
-                                  adapter=local_or_hub(workspace, cfg.model.adapter)),
-        data=dataclasses.replace(cfg.data, path=local_or_hub(workspace, cfg.data.path),
-                                 eval_path=local_or_hub(workspace, cfg.data.eval_path)))
+    """A copy of `cfg` whose local paths are absolute (the app's process does not run in the workspace). This
+    is the app's one confinement check: AppError for any path of the run outside the workspace."""
+    sections = {}
+    for name, keys in LOCAL_PATHS.items():
+        section = getattr(cfg, name)
+        sections[name] = dataclasses.replace(section, **{k: local_or_hub(workspace, getattr(section, k))
+                                                         for k in keys if hasattr(section, k)})
+    return dataclasses.replace(cfg, run_dir=str(inside(workspace, cfg.run_dir)), **sections)
 
 
 def save_upload(workspace, uploaded: str | Path) -> str:
@@ -95,11 +144,21 @@ def save_upload(workspace, uploaded: str | Path) -> str:
     source = Path(uploaded)
     folder = inside(workspace, UPLOADS)
     folder.mkdir(parents=True, exist_ok=True)
-    target, n = folder / source.name, 1
-    while target.exists() and target.read_bytes() != source.read_bytes():
-        target, n = folder / f"{source.stem}-{n}{source.suffix}", n + 1
-    if not target.exists():
-        shutil.copyfile(source, target)
+    content = source.read_bytes()
+    for n in itertools.count():
+        target = folder / (source.name if n == 0 else f"{source.stem}-{n}{source.suffix}")
+        if target.is_symlink():  # a planted link (dangling or not) is neither read nor written through
+            continue
+        if target.exists():
+            if target.read_bytes() == content:
+                break
+            continue
+        try:
+            with open_to_write(target, new=True) as f:
+                f.write(content)
+            break
+        except FileExistsError:  # the name was taken meanwhile
+            continue
     return str(target.relative_to(Path(workspace).resolve()))
 
 
@@ -115,24 +174,14 @@ class Setting:
     choices: list | None = None
 
 
+KINDS = {bool: "bool", int: "int", float: "float", str: "str", int | None: "optional-int", str | None: "optional-str"}
+
+
 def settings() -> list[Setting]:
-    """Every config setting, in the config's order, with its default and its documentation."""
-    defaults = SpinConfig()
-    docs = {}
-    for line in describe_settings().splitlines():
-        key = line.split()[0]
-        docs[key] = line
-    out = []
-    for f in dataclasses.fields(SpinConfig):
-        section = getattr(defaults, f.name)
-        fields = ([(f"{f.name}.{sf.name}", sf, getattr(section, sf.name)) for sf in dataclasses.fields(section)]
-                  if dataclasses.is_dataclass(section) else [(f.name, f, section)])
-        for key, field, default in fields:
-            kinds = {"bool": "bool", "int": "int", "float": "float", "str": "str", "int | None": "optional-int",
-                     "str | None": "optional-str"}
-            help_text = docs[key].split(f"(default {default!r}): ", 1)[-1]
-            out.append(Setting(key, kinds.get(str(field.type), "yaml"), default, help_text, CHOICES.get(key)))
-    return out
+    """Every config setting, in the config's order, with its default and its documentation (spin_lite.config's
+    settings_info: types, defaults, docstrings and allowed values, computed once)."""
+    return [Setting(s.key, "str" if s.choices else KINDS.get(s.type, "yaml"), s.default, s.help,
+                    list(s.choices) if s.choices else None) for s in settings_info()]
 
 
 def yaml_value(value) -> str:
@@ -232,8 +281,12 @@ def save_config(workspace, cfg: SpinConfig, path: str) -> Path:
     target = inside(workspace, path)
     if target.suffix not in (".yaml", ".yml"):
         raise AppError(f"{path}: a config file name ends in .yaml")
+    resolved(workspace, cfg)  # a config whose paths leave the workspace is not saved
+    if (Path(workspace).resolve() / str(path).strip()).is_symlink():  # inside() looked through it
+        raise AppError(f"{path} is a symbolic link; the app does not write through links")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(cfg.to_yaml(), encoding="utf-8")
+    with open_to_write(target) as f:
+        f.write(cfg.to_yaml().encode("utf-8"))
     return target
 
 
@@ -242,7 +295,9 @@ def open_config(workspace, path: str) -> SpinConfig:
     target = inside(workspace, path)
     if target.is_dir():
         target = target / "config.yaml"
-    return load_config(target)
+    cfg = load_config(target)
+    resolved(workspace, cfg)  # nor loaded into the form
+    return cfg
 
 
 # -- data preview ---------------------------------------------------------------------------------------------
@@ -338,24 +393,35 @@ def run_status(workspace, run_dir: str) -> dict:
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
            "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None}
     if status == "failed":
-        out["error"] = last_error(root / LOG_FILE)
+        out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
     return out
 
 
 def read_yaml(path: Path) -> dict | None:
+    """A YAML mapping from a file, or None (no file, not YAML, not a mapping, not text)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
-    except yaml.YAMLError:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def last_error(log: Path) -> str | None:
-    """The line of the log that says why the run stopped: `error: ...`, or the last line of a traceback."""
-    lines = [line for line in log_lines(log, 200) if line.strip()]
-    for line in reversed(lines):
+def last_error(log: Path, returncode: int | None = None) -> str | None:
+    """Why the last launch in the log stopped: its `error: ...` line or the last line of its traceback; for a
+    process killed by a signal, the signal; else its exit code (never a stray line such as a warning's)."""
+    lines = [line for line in log_lines(log, 400) if line.strip()]
+    launches = [i for i, line in enumerate(lines) if line.startswith(LAUNCH_MARK)]
+    for line in reversed(lines[launches[-1] if launches else 0:]):
         if line.startswith("error:") or re.match(r"^\w+(\.\w+)*(Error|Exception|Interrupt)\b", line):
             return line
-    return lines[-1] if lines else None
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        oom = " (with no other error: often the system's out-of-memory killer)" if -returncode == signal.SIGKILL else ""
+        return f"the run was killed by {name}{oom}; Continue resumes it from what is on disk"
+    return f"the run ended with exit code {returncode}; see its log" if returncode else None
 
 
 def runs_overview(workspace) -> list[dict]:
@@ -369,54 +435,58 @@ def runs_overview(workspace) -> list[dict]:
     return rows
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def start_run(workspace, cfg: SpinConfig) -> str:
     """Check `cfg` and launch it; refuses (AppError) a run directory in use, a run directory started with
     other settings, a folder that is not a run directory, and data or a model that cannot be loaded."""
     from .data import load_splits
     from .model import load_tokenizer
-    from .run import RESUMABLE_CHANGES
+    from .preflight import check_model
 
     cfg.validate()
+    rel = run_name(workspace, cfg.run_dir)
     full = resolved(workspace, cfg)
     root = Path(full.run_dir)
-    if root == Path(workspace).resolve():
-        raise AppError("run_dir must be a folder inside the workspace, not the workspace itself")
-    _refuse_if_running(workspace, cfg.run_dir)
-    previous = read_yaml(root / "config.yaml")
-    if previous is not None:
-        before, after = _flatten(previous), _flatten(cfg.to_dict())
-        changed = sorted(k for k in set(before) | set(after)
-                         if k not in RESUMABLE_CHANGES and before.get(k) != after.get(k))
+    _refuse_if_running(workspace, rel)
+    if (root / "config.yaml").exists():
+        changed = RunDir(root).changed_settings(cfg.to_dict())
         if changed:
             raise AppError(f"run directory {cfg.run_dir} was started with other settings (changed: "
-                           + ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-                           + "). Choose a new run_dir, or Continue it with its own settings.")
+                           + ", ".join(changed) + "). Choose a new run_dir, or Continue it with its own settings.")
     elif root.exists() and any(root.iterdir()) and not (root / LAUNCH_CONFIG).exists():
         raise AppError(f"{cfg.run_dir} exists and is not a run directory; choose a new run_dir")
-    load_splits(full.data, load_tokenizer(full.model), full.seed)  # data and model errors, before launching
+    check_model(full)  # model, adapter, LoRA targets, data: errors here, before launching
+    load_splits(full.data, load_tokenizer(full.model), full.seed)
     root.mkdir(parents=True, exist_ok=True)
-    (root / LAUNCH_CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
-    config = str(Path(cfg.run_dir) / LAUNCH_CONFIG)
-    return _launch(workspace, root, ["run", config])
+    refuse_links(workspace, root)
+    lock = _take(root, rel)
+    try:
+        with open_to_write(root / LAUNCH_CONFIG) as f:
+            f.write(cfg.to_yaml().encode("utf-8"))
+        return _launch(workspace, root, ["run", f"{rel}/{LAUNCH_CONFIG}"], lock)
+    finally:
+        lock.close()  # the run's process holds its own copy
 
 
 def continue_run(workspace, run_dir: str, iterations: int | None = None) -> str:
     """Launch the run again on its own config (the engine skips what is on disk); `iterations` raises the total."""
-    root = inside(workspace, run_dir)
-    _refuse_if_running(workspace, run_dir)
+    from .preflight import check_model
+
+    rel = run_name(workspace, run_dir)
+    root = Path(workspace).resolve() / rel
+    _refuse_if_running(workspace, rel)
     config = root / "config.yaml" if (root / "config.yaml").exists() else root / LAUNCH_CONFIG
     if not config.exists():
         raise AppError(f"{run_dir} is not a run directory (no config.yaml); start a run with the Setup settings")
-    overrides = [f"run_dir={run_dir}"] + ([f"iterations={int(iterations)}"] if iterations else [])
-    load_config(config, overrides)  # a broken config file is reported here, not in the log
-    return _launch(workspace, root, ["run", str(config.relative_to(Path(workspace).resolve())), *overrides])
+    overrides = [f"run_dir={rel}"] + ([f"iterations={int(iterations)}"] if iterations else [])
+    cfg = load_config(config, overrides)  # a broken config file is reported here, not in the log
+    check_model(resolved(workspace, cfg))  # its paths confined like a new run's (a config may have been saved)
+    refuse_links(workspace, root)
+    lock = _take(root, rel)
+    try:
+        return _launch(workspace, root, ["run", config.relative_to(Path(workspace).resolve()).as_posix(),
+                                         *overrides], lock)
+    finally:
+        lock.close()
 
 
 def _refuse_if_running(workspace, run_dir: str):
@@ -426,21 +496,46 @@ def _refuse_if_running(workspace, run_dir: str):
         raise AppError(f"run directory {run_dir} is already running{pid}; abort it first or choose another run_dir")
 
 
-def _launch(workspace, root: Path, args: list[str]) -> str:
-    """Start `python -m spin_lite ARGS` in its own session, cwd = workspace, output appended to run.log."""
+def _take(root: Path, rel: str):
+    """The run directory's lock, taken by the app for the process it is about to start (which inherits it), so
+    two launches at once cannot both start: the second is refused here."""
+    try:
+        return RunDir(root).lock()
+    except RunLockedError:
+        raise AppError(f"run directory {rel} is already running or being started; abort it first or choose "
+                       "another run_dir") from None
+
+
+def _launch(workspace, root: Path, args: list[str], lock) -> str:
+    """Start `python -m spin_lite ARGS` in its own session, cwd = workspace, output appended to run.log; the
+    process inherits `lock` (the run directory's, taken by the caller) and adopts it (spin_lite.state)."""
     command = [sys.executable, "-m", "spin_lite", *args]
     package_parent = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPIN_LITE_LOCK_FD": str(lock.fileno()),
            "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
-    with open(root / LOG_FILE, "a", encoding="utf-8") as log:
-        log.write(f"\n$ spin-lite {shlex.join(args)}    # started by the app, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    with open_to_write(root / LOG_FILE, append=True) as log:
+        log.write(f"\n{LAUNCH_MARK}{shlex.join(args)}    # started by the app, "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode("utf-8"))
         log.flush()
         proc = subprocess.Popen(command, cwd=Path(workspace).resolve(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                pass_fds=(lock.fileno(),))
     atomic_write_json(root / PROCESS_FILE, {"pid": proc.pid, "command": ["spin-lite", *args],
-                                            "started": time.time()})
+                                            "started": time.time(), "process_start": _process_start(proc.pid)})
     threading.Thread(target=_record_exit, args=(proc, root), daemon=True).start()
     return f"started `spin-lite {shlex.join(args)}` (process {proc.pid}); it goes on if you close the page"
+
+
+LAUNCH_MARK = "$ spin-lite "
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22): with the pid, it names one
+    process, not a later one that reuses the number. None without /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _record_exit(proc: subprocess.Popen, root: Path):
@@ -454,27 +549,54 @@ def _record_exit(proc: subprocess.Popen, root: Path):
     proc.wait()
 
 
+def started_group(record: dict) -> int | None:
+    """The process group the app started for a run (its app-run.json `record`), while it runs; else None.
+
+    Only a group that passes every check is ever signalled: a pid above 1 that is neither the app nor its
+    own group, still a spin_lite process (or its zombie), the leader of its own group (start_new_session),
+    and started when the record says (a reused pid fails this)."""
+    pid = record.get("pid")
+    if type(pid) is not int or pid <= 1 or pid in (os.getpid(), os.getpgrp()) or not _alive(pid):
+        return None
+    try:
+        if os.getpgid(pid) != pid:
+            return None
+    except OSError:
+        return None
+    started = _process_start(pid)
+    if started is not None and record.get("process_start") != started:  # without /proc: the checks above
+        return None
+    return pid
+
+
 def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
     """Stop a running run: SIGTERM to its process group, SIGKILL after `grace_s`. Everything on disk is
-    written atomically, so Continue picks up from the last finished batch or checkpoint."""
+    written atomically, so Continue picks up from the last finished batch or checkpoint. Only a run the app
+    started is signalled (started_group); a run started elsewhere is left to whoever started it."""
     root = inside(workspace, run_dir)
     record = read_json(root / PROCESS_FILE, {})
-    pid = record.get("pid")
-    if not _alive(pid):
-        if RunDir(root).is_locked():  # started outside the app (the CLI): its pid is in the lock file
-            pid = int((root / ".lock").read_text().strip() or 0)
-            os.kill(pid, signal.SIGTERM)
-            return f"sent SIGTERM to process {pid}, which holds {run_dir} (started outside the app)"
+    pid = started_group(record)
+    if pid is None:
+        rd = RunDir(root)
+        if rd.is_locked():
+            holder = rd.lock_holder()
+            raise AppError(f"{run_dir} is running in a process the app did not start"
+                           + (f" (process {holder}): stop it where it runs (Ctrl-C, or kill {holder})"
+                              if holder else ""))
         raise AppError(f"{run_dir} is not running")
     atomic_write_json(root / PROCESS_FILE, {**record, "aborted": True})
-    os.killpg(pid, signal.SIGTERM)  # start_new_session: the process group id is the pid
-    deadline = time.time() + grace_s
-    while _alive(pid) and time.time() < deadline:
-        time.sleep(0.1)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    with open(root / LOG_FILE, "a", encoding="utf-8") as log:
-        log.write(f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue picks it up\n")
+    with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+        os.killpg(pid, signal.SIGTERM)  # start_new_session: the process group id is the pid
+        deadline = time.time() + grace_s
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        if started_group(record) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while RunDir(root).is_locked() and time.time() < deadline:  # an exiting process still holds its files
+        time.sleep(0.05)
+    with open_to_write(root / LOG_FILE, append=True) as log:
+        log.write(f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue picks it up\n".encode())
     return f"aborted {run_dir}; Continue resumes it from what is on disk"
 
 
@@ -584,10 +706,11 @@ def adapter_iterations(workspace, run_dir: str) -> list[int]:
 
 # -- compare: chat with the starting model and an iteration's model --------------------------------------------
 def run_config(workspace, run_dir: str) -> SpinConfig:
-    root = inside(workspace, run_dir)
+    rel = run_name(workspace, run_dir)
+    root = Path(workspace).resolve() / rel
     if not (root / "config.yaml").exists():
         raise AppError(f"{run_dir} has no config.yaml yet")
-    return resolved(workspace, load_config(root / "config.yaml", [f"run_dir={run_dir}"]))
+    return resolved(workspace, load_config(root / "config.yaml", [f"run_dir={rel}"]))
 
 
 def chat_model(workspace, run_dir: str, which: str):
@@ -674,10 +797,16 @@ def export(workspace, run_dir: str, iteration: int, merged: bool, timeout_s: flo
     relative paths resolve there, and merging a large model does not load it into the app's process.
     """
     ws = Path(workspace).resolve()
+    run_dir = run_name(workspace, run_dir)
+    run_config(workspace, run_dir)  # the model it reads: inside the workspace, like a run's
     if int(iteration) not in adapter_iterations(workspace, run_dir):
         raise AppError(f"iteration {iteration} of {run_dir} has no trained adapter to export")
     name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{'merged' if merged else 'adapter'}"
     out = inside(workspace, Path(EXPORTS) / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for written in out.parent.glob(name + "*"):  # the folder, its .tmp-PID/.old siblings and the zip
+        if written.is_symlink():
+            raise AppError(f"{written.relative_to(ws)} is a symbolic link; the app does not export through links")
     args = ["export", run_dir, "--iteration", str(int(iteration)), "--out", str(out.relative_to(ws))]
     args += ["--merged", "--dtype", "bfloat16"] if merged else []
     package_parent = str(Path(__file__).resolve().parent.parent)

@@ -1,0 +1,220 @@
+"""The app's workspace holds: escapes tried as a hostile user would, through the handlers and the HTTP API.
+
+    python -m pytest -q tests/test_security.py
+
+Each test is one way out that once worked (issue 10): a run directory name read as a CLI override, a saved
+config whose paths leave the workspace then continued, symlinks planted where the app or a run writes, a
+config path with "=" read as an override by the CLI. None of them may write or read outside the workspace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spin_lite import app_handlers as h
+from spin_lite.config import ConfigError, SpinConfig
+from test_app import DEMO, REPO, make_workspace, tiny_config
+
+# Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
+# the rest): the first wrote the run outside the workspace, the second made Inspect show an outside file.
+HOSTILE_RUN_DIRS = ["run_dir=/{outside}/x #", "data={{path: /{outside}/secret.jsonl, eval_size: 2, max_examples: 2}} #",
+                    "-rf", "runs/a b", "runs/'q'", "runs/x;y"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.jsonl").write_text(DEMO.read_text())
+    (folder / "keep.txt").write_text("untouched\n")
+    return folder
+
+
+def untouched(outside: Path) -> bool:
+    return sorted(p.name for p in outside.iterdir()) == ["keep.txt", "secret.jsonl"] and \
+        (outside / "keep.txt").read_text() == "untouched\n"
+
+
+# -- names on the command line ------------------------------------------------------------------------------------
+def test_run_dir_names_cannot_become_overrides(ws, outside):
+    for pattern in HOSTILE_RUN_DIRS:
+        name = pattern.format(outside=str(outside).lstrip("/"))
+        with pytest.raises(h.AppError, match="run directory name"):
+            h.start_run(ws, dataclasses.replace(tiny_config("runs/ok"), run_dir=name))
+        with pytest.raises(h.AppError):
+            h.continue_run(ws, name)
+    assert untouched(outside)
+    assert not any(p.name.startswith(("run_dir=", "data=")) for p in ws.rglob("*"))
+
+
+def test_cli_config_path_with_equals_is_a_path(tmp_path, capsys):
+    from spin_lite.cli import config_and_overrides, main
+
+    assert config_and_overrides("cfg/lr=5e-4.yaml", ["train.beta=0.2"]) == ("cfg/lr=5e-4.yaml", ["train.beta=0.2"])
+    assert config_and_overrides("train.beta=0.2", ["iterations=1"]) == (None, ["train.beta=0.2", "iterations=1"])
+    config = tmp_path / "lr=5e-4.yaml"
+    config.write_text("iterations: 0\n")  # read as the config file: its one error is reported
+    assert main(["run", str(config)]) == 2
+    assert "iterations must be >= 1" in capsys.readouterr().err
+    assert main(["run", "cfg/lr=5e-4.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "config file cfg/lr=5e-4.yaml does not exist" in err and "unknown setting" not in err
+    # A run directory whose name has "=" in it: its config path is still a path.
+    odd = tmp_path / "run_dir=elsewhere #"
+    odd.mkdir()
+    (odd / "app-launch.yaml").write_text("iterations: 0\n")
+    assert main(["run", str(odd / "app-launch.yaml")]) == 2
+    assert "iterations must be >= 1" in capsys.readouterr().err
+
+
+# -- every path of a run, on every way into one ---------------------------------------------------------------------
+def test_saved_config_with_outside_paths_is_neither_saved_loaded_nor_continued(ws, outside):
+    bad = tiny_config("runs/saved-bad", **{"data.path": str(outside / "secret.jsonl")})
+    with pytest.raises(h.AppError, match="outside the workspace"):
+        h.save_config(ws, bad, "configs/bad.yaml")
+    assert not (ws / "configs" / "bad.yaml").exists()
+    # The same config written to the workspace some other way (or by an older app): loading and continuing it
+    # are refused too, and no process starts.
+    for key, value in (("data.path", outside / "secret.jsonl"), ("data.eval_path", outside / "secret.jsonl"),
+                       ("model.name", outside), ("model.adapter", outside)):
+        run = ws / "runs" / f"planted-{key.replace('.', '-')}"
+        run.mkdir(parents=True, exist_ok=True)
+        data = tiny_config("x").to_dict()
+        section, leaf = key.split(".")
+        data[section][leaf] = str(value)
+        data["run_dir"] = str(run.relative_to(ws))
+        (run / "config.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(h.AppError, match="outside the workspace"):
+            h.continue_run(ws, str(run.relative_to(ws)))
+        with pytest.raises(h.AppError, match="outside the workspace"):
+            h.open_config(ws, str(run.relative_to(ws)))
+        assert not (run / h.PROCESS_FILE).exists() and not (run / h.LOG_FILE).exists()
+    assert untouched(outside)
+
+
+def test_symlinks_are_never_written_through(ws, outside):
+    # An upload onto a dangling link: the link is skipped, its target never created.
+    uploads = ws / "uploads"
+    uploads.mkdir(exist_ok=True)
+    (uploads / "demo_sft.jsonl").symlink_to(outside / "planted.jsonl")
+    assert h.save_upload(ws, DEMO) == "uploads/demo_sft-1.jsonl"
+    assert not (outside / "planted.jsonl").exists()
+    # Links at the files the app and the run write in a run directory: the launch is refused.
+    for name in (h.LAUNCH_CONFIG, h.LOG_FILE, "iter-00"):
+        run = ws / "runs" / f"linked-{name.replace('.', '-')}"
+        run.mkdir(parents=True)
+        if name != h.LAUNCH_CONFIG:  # Continue launches this config
+            h.save_config(ws, tiny_config(str(run.relative_to(ws))), str((run / h.LAUNCH_CONFIG).relative_to(ws)))
+        (run / name).symlink_to(outside / "keep.txt")
+        with pytest.raises(h.AppError, match="symbolic link"):
+            if name == h.LAUNCH_CONFIG:
+                h.start_run(ws, tiny_config(str(run.relative_to(ws))))
+            else:
+                h.continue_run(ws, str(run.relative_to(ws)))
+    # A config saved onto a link to a file inside the workspace: not written through either.
+    (ws / "configs").mkdir(exist_ok=True)
+    (ws / "configs" / "target.yaml").write_text("iterations: 2\n")
+    (ws / "configs" / "link.yaml").symlink_to(ws / "configs" / "target.yaml")
+    with pytest.raises(h.AppError, match="symbolic link"):
+        h.save_config(ws, SpinConfig(), "configs/link.yaml")
+    assert (ws / "configs" / "target.yaml").read_text() == "iterations: 2\n"
+    assert untouched(outside)
+
+
+def test_export_never_writes_through_a_link(ws, outside):
+    run = ws / "runs" / "exp"
+    (run / "iter-00" / "adapter").mkdir(parents=True)
+    (run / "iter-00" / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text(tiny_config("runs/exp").to_yaml())
+    (ws / "exports").mkdir(exist_ok=True)
+    (ws / "exports" / "exp-iter-00-adapter.zip").symlink_to(outside / "stolen.zip")
+    with pytest.raises(h.AppError, match="symbolic link"):
+        h.export(ws, "runs/exp", 0, merged=False)
+    assert untouched(outside)
+
+
+def test_a_launch_config_that_is_not_a_mapping_is_a_named_error(ws):
+    run = ws / "runs" / "listy"
+    run.mkdir(parents=True)
+    (run / h.LAUNCH_CONFIG).write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        h.continue_run(ws, "runs/listy")
+    assert h.run_status(ws, "runs/listy")["status"] == "not started"
+    (run / h.LAUNCH_CONFIG).write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not a text file"):
+        h.continue_run(ws, "runs/listy")
+
+
+# -- the same escapes through the HTTP API (gradio_client) ------------------------------------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api(ws):
+    client_module = pytest.importorskip("gradio_client")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail("the app did not start")
+            time.sleep(0.5)
+    try:
+        yield client_module.Client(url, verbose=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_escapes_through_the_http_api(api, ws, outside):
+    keys = [s.key for s in h.settings()]
+    for pattern in HOSTILE_RUN_DIRS[:2]:
+        values = h.form_values(tiny_config("runs/ok"))
+        values[keys.index("run_dir")] = pattern.format(outside=str(outside).lstrip("/"))
+        setup_msg, run_msg, _ = api.predict(*values, api_name="/start")
+        assert "Error" in setup_msg and "run directory name" in setup_msg
+        message = api.predict(values[keys.index("run_dir")], 0, api_name="/lambda")  # Continue
+        assert "Error" in message
+    values = h.form_values(tiny_config("runs/api", **{"data.path": str(outside / "secret.jsonl")}))
+    setup_msg, *_ = api.predict(*values, api_name="/start")
+    assert "outside the workspace" in setup_msg
+    setup_msg, _ = api.predict("configs/api.yaml", *values, api_name="/save")
+    assert "outside the workspace" in setup_msg and not (ws / "configs" / "api.yaml").exists()
+    setup_msg, _ = api.predict("../escape.yaml", *h.form_values(tiny_config("runs/api")), api_name="/save")
+    assert "outside the workspace" in setup_msg
+    planted = tiny_config("runs/api").to_dict()
+    planted["data"]["path"] = str(outside / "secret.jsonl")
+    (ws / "configs").mkdir(exist_ok=True)
+    (ws / "configs" / "planted.yaml").write_text(yaml.safe_dump(planted))
+    loaded = api.predict("configs/planted.yaml", api_name="/load")
+    assert "outside the workspace" in loaded[0]
+    message = api.predict("../", 0, api_name="/lambda")
+    assert "outside the workspace" in message or "run directory name" in message
+    assert "Error" in api.predict("runs/listy", api_name="/lambda_1")  # Abort of a run the app did not start
+    assert untouched(outside)
+    assert not (outside.parent / "x").exists()
