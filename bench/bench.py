@@ -4,12 +4,15 @@
                                                  # the Llama-3.2-1B shape in bf16 and nf4 on a GPU
     .venv/bin/python bench/bench.py --size smollm2 --quant fp32
     .venv/bin/python bench/bench.py --size 1b --quant bf16 nf4
+    .venv/bin/python bench/bench.py --size tiny --only gen --out /tmp/b.json   # seconds: a rehearsal of the code
 
 Peers: transformers `generate` on the PEFT model (generation), TRL's DPOTrainer with the sigmoid loss and
 precompute_ref_log_probs (training: the SPIN loss is DPO's with the opponent as reference), and the two in
 sequence (a whole iteration). Same LoRA (r 16, alpha 32, all linear layers), batch sizes, lengths and
 gradient checkpointing on both sides. Every case runs in a fresh process (its own peak memory: CUDA peak
-allocated on a GPU, peak RSS on a CPU). Prints a table and writes bench/results/<machine>.json.
+allocated on a GPU, peak RSS on a CPU). Prints a table and writes bench/results/<machine>.json (or --out).
+Generation runs both engines of spin_lite (generation.engine): the one `auto` picks on this machine (static on
+a GPU, eager on a CPU) in the cases compared with the peer, the other as `gen.ours_<engine>_*`.
 """
 from __future__ import annotations
 
@@ -83,29 +86,34 @@ def case_gen(size, quant, s: C.Sizes, repeats: int):
     from spin_lite.config import GenerationSettings
     model = with_lora(load(size, quant)).eval()
     chosen, default_rows = {}, gen.rows_per_pass
+    other = "eager" if torch.cuda.is_available() else "static"  # the engine auto does not pick here
     no_eos = types.SimpleNamespace(eos_token_id=-1, pad_token_id=C.PAD)  # full length, as the peer's min_new_tokens
     out = C.WORK / f"gen-{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
     batch = prompts(size, s.gen_batch, s.prompt_len)
     many = batch + prompts(size, max(0, s.gen_prompts - s.gen_batch), s.prompt_len, seed=1)
 
-    def ours(todo: list[list[int]], auto: bool, name: str):
+    def ours(todo: list[list[int]], auto: bool, name: str, engine: str = "auto"):
         def rows(*args):
             chosen[auto] = default_rows(*args) if auto else s.gen_batch
             return chosen[auto]
         gen.rows_per_pass = rows
         settings = GenerationSettings(max_new_tokens=s.new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                                      batch_size=s.gen_batch)
+                                      batch_size=s.gen_batch, engine=engine)
         path = out / f"{name}.jsonl"
         path.unlink(missing_ok=True)
-        records = gen.generate_all(model, no_eos, {f"p{i}": p for i, p in enumerate(todo)}, settings, path, seed=1)
+        records = gen.generate_all(model, no_eos, {f"p{i}": p for i, p in enumerate(todo)}, settings, path, seed=1,
+                                   stop_ids=[])
         assert all(len(r["ids"]) == s.new_tokens for r in records.values())
 
     runs = {"gen.peer": (lambda: hf_generate(model, batch, s.new_tokens, True), batch, lambda: s.gen_batch),
             "gen.ours_same_batch": (lambda: ours(batch, False, "same"), batch, lambda: chosen[False]),
-            "gen.ours_auto_batch": (lambda: ours(many, True, "auto"), many, lambda: chosen[True])}
+            "gen.ours_auto_batch": (lambda: ours(many, True, "auto"), many, lambda: chosen[True]),
+            f"gen.ours_{other}_same_batch": (lambda: ours(batch, False, "same", other), batch, lambda: chosen[False]),
+            f"gen.ours_{other}_auto_batch": (lambda: ours(many, True, "auto", other), many, lambda: chosen[True])}
     hf_generate(model, batch[:2], 4, True)  # warm-up
     ours(batch[:2], False, "warm")
+    ours(batch[:2], False, "warm", other)
     best = {}
     for _ in range(repeats):
         for name, (fn, todo, rows) in runs.items():
@@ -142,7 +150,7 @@ def train_config(size, quant, s: C.Sizes, run_dir: Path, **extra):
          "lora": LORA,
          "train": {"micro_batch_size": s.train_pairs, "gradient_accumulation_steps": 1, "epochs": 1,
                    "learning_rate": 1e-5, "gradient_checkpointing": True, "save_every": 10_000,
-                   "warmup_ratio": 0.0}}
+                   "warmup_ratio": 0.0, "stop_when": "never"}}
     for key, value in extra.items():
         d.setdefault(key, {}).update(value) if isinstance(value, dict) else d.__setitem__(key, value)
     return SpinConfig.from_dict(d)
@@ -238,7 +246,7 @@ def case_iter_ours(size, quant, s: C.Sizes):
     data = out / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in iteration_rows(size, s)))
     cfg = train_config(size, quant, s, out / "run", data={
-        "path": str(data), "eval_size": 0, "max_prompt_length": s.prompt_len + 8,
+        "path": str(data), "eval_size": 0, "val_size": 0, "max_prompt_length": s.prompt_len + 8,
         "max_length": s.prompt_len + s.iter_new_tokens + 16},
         generation={"max_new_tokens": s.iter_new_tokens, "do_sample": True, "temperature": 1.0, "top_p": 1.0,
                     "batch_size": s.gen_batch}, eval={"enabled": False})
@@ -334,6 +342,8 @@ def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[d
 
     def row(name, metric, ours, peer, higher_is_better=True, **extra):
         o, p = cases.get(ours, {}), cases.get(peer, {})
+        if ours not in cases and peer not in cases:
+            return None  # not run (--only)
         if metric not in o or metric not in p:
             return {"comparison": name, "size": size, "quant": quant, "machine": where, "error": "a case failed"}
         ratio = o[metric] / p[metric] if higher_is_better else p[metric] / o[metric]
@@ -350,11 +360,19 @@ def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[d
                 ours_batch=cases.get("gen.ours_auto_batch", {}).get("batch")),
             row("train.step", "tokens_per_s", "train.ours", "train.trl"),
             row("iteration", "seconds", "iter.ours", "iter.peer", higher_is_better=False)]
-    if kind == "gpu":
+    # the two engines of spin_lite against each other (ratio: static over eager)
+    for batch in ("same_batch", "auto_batch"):
+        static, eager = (f"gen.ours_{batch}", f"gen.ours_eager_{batch}") if kind == "gpu" else \
+            (f"gen.ours_static_{batch}", f"gen.ours_{batch}")
+        rows.append(row(f"gen.static_vs_eager.{batch}", "tokens_per_s", static, eager))
+    rows = [r for r in rows if r is not None]
+    named = {r["comparison"]: r for r in rows}
+    if kind == "gpu" and "gen.auto_batch" in named:
         auto = cases.get("gen.ours_auto_batch", {}).get("tokens_per_s")
-        rows[1]["target_tokens_per_s"] = GPU_GEN_TOKENS_PER_S
-        rows[1]["meets_target"] = None if auto is None else auto >= GPU_GEN_TOKENS_PER_S
-        train = rows[2]
+        named["gen.auto_batch"]["target_tokens_per_s"] = GPU_GEN_TOKENS_PER_S
+        named["gen.auto_batch"]["meets_target"] = None if auto is None else auto >= GPU_GEN_TOKENS_PER_S
+    if kind == "gpu" and "train.step" in named:
+        train = named["train.step"]
         if "ours_peak_gib" in train:
             train["meets_target"] = train.get("meets_target") and train["ours_peak_gib"] <= train["peer_peak_gib"]
     return rows
@@ -373,7 +391,8 @@ def versions() -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=["smollm2", "1b"])
+    parser.add_argument("--size", choices=list(C.SIZES), help="default: 1b on a GPU, smollm2 on a CPU; tiny: a "
+                        "2-layer random model, seconds, to rehearse the code (make gpu-check --tiny)")
     parser.add_argument("--quant", nargs="*", choices=["fp32", "bf16", "nf4"])
     parser.add_argument("--case", help="run one case in this process (used by the driver)")
     parser.add_argument("--only", nargs="*", help="run only these cases")
@@ -381,6 +400,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs of the training and iteration cases, alternated, the best kept "
                              "(default: 2 on a CPU, whose neighbours make noise; 1 on a GPU)")
+    parser.add_argument("--out", help="where to write the JSON (default: bench/results/<machine>.json)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per case (default on a CPU: 1, the same for every case: on a shared "
                              "2-core machine, 2 threads a process get descheduled and every number is noise)")
@@ -408,8 +428,8 @@ def main():
         report["comparisons"] += compare(cases, size, quant, kind, where)
     report["load_average_at_end"] = os.getloadavg()
     print_table(report)
-    out = Path(__file__).resolve().parent / "results" / f"{where}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{where}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 

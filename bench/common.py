@@ -19,7 +19,9 @@ import torch
 WORK = Path(os.environ.get("SPIN_BENCH_DIR", "/tmp/spin_bench"))
 PAD, BOS, EOS = 0, 1, 2
 
-SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes
+SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; tiny: seconds on a CPU, to rehearse the code paths
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -45,6 +47,8 @@ class Sizes:
 SIZES = {
     "smollm2": Sizes(gen_batch=8, gen_prompts=64, prompt_len=32, new_tokens=64, train_pairs=2, train_prompt=32,
                      train_response=64, train_steps=3, iter_prompts=8, iter_new_tokens=32),
+    "tiny": Sizes(gen_batch=4, gen_prompts=16, prompt_len=16, new_tokens=16, train_pairs=2, train_prompt=16,
+                  train_response=16, train_steps=2, iter_prompts=8, iter_new_tokens=8),
     "1b": Sizes(gen_batch=64, gen_prompts=512, prompt_len=128, new_tokens=256, train_pairs=8, train_prompt=128,
                 train_response=384, train_steps=6, iter_prompts=128, iter_new_tokens=256),
 }

@@ -1,0 +1,239 @@
+"""Everything that needs a GPU, in one prepared run: the gpu tests, the static engine, the Unsloth backend, the
+benchmarks at the GPU sizes and the 8B memory phases; one summary table and one JSON file.
+
+    bash bench/gpu_check.sh .whl/core        # on the GPU machine: installs the wheels, then runs this
+    make gpu-check ARGS=--tiny               # anywhere: the same steps at a tiny size (a rehearsal, about 3 min
+                                             # on 2 CPU cores), the CUDA-only ones skipped with a line
+    python bench/gpu_check.py --only bench.nf4 bench.levers --budget 200     # what a first run left out
+
+Steps run in the order below (what matters most first). One starts only if the time spent so far plus its
+estimate fits the budget (default 290 s: the check must fit 5 minutes on an H100, so that a fixed rerun still
+fits a 15-minute lease); a step that does not fit is listed as skipped (budget) and `--only` runs it later.
+Results go to bench/results/<gpu>.json, merged with an earlier check's file there (a step run again replaces
+its entry), and, where $OUT is set (the device machine), to $OUT with the log of every step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import common as C  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "unsloth",
+            "unsloth_zoo")
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    estimate_s: int           # on an H100 at the full sizes (a guess until the first run: see the JSON)
+    cuda_only: bool = False   # skipped (with a line) where there is no CUDA...
+    rehearsed: bool = False   # ...except with --tiny, where its code runs on a CPU too
+
+
+STEPS = [
+    Step("tests", "pytest -m gpu tests/test_gpu.py (4-bit runs, resume, the static engine's CUDA graph)", 60),
+    Step("bench.gen", "generation: the peer, spin_lite static and eager engines, bf16 1B shape", 75),
+    Step("unsloth", "the Unsloth backend end to end (a small random Llama in 4 bits)", 60, cuda_only=True),
+    Step("bench.train", "a SPIN training step against TRL DPOTrainer, bf16", 50),
+    Step("memory.8b", "an 8B-shape model in nf4, phase by phase, capped at 24 GiB", 120, cuda_only=True,
+         rehearsed=True),
+    Step("bench.iter", "a whole iteration against generate + DPOTrainer, bf16", 90),
+    Step("bench.nf4", "generation and a training step on the nf4 base", 110, cuda_only=True),
+    Step("bench.levers", "transformers generate on the merged copy, dynamic and static (compiled) cache", 70,
+         cuda_only=True),
+]
+
+
+def command(step: Step, tiny: bool, work: Path) -> list[str] | None:
+    """The step's command line (None: run in this process, or not runnable here)."""
+    py = sys.executable
+    size = "tiny" if tiny else "1b"
+    quant = "bf16" if torch.cuda.is_available() else "fp32"
+    bench = [py, str(HERE / "bench.py"), "--size", size, "--repeats", "1"]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_gpu.py")]
+    return {
+        "tests": pytest + ["-m", "gpu", "-k", "not unsloth"],
+        "unsloth": pytest + ["-m", "gpu", "-k", "unsloth"],
+        "bench.gen": bench + ["--quant", quant, "--only", "gen", "--out", str(work / "bench.gen.json")],
+        "bench.train": bench + ["--quant", quant, "--only", "train.ours", "train.trl",
+                                "--out", str(work / "bench.train.json")],
+        "bench.iter": bench + ["--quant", quant, "--only", "iter.ours", "iter.peer",
+                               "--out", str(work / "bench.iter.json")],
+        "bench.nf4": bench + ["--quant", "nf4", "--only", "gen", "train.ours", "train.trl",
+                              "--out", str(work / "bench.nf4.json")],
+        "bench.levers": bench + ["--quant", quant, "--only", "lever.gen.hf_merged_dynamic",
+                                 "lever.gen.hf_merged_static", "--out", str(work / "bench.levers.json")],
+        "memory.8b": [py, str(HERE / "memory_8b.py"), "--size", "tiny" if tiny else "8b",
+                      "--out", str(work / "memory.8b.json")] + ([] if torch.cuda.is_available() else ["--prompts", "4"]),
+    }[step.name]
+
+
+def run_step(step: Step, tiny: bool, work: Path, timeout: float, log) -> dict:
+    """Run one step in a fresh process; {status, seconds, summary, data}. Its output goes to the log."""
+    if step.name == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        return {"status": "skipped", "summary": "unsloth is not importable (stage .whl/unsloth first)"}
+    cmd = command(step, tiny, work)
+    began = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log.write(f"\n===== {step.name}: {' '.join(cmd)}\n")
+    log.flush()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        output, code = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code = "timeout"
+    log.write(output)
+    log.flush()
+    seconds = round(time.perf_counter() - began, 1)
+    out = {"seconds": seconds, "command": " ".join(cmd), "tail": output[-1500:]}
+    if code == "timeout":
+        return out | {"status": "failed", "summary": f"timed out after {timeout:.0f} s"}
+    if step.name in ("tests", "unsloth"):
+        counts = re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", output)
+        summary = ", ".join(f"{n} {w}" for n, w in counts) or (output.strip().splitlines() or [""])[-1]
+        return out | {"status": "passed" if code == 0 else "failed", "summary": summary,
+                      "counts": {w: int(n) for n, w in counts}}
+    path = work / f"{step.name}.json"
+    if code != 0 or not path.exists():
+        return out | {"status": "failed", "summary": f"exit {code}: " + output.strip()[-300:]}
+    data = json.loads(path.read_text())
+    errors = [c["comparison"] for c in data.get("comparisons", []) if "error" in c]
+    if data.get("out_of_memory"):
+        errors.append("out of memory")
+    return out | {"status": "failed" if errors else "passed", "data": data,
+                  "summary": f"failed: {', '.join(errors)}" if errors else "ok"}
+
+
+def table_rows(steps: dict) -> list[list[str]]:
+    """One row a figure: step, item, result, target, met."""
+    rows = []
+    for name, r in steps.items():
+        data = r.get("data") or {}
+        if r.get("status") != "passed" or not data:
+            rows.append([name, "", r.get("status", "?") + (f": {r['summary']}" if r.get("summary") else ""), "", ""])
+            continue
+        for c in data.get("comparisons", []):
+            unit = " tok/s" if c["metric"] == "tokens_per_s" else " s"
+            target = " ".join(filter(None, [f">= {c['target_ratio']}x" if c.get("target_ratio") else "",
+                                            f">= {c['target_tokens_per_s']:,} tok/s" if c.get("target_tokens_per_s")
+                                            else ""]))
+            met = {True: "yes", False: "NO", None: ""}[c.get("meets_target")]
+            rows.append([name, f"{c['comparison']} ({c['quant']})",
+                         f"{c['ours']:,.1f}{unit} vs {c['peer']:,.1f}{unit} = {c['ratio']:.2f}x; "
+                         f"{c['ours_peak_gib']:.2f} vs {c['peer_peak_gib']:.2f} GiB", target, met])
+        for key, cases in (data.get("cases") or {}).items():  # the levers have no peer row
+            for case, v in sorted(cases.items()):
+                if case.startswith("lever.") and "tokens_per_s" in v:
+                    rows.append([name, f"{case} ({key})", f"{v['tokens_per_s']:,.1f} tok/s, {v['peak_gib']:.2f} GiB",
+                                 "", ""])
+        for phase, v in (data.get("phases") or {}).items():
+            cap = data.get("cap_gib")  # None on a CPU rehearsal
+            item = f"{phase} ({data.get('generated_from', '')}, {data.get('engine', '')} engine)" \
+                if phase == "generate" else phase
+            rows.append([name, item, f"{v['peak_reserved_gib']:.2f} GiB reserved, {v['peak_allocated_gib']:.2f} "
+                         f"allocated, {v['seconds']} s", f"<= {cap} GiB" if cap else "",
+                         ("yes" if v["peak_reserved_gib"] <= cap else "NO") if cap else ""])
+    return rows
+
+
+def print_table(report: dict):
+    head = ["step", "item", "result", "target", "met"]
+    rows = [head] + table_rows(report["steps"])
+    widths = [min(max(len(r[i]) for r in rows), 90) for i in range(len(head))]
+    print(f"\ngpu-check on {report['machine']} ({report['date']}, {report['mode']}): "
+          f"{sum(r.get('seconds', 0) for r in report['steps'].values()):.0f} s in steps")
+    for n, r in enumerate(rows):
+        print(" | ".join(v[:90].ljust(w) for v, w in zip(r, widths)))
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def environment() -> dict:
+    env = {"python": sys.version.split()[0], "cuda": torch.cuda.is_available(), "packages": {}}
+    for name in PACKAGES:
+        try:
+            env["packages"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env["packages"][name] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env |= {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
+                "bf16": torch.cuda.is_bf16_supported(), "torch_cuda": torch.version.cuda}
+    return env
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the same steps at a tiny size (a rehearsal)")
+    parser.add_argument("--only", nargs="*", choices=[s.name for s in STEPS], help="run only these steps")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all steps (default: 290 on a GPU at full size, no limit with --tiny)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    budget = args.budget or (1e9 if args.tiny else 290.0)
+    work = C.WORK / ("gpu-check-tiny" if args.tiny else "gpu-check")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    machine = C.machine()
+    results = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    path = (work / f"{machine}-tiny.json") if args.tiny else HERE / "results" / f"{machine}.json"
+    report = {"machine": machine, "date": datetime.date.today().isoformat(), "mode": "tiny" if args.tiny else "full",
+              "command": " ".join(["python", "bench/gpu_check.py", *sys.argv[1:]]), "budget_s": budget,
+              "environment": environment(), "steps": {}}
+    if path.exists() and not args.tiny:  # an earlier check on this machine: keep the steps not run again
+        report["steps"] = json.loads(path.read_text()).get("steps", {})
+    print(f"gpu-check: {machine}, {'tiny' if args.tiny else 'full'} sizes, budget {budget:.0f} s; "
+          f"packages {report['environment']['packages']}", flush=True)
+    began = time.perf_counter()
+    with open(work / "gpu_check.log", "w") as log:
+        for step in STEPS:
+            if args.only and step.name not in args.only:
+                continue
+            spent = time.perf_counter() - began
+            if step.cuda_only and not cuda and not (args.tiny and step.rehearsed):
+                result = {"status": "skipped", "summary": "needs CUDA"}
+            elif spent + (0 if args.tiny else step.estimate_s) > budget:
+                result = {"status": "skipped", "summary": f"budget: {spent:.0f} s spent, {step.estimate_s} s estimated"}
+            else:
+                print(f"[{spent:5.0f} s] {step.name}: {step.what}", flush=True)
+                timeout = min(max(budget - spent, step.estimate_s) + 30, 1800)
+                result = run_step(step, args.tiny, work, timeout, log)
+            report["steps"][step.name] = result | {"ran_at": datetime.datetime.now().isoformat(timespec="seconds")}
+            print(f"        {step.name}: {result['status']} ({result.get('seconds', 0)} s) {result.get('summary', '')}",
+                  flush=True)
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    print_table(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    if results:
+        results.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, results / path.name)
+        shutil.copy(work / "gpu_check.log", results / "gpu_check.log")
+        print(f"copied {path.name} and gpu_check.log to {results}")
+    failed = [n for n, r in report["steps"].items() if r["status"] == "failed"]
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
