@@ -44,9 +44,11 @@ def _reference(value: str, marker: str, what: str) -> str:
         return str(path)
     if path.exists():
         raise ModelError(f"{what}: {path} is a file; a local model or adapter is a folder")
+    # a relative path is taken from the working directory (spin_lite.config.where): say which one
+    cwd = "" if Path(value).expanduser().is_absolute() else f" (relative to the working directory {Path.cwd()})"
     if not HUB_ID.fullmatch(value) or value.startswith(("/", "./", "../", "~")):
-        raise ModelError(f"{what}: no such folder: {path}")
-    _check_hub(value, marker, f"{what}: no such folder {path}, and")
+        raise ModelError(f"{what}: no such folder: {path}{cwd}")
+    _check_hub(value, marker, f"{what}: no such folder {path}{cwd}, and")
     return value
 
 

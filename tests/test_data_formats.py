@@ -180,3 +180,21 @@ def test_hub_split_expressions_compose_with_max_examples(monkeypatch):
     assert asked == ["train_sft[:30]", "train_sft"]
     with pytest.raises(DataError, match=r"data split 'train_sft\[:2200\]\[:10\]' of someone/data is not a split"):
         read_rows("someone/data", "train_sft[:2200][:10]")
+
+
+def test_model_and_run_dir_path_errors_say_where_they_looked(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from spin_lite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # "adapters/a" could be a hub id
+    assert main(["run", "model.name=./models/mine", "run_dir=runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"no such folder: {tmp_path}/models/mine (relative to the working directory {tmp_path})" in err
+    assert main(["run", "model.adapter=adapters/a", "run_dir=runs/x"]) == 2
+    assert f"no such folder {tmp_path}/adapters/a (relative to the working directory {tmp_path})" in capsys.readouterr().err
+    assert main(["export", "runs/old", "--out", "exports/x"]) == 2
+    assert (f"runs/old is not a run directory (no config.yaml; looked for {tmp_path}/runs/old: relative paths are "
+            f"taken from the working directory {tmp_path})") in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
