@@ -69,3 +69,31 @@ def _cell_times(nb) -> list[float]:
                           for k in ("iopub.execute_input", "shell.execute_reply"))
             times.append(round((end - start).total_seconds(), 1))
     return times
+
+
+def test_install_cell_needs_no_edits(tmp_path, monkeypatch):
+    """Outside CI the install cell finds a checkout (the notebook's folder or a parent) and pip-installs it, else
+    asks pip for the package; a failed install ends in a message saying what to do, not a placeholder URL."""
+    import importlib.util
+    import subprocess
+
+    nbformat = pytest.importorskip("nbformat")
+    cell = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"][1].source
+    assert "YOUR-ORG" not in cell
+    calls, real_find_spec = [], importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "spin_lite" else real_find_spec(name, *a))
+
+    def pip(args, returncode):
+        calls.append(args[-1])
+        return subprocess.CompletedProcess(args, returncode)
+
+    monkeypatch.chdir(REPO / "examples")  # the notebook opened from a clone
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: pip(args, 0))
+    exec(cell, {"CI": False, "SPIN_LITE_SOURCE": None})
+    assert calls == [str(REPO)]
+    monkeypatch.chdir(tmp_path)  # no checkout anywhere: the package name, and a clear message when pip fails
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: pip(args, 1))
+    with pytest.raises(RuntimeError, match="pip could not install spin_lite from spin-lite. Put a copy"):
+        exec(cell, {"CI": False, "SPIN_LITE_SOURCE": None})
+    assert calls[-1] == "spin-lite"
