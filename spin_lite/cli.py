@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .model import ModelError
     from .run import RunError, SpinRun, format_table
+    from .train import TrainingDiverged
     from .state import RunDir, RunLockedError
 
     try:
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             t = run_dir.completed()
             if t >= cfg.iterations:
                 raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
+            if run_dir.stopped():
+                raise RunError(f"the stop rule ended {args.run_dir} after iteration {t - 1} (train.stop_when=no_gain)")
             SpinRun(cfg).prepare().iteration(t, only=args.command)
-    except (ConfigError, DataError, ModelError, RunError, RunLockedError) as e:
+    except (ConfigError, DataError, ModelError, RunError, RunLockedError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

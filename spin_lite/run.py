@@ -33,7 +33,7 @@ from .generate import generate_all, read_generations
 from .model import build_model, load_adapter_weights, load_base, load_tokenizer, merged_base, resolve_backend
 from .preflight import check_model
 from .state import STAGES, RunDir, atomic_write_json, atomic_write_text, read_json, read_jsonl, replace_dir
-from .train import train_adapter
+from .train import TrainingDiverged, train_adapter
 
 
 class RunError(RuntimeError):
@@ -116,7 +116,11 @@ class SpinRun:
         stage_functions = {"generate": self.generate, "train": self.train, "evaluate": self.evaluate}
         for name in todo:
             self._set_state(stage=name)
-            stage_functions[name](t, model, began)
+            try:
+                stage_functions[name](t, model, began)
+            except TrainingDiverged as e:
+                self._set_state(status="failed", error=str(e))
+                raise
         if self.dir.is_complete(t):
             done = self.dir.stopped() or t + 1 >= self.cfg.iterations
             self._set_state(iteration=t + 1, stage="done", status="finished" if done else "running",

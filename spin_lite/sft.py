@@ -41,7 +41,7 @@ from .evaluate import score
 from .logprobs import collate, sequence_logprobs
 from .model import load_base, load_tokenizer, with_adapter
 from .state import atomic_write_json, atomic_write_text, read_json, replace_dir
-from .train import epoch_order, lr_schedule
+from .train import check_step, epoch_order, lr_schedule
 
 
 def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] = (), log=print) -> dict:
@@ -124,11 +124,14 @@ def train_sft(model, rows: list[Encoded], cfg: SpinConfig, pad_id: int, out_dir:
                 micro_loss.backward()
                 loss += float(micro_loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            check_step(loss, grad_norm, t.max_loss, step + 1, "sft")
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
             optimizer.step()
+            check_step(0.0, 1.0, t.max_loss, step + 1, "sft", params)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": step_tokens / (time.perf_counter() - began)}
+                      "lr": step_lr, "tokens_per_s": step_tokens / (time.perf_counter() - began)}
             records.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()

@@ -147,7 +147,7 @@ class RunDir:
 
     def trained_iterations(self) -> list[int]:
         """Iterations with a trained adapter, complete or not."""
-        found = sorted(int(p.parent.name[5:]) for p in self.root.glob("iter-*/adapter/adapter_config.json"))
+        found = sorted(int(p.parent.parent.name[5:]) for p in self.root.glob("iter-*/adapter/adapter_config.json"))
         return [t for k, t in enumerate(found) if t == k]  # only the unbroken chain from iteration 0
 
     def adapters_after(self, n: int, mode: str, start_adapter: str | None = None) -> list[str]:

@@ -47,14 +47,22 @@ def lr_schedule(optimizer, kind: str, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str):
-    """Raise TrainingDiverged when a step's loss or gradient norm is not finite or the loss exceeds max_loss."""
+def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str, params=()):
+    """Raise TrainingDiverged when a step's loss or gradient norm is not finite, the loss exceeds max_loss, the
+    gradient vanished while the loss did not (norm exactly 0: the model saturated, as after a far too large
+    step), or a trainable parameter is not finite."""
+    problem = None
     if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > max_loss:
+        problem = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}, train.max_loss={max_loss:g}"
+    elif grad_norm == 0.0 and loss > 0:
+        problem = f"the gradient vanished (norm 0 at loss {loss:.4g}): the model saturated"
+    elif not all(bool(torch.isfinite(p).all()) for p in params):
+        problem = "an adapter weight is not finite"
+    if problem:
         raise TrainingDiverged(
-            f"{where}: training diverged at step {step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}; "
-            f"train.max_loss={max_loss:g}). The step was not taken and nothing of this iteration was saved "
-            "after the last checkpoint; lower train.learning_rate and run again in a new run_dir, or resume "
-            "this one with the same settings to retry from the checkpoint.")
+            f"{where}: training diverged at step {step} ({problem}). Nothing of this iteration after its last "
+            "checkpoint was saved, and earlier iterations are untouched; lower train.learning_rate and start a "
+            "new run_dir (or continue this one with the same settings to retry from the checkpoint).")
 
 
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> list[int]:
@@ -140,12 +148,15 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
             _all_reduce_grads(params)
             sums, tokens = _all_reduce_sums(sums, tokens, params[0].device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-        check_step(sums["loss"] / len(step_pairs), grad_norm, t.max_loss, step + 1, f"train iter {iteration}")
+        where = f"train iter {iteration}"
+        check_step(sums["loss"] / len(step_pairs), grad_norm, t.max_loss, step + 1, where)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
         optimizer.step()
+        check_step(0.0, 1.0, t.max_loss, step + 1, where, params)  # the step left every weight finite
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "epoch": epoch, **{k: v / len(step_pairs) for k, v in sums.items()},
-                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "beta": beta,
+                  "grad_norm": grad_norm, "lr": step_lr, "beta": beta,
                   "tokens_per_s": tokens / (time.perf_counter() - began)}
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:

@@ -1,0 +1,191 @@
+"""The method's guard rails: warmup, the divergence guard, validation rows, the stop rule and the best iteration,
+the run directory's contract, and runs made by an earlier version."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from spin_lite.config import load_config
+from spin_lite.evaluate import compare, evaluate, is_repetitive
+from spin_lite.run import SpinRun, format_table
+from spin_lite.state import RunDir, read_jsonl
+from spin_lite.train import TrainingDiverged, lr_schedule
+
+from conftest import cli, tiny_settings
+
+
+def factors(total: int, ratio: float, kind: str = "linear") -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    scheduler = lr_schedule(optimizer, kind, total, ratio)
+    rates = []
+    for _ in range(total):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_has_a_step_and_no_step_runs_at_rate_zero():
+    """6 steps at ratio 0.1: ceil(0.6) = 1 warmup step at 1/2 the peak, then linear decay (6 - k) / 5 for k = 1..5.
+    12 steps: ceil(1.2) = 2 warmup steps at 1/3 and 2/3, then (12 - k) / 10. (int() gave 0 and 1 warmup steps,
+    the second case's first step at rate 0.)"""
+    assert factors(6, 0.1) == pytest.approx([0.5, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert factors(12, 0.1) == pytest.approx([1 / 3, 2 / 3] + [(12 - k) / 10 for k in range(2, 12)])
+    assert factors(4, 0.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert min(factors(7, 0.1, "cosine")) > 0 and factors(3, 0.5, "constant") == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_divergence_stops_the_run_with_an_error_and_saves_nothing_bad(tiny_model_dir, tmp_path):
+    """lr 1e6: the first step saturates the model (the real responses' log-probs become uniform), so the second
+    step's gradient is exactly 0 at a loss of 0.66; before the guard the run finished with rc 0 and a dead adapter."""
+    run_dir = tmp_path / "run"
+    out = cli("run", *tiny_settings(tiny_model_dir, run_dir, **{"train.learning_rate": "1e6"}))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "training diverged at step 2" in out.stderr and "gradient vanished" in out.stderr
+    assert not (run_dir / "iter-00" / "adapter").exists() and not (run_dir / "iter-00" / "summary.json").exists()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "failed" and "diverged" in state["error"]
+
+
+def test_non_finite_learning_rate_is_caught_by_the_guard(tiny_config):
+    """lr = inf gets past no check here (set after validation): the first step's weights become NaN and the guard
+    stops training before the adapter is saved."""
+    cfg = tiny_config(**{"eval.enabled": "false"})
+    cfg.train.learning_rate = math.inf
+    run = SpinRun(cfg, log=lambda *a: None)
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        run.run()
+    assert not (run.dir.iteration(0) / "adapter").exists()
+
+
+def test_a_model_that_never_ends_its_answers_ranks_below_the_start(tiny_config, tiny_model_dir, tokenizer):
+    """The same tiny model twice, with a bias on its output for the stop token: +20, it ends every answer at
+    once; -20, it never ends one. The second is ranked below the first even when it is given the higher
+    likelihood of the real responses: the ranking does not rest on likelihood alone."""
+    from transformers import AutoModelForCausalLM
+    from spin_lite.data import encode_prompt
+    cfg = tiny_config()
+    items = [{"key": f"val:{k}", "prompt_ids": encode_prompt(tokenizer, [{"role": "user", "content": q}]),
+              "real_ids": tokenizer.encode(q)[:6] + [tokenizer.eos_token_id]}
+             for k, q in enumerate(["What is the sky?", "Why do cats purr?", "Name a river."])]
+
+    def metrics(eos_bias):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.zero_()
+            head.bias[tokenizer.eos_token_id] = eos_bias
+        model.lm_head = head
+        return evaluate(model, tokenizer, items, cfg)[0]
+
+    ends, never = metrics(+20.0), metrics(-20.0)
+    assert ends["ended_rate"] == 1.0 and never["ended_rate"] == 0.0
+    never["logp_per_token"] = ends["logp_per_token"] + 1.0  # even with a higher likelihood
+    reasons = compare(never, ends)
+    assert reasons and "ended_rate got worse (1.00 -> 0.00)" in reasons[0]
+    assert compare(ends, never | {"logp_per_token": ends["logp_per_token"] - 0.1, "ended_rate": 0.0}) == []
+
+
+def test_compare_by_hand():
+    old = {"logp_per_token": -2.0, "ended_rate": 0.5, "repetition_rate": 0.25, "match_rate": 0.5}
+    assert compare(old | {"logp_per_token": -1.9}, old) == []
+    assert compare(old, old) == ["validation logp/token did not rise (-2.000 -> -2.000)"]
+    assert compare(old | {"logp_per_token": -1.0, "repetition_rate": 0.5}, old) == [
+        "validation repetition_rate got worse (0.25 -> 0.50)"]
+    assert compare(old | {"logp_per_token": -1.0, "match_rate": 0.25, "task_accuracy": 0.0}, old) == [
+        "validation match_rate got worse (0.50 -> 0.25)"]  # a metric the old model lacks is not compared
+    assert is_repetitive("a b c a b c a b c") and not is_repetitive("a b c a b c d")
+
+
+def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
+    """Measured on this tiny model and seed: iteration 0 is accepted (validation logp/token -10.82 -> -10.69);
+    iteration 1 raises the likelihood again (-10.51) but every validation answer starts looping (repetition
+    0 -> 1), so the rule rejects it and the third iteration never runs."""
+    cfg = tiny_config(iterations=3, **{"train.stop_when": "no_gain"})
+    run = SpinRun(cfg, log=lambda *a: None)
+    run.run()
+    rd = run.dir
+    assert rd.completed() == 2 and not rd.iteration(2).exists()
+    s0, s1 = rd.summaries()
+    assert s0["selection"]["accepted"] and s0["selection"]["compared_with"] == "the starting model"
+    assert not s1["selection"]["accepted"] and s1["selection"]["stop"]
+    assert any("repetition_rate got worse" in r for r in s1["selection"]["reasons"])
+    assert s1["val"]["logp_per_token"] > s0["val"]["logp_per_token"]  # likelihood alone would have kept it
+    assert rd.best_iteration() == 0 and rd.stopped()
+    assert json.loads((rd.root / "state.json").read_text())["best_iteration"] == 0
+    rows = rd.results_table()
+    assert [r["best"] for r in rows] == [False, True, False]
+    table = format_table(rd)
+    assert "chosen on the validation rows: iteration 0" in table and "run stopped" in table
+    # the verdict read only validation metrics: recomputing it from them gives the same answer
+    start_val = json.loads((rd.root / "eval-start.json").read_text())["val"]
+    assert compare(s0["val"], start_val) == [] and compare(s1["val"], s0["val"]) == s1["selection"]["reasons"]
+    # running the command again does nothing more
+    run._lock.close()
+    SpinRun(cfg, log=lambda *a: None).run()
+    assert rd.completed() == 2
+
+
+def test_validation_and_test_rows_are_apart_and_only_validation_chooses(tiny_config):
+    cfg = tiny_config(iterations=1)
+    run = SpinRun(cfg, log=lambda *a: None).prepare()
+    s = run.splits
+    keys = {name: {e.row for e in rows} for name, rows in (("train", s.train), ("val", s.val), ("test", s.test))}
+    assert len(keys["val"]) == 4 and len(keys["test"]) == 4 and len(keys["train"]) == 8
+    assert not (keys["val"] & keys["test"]) and not (keys["train"] & (keys["val"] | keys["test"]))
+    run.run()
+    pairs = read_jsonl(run.dir.iteration(0) / "pairs.jsonl")
+    assert {p["split"] for p in pairs} == {"train", "val", "eval"}
+    log = read_jsonl(run.dir.iteration(0) / "train_log.jsonl")
+    assert sum(1 for _ in log) == 2  # 8 training pairs, 4 a step: validation and test pairs are never trained on
+
+
+def test_run_directory_contract(tmp_path):
+    rd = RunDir(tmp_path)
+    assert rd.adapters_after(-1, "stack") == [] and rd.adapters_after(-1, "merge", "sft") == ["sft"]
+    assert rd.adapters_after(1, "stack", "sft") == [str(tmp_path / "iter-01" / "adapter")]
+    assert rd.adapters_after(1, "merge", "sft") == ["sft", str(tmp_path / "iter-00" / "adapter"),
+                                                   str(tmp_path / "iter-01" / "adapter")]
+    assert rd.next_stage(0) == "generate" and rd.trained_iterations() == []
+    (tmp_path / "iter-00" / "adapter").mkdir(parents=True)
+    (tmp_path / "iter-00" / "pairs.jsonl").write_text("")
+    (tmp_path / "iter-00" / "adapter" / "adapter_config.json").write_text("{}")
+    assert rd.next_stage(0) == "evaluate" and rd.trained_iterations() == [0]
+    progress = rd.progress(0, "train", 10)
+    progress(10)
+    assert rd.read_progress() | {"updated": 0, "rate": 0} == {"iteration": 0, "stage": "train", "done": 10,
+                                                             "total": 10, "rate": 0, "updated": 0}
+
+
+def test_a_run_made_by_the_previous_version_still_resumes(tiny_model_dir, tmp_path):
+    """A run directory from before validation rows, the stop rule and the anchor existed (its config.yaml lacks
+    them, its eval.json is the bare metrics): today's command continues it as it was made."""
+    run_dir = tmp_path / "run"
+    old = tiny_settings(tiny_model_dir, run_dir, **{"data.val_size": 0, "train.stop_when": "never"})
+    cfg = load_config(None, old)
+    run = SpinRun(cfg, log=lambda *a: None)
+    run.prepare()
+    run.iteration(0)
+    run._lock.close()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for section, key in (("data", "val_size"), ("data", "val_path"), ("train", "sft_weight"),
+                         ("train", "stop_when"), ("eval", "answer_regex")):
+        del config[section][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    eval_json = run_dir / "iter-00" / "eval.json"
+    eval_json.write_text(json.dumps(json.loads(eval_json.read_text())["test"]))
+    (run_dir / "iter-00" / "summary.json").unlink()  # stopped before its summary: the evaluate stage resumes
+    pairs_before = (run_dir / "iter-00" / "pairs.jsonl").read_text()
+
+    now = tiny_settings(tiny_model_dir, run_dir)  # today's settings: val_size 4, stop_when never
+    logs = []
+    resumed = SpinRun(load_config(None, now), log=logs.append)
+    resumed.run()
+    assert any("earlier version" in line and "data.val_size=0" in line for line in logs)
+    assert resumed.dir.completed() == 2
+    assert (run_dir / "iter-00" / "pairs.jsonl").read_text() == pairs_before  # nothing regenerated
+    assert resumed.dir.summaries()[0]["eval"]["logp_per_token"] < 0
