@@ -10,9 +10,9 @@ template) in the tokenizer.ggml.* keys. transformers' GGUF loader reads the file
 (`AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME)`); tests/test_gguf_export.py compares its
 logits with the model's.
 
-Supported: model_type llama and mistral (SmolLM2, Llama 2/3 without rope scaling, Mistral) and qwen2, with a
-byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen2). SentencePiece tokenizers (Llama 2, Mistral v0.1) and rope
-scaling are refused with a message rather than written wrong.
+Supported: the model types llama, mistral and qwen2 with a byte-level BPE tokenizer (SmolLM2, Llama 3.0,
+Qwen2 and 2.5; tested: llama and qwen2). SentencePiece tokenizers (Llama 2, Mistral) and rope scaling (Llama 3.1
+and later) are refused with a message rather than written wrong.
 """
 from __future__ import annotations
 

@@ -133,6 +133,29 @@ def test_round_trip_through_transformers_gguf_loader(tiny_llama, tmp_path, qtype
     assert gguf_tokenizer.eos_token == tokenizer.eos_token
 
 
+def test_qwen2_round_trip(tiny_llama, tmp_path):
+    """Qwen2: GGUF architecture qwen2, biases on q/k/v, no q/k permutation."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from spin_lite.gguf_export import write_gguf
+
+    _, tokenizer = tiny_llama
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5) if p.ndim == 1 else p.mul_(8)  # biases away from zero
+    path = write_gguf(model, tokenizer, tmp_path / "qwen2-f32.gguf", "f32", log=lambda *a: None)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert loaded.config.model_type == "qwen2"
+    diff = float((_logits(loaded, tokenizer) - _logits(model, tokenizer)).abs().max())
+    print(f"GGUF f32 qwen2: max |logits diff| {diff:.2e}")
+    assert diff <= TOLERANCE["f32"]
+
+
 def test_unsupported_models_are_refused(tokenizer, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
