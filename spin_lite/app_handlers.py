@@ -1,15 +1,20 @@
 """What the web app (app.py) does, as plain functions: the app only lays these out on a page.
 
-Everything here works on one workspace folder: uploads, configs, run directories and exports stay under it,
-and a typed path that resolves outside it is refused (AppError). Runs are the CLI's: `start_run` launches
-`python -m spin_lite run CONFIG` in its own process group and session, cwd = the workspace, output appended
-to RUN_DIR/run.log, so closing the page or the app does not stop it; `abort_run` kills that process group;
-`continue_run` launches the same command on the run's own config.yaml, and the engine resumes from disk.
+Everything here works on one workspace folder: uploads, configs, run directories and exports stay under it.
+A typed path that resolves outside it is refused (AppError), and so is every path of a run (`resolved`: run_dir,
+data files, a local model or adapter) on each way into one: start, continue, load, save and export. The app
+never writes through a symlink (`open_to_write`: O_NOFOLLOW) and launches no run into a folder holding one.
+Run directory names use RUN_NAME's characters only, since they go on the run's command line.
+Runs are the CLI's: `start_run` takes the run directory's lock and launches `python -m spin_lite run CONFIG`,
+which inherits and keeps it, in its own process group and session, cwd = the workspace, output appended
+to RUN_DIR/run.log, so closing the page or the app does not stop it; `abort_run` kills that process group,
+once it has checked that the app started it (`started_group`); `continue_run` launches the same command on
+the run's own config.yaml, and the engine resumes from disk.
 Progress, plots and tables are read back from the run directory (layout: spin_lite.state) and from the
 tqdm bars in run.log, so a run started from the CLI shows up the same way.
 
 Files the app adds to a run directory: app-launch.yaml (the config it launched), run.log, app-run.json
-(pid, command, and how the process ended).
+(pid, process start time, command, and how the process ended).
 """
 from __future__ import annotations
 
