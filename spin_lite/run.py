@@ -49,7 +49,7 @@ class SpinRun:
         self.rank = int(os.environ.get("RANK", 0))
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.tokenizer = self.splits = None
+        self.tokenizer = self.splits = self.backend = None
         self.base = None
         self._lock = None
 
@@ -226,6 +226,7 @@ class SpinRun:
         # A fresh adapter's random A matrices come from this seed, not from whatever the process did before:
         # the same in every process of a data-parallel run, and after a resume.
         torch.manual_seed(self.cfg.seed * 1009 + t)
+        self.backend = self.backend or resolve_backend(self.cfg.model)
         if self.cfg.mode == "merge" and self.backend == "unsloth":  # one adapter a model: merge for real
             merged_dir = self.dir.root / "merged-base"
             base = merged_base(self.cfg.model, adapters, merged_dir) if adapters else load_base(self.cfg.model)

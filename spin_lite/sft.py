@@ -22,12 +22,13 @@ The loss of an optimizer step is the mean negative log-likelihood per response t
       adapter/           the trained adapter, standard PEFT layout (PeftModel.from_pretrained, vLLM, TGI)
       metrics.json       steps, last epoch's train loss, held-out logp/token before and after; written last
 A run whose metrics.json exists is complete: running the same command again only reads it. A run stopped
-before that starts over (SFT here is short; SPIN's trainer is the one with step checkpoints).
+before that continues from its last checkpoint (run_dir/checkpoint/, every train.save_every steps): SFT and
+SPIN share one training loop (spin_lite.train.fit), with its checkpoints, exact resume and data-parallel runs.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,10 +39,9 @@ import yaml
 from .config import ConfigError, SpinConfig
 from .data import Encoded, load_splits
 from .evaluate import score
-from .logprobs import collate, sequence_logprobs
 from .model import load_base, load_tokenizer, with_adapter
-from .state import atomic_write_json, atomic_write_text, read_json, replace_dir
-from .train import check_step, epoch_order, lr_schedule
+from .state import RunDir, atomic_write_json, atomic_write_text, read_json, replace_dir
+from .train import fit, sft_objective
 
 
 def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] = (), log=print) -> dict:
@@ -49,100 +49,57 @@ def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] 
 
     steps: optimizer steps to take (default: train.epochs passes over the rows; more steps than one pass
     continue into further epochs). save_at: steps after which to also save the adapter as step-NNNNNN/.
+    A run stopped midway continues from its last checkpoint (every train.save_every steps) when run again.
     """
-    root = Path(cfg.run_dir)
+    root = RunDir(cfg.run_dir)
     settings = cfg.to_dict() | {"sft_steps": steps, "sft_save_at": sorted(save_at)}
-    done = read_json(root / "metrics.json")
+    changed = root.changed_settings(settings, resumable={"run_dir", "train.report_to", "train.save_every"})
+    if changed:
+        raise ConfigError(f"SFT run {root.root} was started with other settings ({', '.join(changed)}); "
+                          "use a new run_dir, or the same settings to continue")
+    done = read_json(root.root / "metrics.json")
     if done is not None:
-        previous = yaml.safe_load((root / "config.yaml").read_text())
-        if previous != settings:
-            raise ConfigError(f"SFT run {root} is complete with different settings; use a new run_dir")
-        log(f"sft: {root} is complete ({done['steps']} steps); nothing to do")
+        log(f"sft: {root.root} is complete ({done['steps']} steps); nothing to do")
         return done
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
-
     tokenizer = load_tokenizer(cfg.model)
     splits = load_splits(cfg.data, tokenizer, cfg.seed)
-    train_rows, eval_rows, report = splits.train, splits.test, splits.report
-    log(f"sft data: {len(train_rows)} training and {len(eval_rows)} held-out rows ({report.describe()})")
+    log(f"sft data: {len(splits.train)} training and {len(splits.test)} held-out rows ({splits.report.describe()})")
+    root.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root.config_path, yaml.safe_dump(settings, sort_keys=False))
     torch.manual_seed(cfg.seed)  # the initialisation of a fresh adapter
-    model = with_adapter(load_base(cfg.model), cfg.lora, cfg.model.adapter)
+    model = with_adapter(load_base(cfg.model), cfg.lora, cfg.model.adapter, log)
     pad, bs = tokenizer.pad_token_id, cfg.train.micro_batch_size * 2
-    before = heldout_logp_per_token(model, eval_rows, pad, bs)
+    before = heldout_logp_per_token(model, splits.test, pad, bs)
 
     began = time.time()
-    records = train_sft(model, train_rows, cfg, pad, root, steps, save_at)
-    tmp = root / "adapter.tmp"
+    records = train_sft(model, splits.train, cfg, pad, root.root, steps, save_at)
+    tmp = root.root / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    replace_dir(tmp, root / "adapter")
+    model.save_pretrained(tmp, selected_adapters=["default"])
+    replace_dir(tmp, root.root / "adapter")
+    shutil.rmtree(root.root / "checkpoint", ignore_errors=True)
 
-    steps_per_epoch = math.ceil(len(train_rows) / (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(len(splits.train) / (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps))
     last_epoch = records[-steps_per_epoch:]
     metrics = {"steps": len(records), "start_adapter": cfg.model.adapter,
                "train_loss": sum(r["loss"] for r in last_epoch) / len(last_epoch),
                "heldout_logp_per_token_before": before,
-               "heldout_logp_per_token": heldout_logp_per_token(model, eval_rows, pad, bs),
-               "train_rows": len(train_rows), "heldout_rows": len(eval_rows), "train_s": round(time.time() - began, 1)}
-    atomic_write_json(root / "metrics.json", metrics)
+               "heldout_logp_per_token": heldout_logp_per_token(model, splits.test, pad, bs),
+               "train_rows": len(splits.train), "heldout_rows": len(splits.test),
+               "train_s": round(time.time() - began, 1)}
+    atomic_write_json(root.root / "metrics.json", metrics)
     log(f"sft: {metrics['steps']} steps, train loss {metrics['train_loss']:.3f}, held-out logp/token "
-        f"{before:.3f} -> {metrics['heldout_logp_per_token']:.3f}; adapter in {root / 'adapter'}")
+        f"{before:.3f} -> {metrics['heldout_logp_per_token']:.3f}; adapter in {root.root / 'adapter'}")
     return metrics
 
 
 def train_sft(model, rows: list[Encoded], cfg: SpinConfig, pad_id: int, out_dir: Path, steps: int | None = None,
               save_at: tuple[int, ...] = ()) -> list[dict]:
-    """Fit the model's trainable (LoRA) parameters to the rows' responses; returns the step records."""
-    from tqdm.auto import tqdm
-    t = cfg.train
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(rows) / per_step)
-    total_steps = steps or steps_per_epoch * t.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr_at(0), weight_decay=t.weight_decay)
-    scheduler = lr_schedule(optimizer, t.lr_scheduler, total_steps, t.warmup_ratio)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    device = next(model.parameters()).device
-
-    model.train()
-    records = []
-    with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as log_file, \
-            tqdm(total=total_steps, desc="sft", unit="step") as bar:
-        for step in range(total_steps):
-            epoch, k = divmod(step, steps_per_epoch)
-            order = epoch_order(len(rows), cfg.seed, 0, epoch)
-            step_rows = [rows[i] for i in order[k * per_step:(k + 1) * per_step]]
-            step_tokens = sum(len(r.response_ids) for r in step_rows)  # the loss is a mean over these
-            began, loss = time.perf_counter(), 0.0
-            for m in range(0, len(step_rows), t.micro_batch_size):
-                micro = step_rows[m:m + t.micro_batch_size]
-                batch = collate([r.prompt_ids for r in micro], [r.response_ids for r in micro], pad_id).to(device)
-                logps, _ = sequence_logprobs(model, batch)
-                micro_loss = -logps.sum() / step_tokens
-                micro_loss.backward()
-                loss += float(micro_loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-            check_step(loss, grad_norm, t.max_loss, step + 1, "sft")
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
-            optimizer.step()
-            check_step(0.0, 1.0, t.max_loss, step + 1, "sft", params)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
-                      "lr": step_lr, "tokens_per_s": step_tokens / (time.perf_counter() - began)}
-            records.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step + 1 in save_at:
-                model.save_pretrained(out_dir / f"step-{step + 1:06d}")
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.eval()
-    return records
+    """Fit the model's trainable (LoRA) parameters to the rows' responses (spin_lite.train.fit with the SFT
+    objective); returns the step records."""
+    return fit(model, rows, sft_objective(pad_id), cfg.train, Path(out_dir), lr=cfg.lr_at(0), seed=cfg.seed,
+               steps=steps, save_at=save_at, rank=int(os.environ.get("RANK", 0)),
+               world_size=int(os.environ.get("WORLD_SIZE", 1)), desc="sft")
 
 
 def heldout_logp_per_token(model, rows: list[Encoded], pad_id: int, batch_size: int) -> float | None:

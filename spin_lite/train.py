@@ -1,24 +1,32 @@
-"""The training phase of one iteration: fit the new adapter with the SPIN loss on the scored pairs.
+"""The training loop, one for SPIN and SFT (`fit`); what differs is the objective passed in.
 
-A pair is a dict with `prompt_ids`, `real_ids`, `gen_ids` and the frozen opponent's summed log-probs
-`opponent_real`, `opponent_gen` (computed once per iteration, before training: spin_lite.run).
-The loop: for each optimizer step, its share of pairs in micro batches -> policy log-probs of real and
-generated responses in one forward pass -> SPIN loss -> backward; then clip, step, log, and every
-`save_every` steps an atomic checkpoint that a resumed run continues from exactly.
+SPIN (`spin_objective`, `train_adapter`): a pair is a dict with `prompt_ids`, `real_ids`, `gen_ids` and the frozen
+opponent's summed log-probs `opponent_real`, `opponent_gen` (computed once per iteration, before training:
+spin_lite.run); the policy scores real and generated responses in one forward pass; loss: spin_lite.loss.
+SFT (`sft_objective`, spin_lite.sft): a row is an Encoded (prompt and response ids); loss: the responses' negative
+log-likelihood per token.
+The loop: for each optimizer step, its share of items in micro batches -> forward -> loss -> backward; then clip,
+check for divergence, step, log, and every `save_every` steps an atomic checkpoint that a resumed run continues
+from exactly. Data-parallel (torchrun/accelerate): DistributedDataParallel over the adapter's parameters.
+A model that computes in float16 (a T4 has no bfloat16) trains with dynamic loss scaling (`loss_scaler`): the
+LoRA weights and AdamW's state stay in float32, and a step whose gradients overflow is skipped and logged.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .config import SpinConfig
-from .logprobs import collate, sequence_logprobs
+from .config import SpinConfig, TrainSettings
+from .logprobs import Batch, collate, sequence_logprobs
 from .loss import spin_loss
 from .state import fault_point, recover_dir, replace_dir
 
@@ -65,35 +73,104 @@ def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where:
             "new run_dir (or continue this one with the same settings to retry from the checkpoint).")
 
 
+LOSS_SCALE_INIT = 2.0 ** 16  # torch's default: the scale halves at each overflow and doubles after 2,000 clean steps
+MAX_SKIPPED_IN_A_ROW = 20  # then the scale has fallen 2**20-fold: the gradients are not finite at any scale
+
+
+def loss_scaler(model):
+    """A dynamic loss scaler where `model` computes in float16, else None (bfloat16 and float32 have float32's
+    range). float16's smallest normal number is 6e-5 and its largest 65,504: unscaled, small activation
+    gradients underflow to 0; scaled, some overflow, and a step whose gradients hold an inf or NaN is skipped
+    and the scale halved (torch.amp.GradScaler, on the CPU as on CUDA)."""
+    float16 = any(p.dtype == torch.float16 for p in model.parameters()) or any(
+        getattr(m, "compute_dtype", None) == torch.float16 for m in model.modules())  # a 4-bit base
+    device = next(model.parameters()).device.type
+    return torch.amp.GradScaler(device, init_scale=LOSS_SCALE_INIT) if float16 else None
+
+
 def epoch_order(n: int, seed: int, iteration: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
     return torch.randperm(n, generator=generator).tolist()
 
 
-def policy_batch(pairs: list[dict], pad_id: int):
-    """One batch of 2B sequences: B real responses, then B generated ones, same prompts."""
-    prompts = [p["prompt_ids"] for p in pairs]
-    return collate(prompts + prompts, [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs], pad_id)
+# -- what is minimised: SPIN and SFT differ only here ---------------------------------------------------------
+@dataclass
+class Objective:
+    """A training objective over items (SPIN pairs or SFT rows).
+
+    batch(items) -> the sequences to score; loss(items, logps, counts) -> (per-item losses [n] that sum into the
+    step's loss, per-item metrics to log); norm(step_items) -> what the step's summed loss is divided by."""
+    name: str
+    batch: Callable[[list], Batch]
+    loss: Callable[[list, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    norm: Callable[[list], float]
 
 
-def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out_dir: Path, pad_id: int,
-                  rank: int = 0, world_size: int = 1, progress=None) -> dict:
-    """Train the model's trainable (LoRA) parameters on `pairs`; returns the last epoch's mean metrics.
+def spin_objective(beta: float, settings: TrainSettings, pad_id: int) -> Objective:
+    """The SPIN loss (+ the likelihood anchor) per pair, averaged over the step's pairs."""
+    def batch(pairs):  # 2B sequences: B real responses, then B generated ones, same prompts
+        prompts = [p["prompt_ids"] for p in pairs]
+        return collate(prompts + prompts, [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs], pad_id)
 
-    Writes out_dir/train_log.jsonl and out_dir/checkpoint/, and resumes from that checkpoint if present.
+    def loss(pairs, logps, counts):
+        n = len(pairs)
+        opponent = lambda key: torch.tensor([p[key] for p in pairs], dtype=logps.dtype, device=logps.device)
+        out = spin_loss(logps[:n], logps[n:], opponent("opponent_real"), opponent("opponent_gen"), beta,
+                        settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype))
+        return out.losses, {"loss": out.losses.detach(), "reward_real": out.reward_real, "reward_gen": out.reward_gen,
+                            "margin": out.margin, "accuracy": out.accuracy, "nll_real": out.nll_real,
+                            "logp_real": logps[:n].detach(), "logp_gen": logps[n:].detach()}
+
+    return Objective("spin", batch, loss, lambda pairs: len(pairs))
+
+
+def sft_objective(pad_id: int) -> Objective:
+    """Negative log-likelihood of the responses, per response token over the step's rows:
+    -sum_i log p(y_i | x_i) / sum_i |y_i|."""
+    def loss(rows, logps, counts):
+        return -logps, {"nll": -logps.detach(), "tokens": counts.to(logps.dtype)}
+
+    return Objective("sft", lambda rows: collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], pad_id),
+                     loss, lambda rows: sum(len(r.response_ids) for r in rows))
+
+
+class _Scorer(torch.nn.Module):
+    """The model's summed response log-probs as a module's forward, so that DistributedDataParallel sees the
+    forward it must hook (spin_lite.logprobs calls the model's parts, not its forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch):
+        return sequence_logprobs(self.model, batch)
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+def fit(model, items: list, objective: Objective, settings: TrainSettings, out_dir: Path, *, lr: float, seed: int,
+        order_key: int = 0, steps: int | None = None, save_at: tuple[int, ...] = (), rank: int = 0,
+        world_size: int = 1, progress=None, desc: str = "train", tracker=None, log_extra: dict | None = None
+        ) -> list[dict]:
+    """Train the model's trainable (LoRA) parameters on `items`; returns the step records.
+
+    Steps: `steps`, or settings.epochs passes; the data order of each epoch comes from (seed, order_key, epoch).
+    Every step takes micro_batch_size x gradient_accumulation_steps items; with `world_size` > 1 each process takes
+    a share of them and DistributedDataParallel averages the gradients, so N processes take the same steps on the
+    same items as one. Writes out_dir/train_log.jsonl, checkpoints to out_dir/checkpoint/ every save_every steps
+    and resumes from there exactly; `save_at` steps also leave the adapter in out_dir/step-NNNNNN/.
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    t = cfg.train
-    beta, lr = cfg.beta_at(iteration), cfg.lr_at(iteration)
-    # Pairs per optimizer step, whatever the number of processes: each process takes a share of every
-    # step's pairs, so N processes run the same steps on the same pairs as one (data parallel).
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(pairs) / per_step)
-    total_steps = steps_per_epoch * t.epochs
+    from tqdm.auto import tqdm
+
+    s = settings
+    per_step = s.micro_batch_size * s.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(items) / per_step)
+    total_steps = steps or steps_per_epoch * s.epochs
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    scheduler = lr_schedule(optimizer, t.lr_scheduler, total_steps, t.warmup_ratio)
-    if t.gradient_checkpointing:
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    scheduler = lr_schedule(optimizer, s.lr_scheduler, total_steps, s.warmup_ratio)
+    scaler = loss_scaler(model)
+    if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     ckpt, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
@@ -107,97 +184,128 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
         if rank == 0:
-            print(f"train iter {iteration}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
+            print(f"{desc}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
+    records = [json.loads(line) for line in _read_lines(log_path)]
+    records = [r for r in records if r["step"] <= start]  # steps after the checkpoint are redone
     if rank == 0:
-        log_lines = [l for l in _read_lines(log_path) if json.loads(l)["step"] <= start]
-        log_path.write_text("".join(log_lines), encoding="utf-8")  # drop steps after the checkpoint
-    if world_size > 1:
-        _broadcast_params(params)  # every process starts from rank 0's adapter, whatever its RNG did
-    writer = _tracker(cfg, out_dir, iteration) if rank == 0 else None
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    scorer = _Scorer(model)
+    if world_size > 1:  # the frozen base is the same everywhere: only the adapter is synchronised
+        frozen = [name for name, p in scorer.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            scorer, frozen + [name for name, _ in scorer.named_buffers()])
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer)  # broadcasts rank 0's adapter
+    device = next(model.parameters()).device
 
-    from tqdm.auto import tqdm
     model.train()
-    bar = tqdm(total=total_steps, initial=start, desc=f"train iter {iteration}", unit="step", disable=rank != 0)
+    skipped_in_a_row = 0
+    bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=rank != 0)
     for step in range(start, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(len(pairs), cfg.seed, iteration, epoch)
-        step_pairs = [pairs[i] for i in order[k * per_step:(k + 1) * per_step]]
-        mine = step_pairs[rank::world_size]
+        order = epoch_order(len(items), seed, order_key, epoch)
+        step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
+        mine, norm = step_items[rank::world_size], objective.norm(step_items)
+        # every process runs as many micro batches as the busiest one (DDP all-reduces once per backward);
+        # one with fewer items repeats its first item (or the step's) with weight 0
+        micros = math.ceil(math.ceil(len(step_items) / world_size) / s.micro_batch_size)
         began, tokens, sums = time.perf_counter(), 0, {}
-        for m in range(0, len(mine), t.micro_batch_size):
-            micro = mine[m:m + t.micro_batch_size]
-            batch = policy_batch(micro, pad_id).to(_device(model))
-            logps, counts = sequence_logprobs(model, batch)
-            n = len(micro)
-            out = spin_loss(logps[:n], logps[n:], _tensor(micro, "opponent_real", logps),
-                            _tensor(micro, "opponent_gen", logps), beta, t.loss_type, t.sft_weight,
-                            counts[:n].to(logps.dtype))
-            # Mean over the step's pairs on all processes; DDP averages over processes, hence * world_size.
-            (out.losses.sum() * world_size / len(step_pairs)).backward()
-            tokens += int(batch.attention_mask.sum())
-            for name, value in (("loss", out.losses.detach()), ("reward_real", out.reward_real),
-                                ("reward_gen", out.reward_gen), ("margin", out.margin),
-                                ("accuracy", out.accuracy), ("nll_real", out.nll_real),
-                                ("logp_real", logps[:n].detach()),
-                                ("logp_gen", logps[n:].detach())):
-                sums[name] = sums.get(name, 0.0) + float(value.sum())
+        for m in range(micros):
+            micro = mine[m * s.micro_batch_size:(m + 1) * s.micro_batch_size]
+            weight = 1.0 if micro else 0.0
+            micro = micro or (mine or step_items)[:1]
+            batch = objective.batch(micro).to(device)
+            sync = m == micros - 1 or world_size == 1
+            with contextlib.nullcontext() if sync else scorer.no_sync():
+                logps, counts = scorer(batch)
+                losses, metrics = objective.loss(micro, logps, counts)
+                # the step's mean on all processes; DDP averages over processes, hence * world_size
+                loss = losses.sum() * weight * world_size / norm
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            tokens += int(batch.attention_mask.sum()) if weight else 0
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + weight * float(value.sum())
         if world_size > 1:
-            _all_reduce_grads(params)
-            sums, tokens = _all_reduce_sums(sums, tokens, params[0].device)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-        where = f"train iter {iteration}"
-        check_step(sums["loss"] / len(step_pairs), grad_norm, t.max_loss, step + 1, where)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
-        optimizer.step()
-        check_step(0.0, 1.0, t.max_loss, step + 1, where, params)  # the step left every weight finite
-        scheduler.step()
+            sums, tokens = _all_reduce_sums(sums, tokens, device)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+        # with loss scaling a non-finite gradient is an overflow: the step is skipped and the scale lowered, not
+        # divergence; the guard then applies only to a run of such steps
+        skipped = scaler is not None and not math.isfinite(grad_norm)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingDiverged(f"{desc}: training diverged at step {step + 1} ({skipped_in_a_row} steps in a "
+                                   "row with non-finite float16 gradients, at every loss scale)")
+        record = {"step": step + 1, "epoch": epoch, **{k: v / len(step_items) for k, v in sums.items()}}
+        if objective.name == "sft":  # SFT's loss: per token over the step, not per row
+            record = {"step": step + 1, "epoch": epoch, "loss": sums["nll"] / sums["tokens"]}
+        if not skipped:
+            check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc)
+        record.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],  # the rate this step runs at
+                      tokens_per_s=tokens / (time.perf_counter() - began), **(log_extra or {}))
+        if scaler is not None:
+            record.update(skipped=skipped, loss_scale=scaler.get_scale())  # the scale this step ran at
+            scaler.step(optimizer)  # no step where a gradient is not finite
+            scaler.update()  # halves the scale after such a step, doubles it after 2,000 clean ones
+        else:
+            optimizer.step()
+        if not skipped:  # a skipped step leaves the weights, AdamW and the learning-rate schedule as they were
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "epoch": epoch, **{k: v / len(step_pairs) for k, v in sums.items()},
-                  "grad_norm": grad_norm, "lr": step_lr, "beta": beta,
-                  "tokens_per_s": tokens / (time.perf_counter() - began)}
+        check_step(0.0, 1.0, s.max_loss, step + 1, desc, params)  # the step left every weight finite
+        records.append(record)
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            if writer:
-                writer(record)
+            if tracker:
+                tracker(record)
+            if progress is not None:
+                progress(step + 1, total_steps)
+            if step + 1 in save_at:
+                model.save_pretrained(out_dir / f"step-{step + 1:06d}", selected_adapters=["default"])
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        if progress is not None and rank == 0:
-            progress(step + 1, total_steps)
-        if (step + 1) % t.save_every == 0 and step + 1 < total_steps and rank == 0:
-            _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict)
+        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if k in record})
+        if (step + 1) % s.save_every == 0 and step + 1 < total_steps and rank == 0:
+            _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict, scaler)
         fault_point("train_step", step + 1)
     bar.close()
-    if t.gradient_checkpointing:
+    if s.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
     if world_size > 1:
         dist.barrier()  # rank 0 has written the last step's log line
-    last_epoch = [json.loads(l) for l in _read_lines(log_path)][-steps_per_epoch:]
+    return records
+
+
+def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out_dir: Path, pad_id: int,
+                  rank: int = 0, world_size: int = 1, progress=None) -> dict:
+    """SPIN's training phase of iteration t: `fit` with the SPIN objective on the scored pairs; returns the last
+    epoch's mean metrics."""
+    records = fit(model, pairs, spin_objective(cfg.beta_at(iteration), cfg.train, pad_id), cfg.train, out_dir,
+                  lr=cfg.lr_at(iteration), seed=cfg.seed, order_key=iteration, rank=rank, world_size=world_size,
+                  progress=progress, desc=f"train iter {iteration}", log_extra={"beta": cfg.beta_at(iteration)},
+                  tracker=_tracker(cfg, out_dir, iteration) if rank == 0 else None)
+    last_epoch = records[-math.ceil(len(pairs) / (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps)):]
     keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "nll_real")
             if all(k in r for r in last_epoch)]  # nll_real is missing from logs of runs before it existed
-    return {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} | {"steps": total_steps}
+    skipped = {"skipped_steps": sum(r["skipped"] for r in records)} if records and "skipped" in records[-1] else {}
+    return {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} | {"steps": len(records)} | skipped
 
 
-def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt: Path, get_state):
+def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt: Path, get_state, scaler=None):
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in get_state(model).items()},
               tmp / "adapter_model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": torch.get_rng_state(), "step": step}, tmp / "trainer_state.pt")
     replace_dir(tmp, ckpt)
-
-
-def _tensor(pairs: list[dict], key: str, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([p[key] for p in pairs], dtype=like.dtype, device=like.device)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -206,30 +314,12 @@ def _read_lines(path: Path) -> list[str]:
     return [line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _all_reduce_grads(params):
-    """Average the LoRA gradients over processes, in one all-reduce of the flattened adapter gradients.
-
-    A process with no pairs in this step (fewer pairs than processes) joins with zeros.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = piece.view_as(p).to(p.dtype)
-
-
 def _all_reduce_sums(sums: dict[str, float], tokens: int, device) -> tuple[dict[str, float], int]:
     """The step's metric sums and token count over all processes (for the log, as one process writes it)."""
-    names = ("loss", "reward_real", "reward_gen", "margin", "accuracy", "nll_real", "logp_real", "logp_gen")
+    names = sorted(sums)
     values = torch.tensor([sums.get(n, 0.0) for n in names] + [float(tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return dict(zip(names, values[:-1].tolist())), int(values[-1])
-
-
-def _broadcast_params(params):
-    for p in params:
-        dist.broadcast(p.data, src=0)
 
 
 def _tracker(cfg: SpinConfig, out_dir: Path, iteration: int):

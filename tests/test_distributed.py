@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS = {
     "iterations": 2, "seed": 7,
-    "data": {"path": str(REPO / "examples" / "data" / "demo_sft.jsonl"), "max_examples": 8, "eval_size": 4,
+    "data": {"path": str(REPO / "examples" / "data" / "demo_sft.jsonl"), "max_examples": 8, "eval_size": 4, "val_size": 4,
              "max_prompt_length": 96, "max_length": 160},
     "generation": {"max_new_tokens": 8, "batch_size": 4},
     "train": {"epochs": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
-              "gradient_checkpointing": False},
+              "gradient_checkpointing": False, "stop_when": "never"},
     "eval": {"max_new_tokens": 8},
 }
 
@@ -84,7 +84,7 @@ def test_same_pairs_and_steps_as_one_process(runs, t):
 
     pairs1, pairs2 = _jsonl(one / "pairs.jsonl"), _jsonl(two / "pairs.jsonl")
     assert [(p["key"], p["split"]) for p in pairs1] == [(p["key"], p["split"]) for p in pairs2]
-    assert len(pairs1) == (12 if t == 0 else 20)  # 8 training + 4 held-out, then + 8 previous pairs
+    assert len(pairs1) == (16 if t == 0 else 24)  # 8 training + 4 validation + 4 test, then + 8 previous pairs
     if t == 0:  # the same weights: the same sampled tokens, the same opponent log-probs
         assert [p["gen_ids"] for p in pairs1] == [p["gen_ids"] for p in pairs2]
         for a, b in zip(pairs1, pairs2):
