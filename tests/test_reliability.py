@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -24,7 +23,7 @@ from spin_lite import app_handlers as h
 from spin_lite import config
 from spin_lite.cli import main
 from spin_lite.config import ConfigError, load_config
-from spin_lite.state import RunDir, RunLockedError, atomic_write_json
+from spin_lite.state import RunDir, atomic_write_json
 
 # A process holding a run directory's lock, as `spin-lite run` does (its command line names spin_lite).
 HOLD = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
