@@ -49,8 +49,9 @@ DATASETS = {  # name: (SFT config, SPIN config, task metric)
     "arith": (CONFIGS / "experiment_arith_sft.yaml", CONFIGS / "experiment_arith_spin.yaml", "task_accuracy"),
 }
 SFT_SETTINGS = {"sft3": [], "converged": ["train.epochs=8"]}
-# The selection grid: SPIN's learning rate (the old demo's 5e-4 and 4x lower) x the likelihood anchor's weight.
-GRID = [{"train.learning_rate": lr, "train.sft_weight": w} for lr in (1.25e-4, 5e-4) for w in (0.0, 1.0)]
+# The selection grid, two points to fit the CPU budget: a 4x smaller step than round 1's without the anchor, and
+# round 1's step (5e-4) held back by the likelihood anchor.
+GRID = [{"train.learning_rate": 1.25e-4, "train.sft_weight": 0.0}, {"train.learning_rate": 5e-4, "train.sft_weight": 1.0}]
 SELECTION_SEED = 0
 
 METRICS = [  # (key, column title, format)
