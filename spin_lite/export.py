@@ -53,20 +53,23 @@ def _run(run_dir):
     return rd, load_config(rd.config_path, [f"run_dir={run_dir}"])
 
 
-def trained_iterations(run_dir) -> list[int]:
-    """Iterations of the run whose adapter has been saved, in order."""
-    rd, cfg = _run(run_dir)
-    return [t for t in range(max(cfg.iterations, rd.completed()))
-            if (rd.iteration(t) / "adapter" / "adapter_config.json").exists()]
-
-
-def _check_iteration(rd, cfg, iteration: int | None) -> int:
-    done = [t for t in range(max(cfg.iterations, rd.completed()))
-            if (rd.iteration(t) / "adapter" / "adapter_config.json").exists()]
+def _check_iteration(rd, cfg, iteration: int | str | None) -> int:
+    """The iteration to export: a number, "best" (the one chosen on the validation rows), or None (the last)."""
+    done = rd.trained_iterations()
     if not done:
         raise ExportError(f"run {rd.root} has no trained adapter yet; run (or continue) it with spin-lite run")
     if iteration is None:
         return done[-1]
+    if iteration == "best":
+        best = rd.best_iteration()
+        if best is None:
+            raise ExportError(f"run {rd.root} chose no iteration: it has no validation rows (data.val_size=0) or no "
+                              "complete iteration yet; give --iteration N")
+        if best < 0:
+            raise ExportError(f"no iteration of run {rd.root} was better than the starting model on the validation "
+                              "rows, so there is nothing to export beyond the model you started from")
+        return best
+    iteration = int(iteration)
     if iteration not in done:
         raise ExportError(f"iteration {iteration} of run {rd.root} has no trained adapter "
                           f"(iterations with one: {', '.join(map(str, done))})")
@@ -74,12 +77,10 @@ def _check_iteration(rd, cfg, iteration: int | None) -> int:
 
 
 def adapters_to_merge(run_dir, iteration: int) -> list[str]:
-    """The adapters that, merged into the base in this order, give the model after `iteration`."""
+    """The adapters that, merged into the base in this order, give the model after `iteration`
+    (the run directory's answer: RunDir.adapters_after)."""
     rd, cfg = _run(run_dir)
-    own = [str(rd.iteration(k) / "adapter") for k in range(iteration + 1)]
-    if cfg.mode == "stack":
-        return own[-1:]  # adapter N holds the starting adapter and adapters 0..N-1: it began as their copy
-    return ([cfg.model.adapter] if cfg.model.adapter else []) + own
+    return rd.adapters_after(iteration, cfg.mode, cfg.model.adapter)
 
 
 def base_reference(cfg) -> str:
@@ -227,9 +228,8 @@ def merged_model(run_dir, iteration: int | None, dtype: str = "float32", base: s
     of a base that the hub stores pre-quantized.
     """
     import torch
-    from peft import PeftModel
 
-    from .model import load_base
+    from .model import build_model, load_base
 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
@@ -243,9 +243,8 @@ def merged_model(run_dir, iteration: int | None, dtype: str = "float32", base: s
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
         raise ExportError(f"the base model {model_cfg.name} is stored quantized; merging needs 16/32-bit weights. "
                           "Pass a 16-bit copy of the same model as base (--base), or export the adapter instead")
-    for adapter in adapters:
-        log(f"export: merging {adapter}")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    log("export: merging " + ", ".join(adapters))
+    model = build_model(model, cfg.lora, adapters, trainable=False).merge_and_unload()
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise ExportError(f"the merged weights overflow {dtype} ({len(bad)} tensors, e.g. {bad[0]}); "
@@ -351,7 +350,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
 def add_arguments(p):
     """The options of `spin-lite export` (the subcommand itself is declared in spin_lite.cli)."""
     p.add_argument("run_dir", help="run directory made by `spin-lite run`")
-    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the last trained)")
+    p.add_argument("--iteration", default=None, type=lambda v: v if v == "best" else int(v),
+                   help="iteration to export: a number, or best (the one chosen on the validation rows); "
+                        "default: the last trained")
     p.add_argument("--out", required=True, help="folder to write (an earlier export there is replaced)")
     p.add_argument("--merged", action="store_true",
                    help="write the base with the adapter(s) merged in, instead of the adapter alone")

@@ -278,7 +278,7 @@ class SpinRun:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, mine)
             pairs = [p for part in gathered for p in part]
-            pairs.sort(key=lambda p: (p["split"], p["key"]))
+        pairs.sort(key=lambda p: (p["split"], p["key"]))  # one order however many processes scored them
         if self.rank == 0:
             atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
         self._barrier()

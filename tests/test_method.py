@@ -124,6 +124,19 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     # the verdict read only validation metrics: recomputing it from them gives the same answer
     start_val = json.loads((rd.root / "eval-start.json").read_text())["val"]
     assert compare(s0["val"], start_val) == [] and compare(s1["val"], s0["val"]) == s1["selection"]["reasons"]
+    # `spin-lite export RUN --iteration best` exports the chosen one
+    from spin_lite.export import MARKER, ExportError, export_adapter
+    out = export_adapter(rd.root, "best", rd.root.parent / "best")
+    assert json.loads((out / MARKER).read_text())["iteration"] == 0
+    summary1 = rd.iteration(1) / "summary.json"
+    saved = summary1.read_text()
+    s0_rejected = dict(s0, selection=dict(s0["selection"], accepted=False))
+    (rd.iteration(0) / "summary.json").write_text(json.dumps(s0_rejected))
+    assert rd.best_iteration() == -1
+    with pytest.raises(ExportError, match="better than the starting model"):
+        export_adapter(rd.root, "best", rd.root.parent / "none")
+    (rd.iteration(0) / "summary.json").write_text(json.dumps(s0))
+    assert summary1.read_text() == saved
     # running the command again does nothing more
     run._lock.close()
     SpinRun(cfg, log=lambda *a: None).run()
