@@ -215,7 +215,8 @@ def main():
             elif spent + (0 if args.tiny else step.estimate_s) > budget:
                 result = {"status": "skipped", "summary": f"budget: {spent:.0f} s spent, {step.estimate_s} s estimated"}
             else:
-                print(f"[{spent:5.0f} s] {step.name}: {step.what}", flush=True)
+                print(f"[{spent:5.0f} s] {step.name}: {step.what}{' (at the tiny size)' if args.tiny else ''}",
+                      flush=True)
                 timeout = min(max(budget - spent, step.estimate_s) + 30, 1800)
                 result = run_step(step, args.tiny, work, timeout, log)
             report["steps"][step.name] = result | {"ran_at": datetime.datetime.now().isoformat(timespec="seconds")}

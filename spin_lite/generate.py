@@ -59,9 +59,9 @@ def read_generations(path: Path) -> dict[str, dict]:
     return done
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), both [len(seqs), length], each sequence at the right end (length: the longest)."""
-    length = length or max(map(len, seqs))
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both [len(seqs), longest], each sequence at the right end."""
+    length = max(map(len, seqs))
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):
