@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         "(generation batches of 4, a checkpoint every 2 optimizer steps). Each trial kills the run once or twice "
         f"with SIGKILL at a moment drawn uniformly over the reference run's working time ({imports:.0f}-{total:.0f} s), "
         "then runs the same command again until it finishes. A trial passes when every adapter is bit-identical "
-        "to the uninterrupted run's, pairs.jsonl and samples.jsonl are byte-identical, the per-step losses are "
+        "to the uninterrupted run's, samples.jsonl is byte-identical, the per-step losses are "
         "equal, and no generation or optimizer step is duplicated or missing; pairs.jsonl holds the same pairs "
         "with the same log-probs (its order is noted when it differs: training reads the pairs by split).",
         "",
