@@ -159,7 +159,9 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
     same items as one. Writes out_dir/train_log.jsonl, checkpoints to out_dir/checkpoint/ every save_every steps
     and resumes from there exactly; `save_at` steps also leave the adapter in out_dir/step-NNNNNN/.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    # One function on purpose, like torchtune's recipes: the step reads top to bottom (accumulate, unscale, clip,
+    # guard, step, log, checkpoint); resuming, the DDP wrapper and the micro batches are helpers below.
+    from peft import get_peft_model_state_dict
     from tqdm.auto import tqdm
 
     s = settings
@@ -174,32 +176,10 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     ckpt, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
-    if rank == 0:
-        recover_dir(ckpt)
-    if world_size > 1:
-        dist.barrier()
-    start = 0
-    if (ckpt / "trainer_state.pt").exists():
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-        if rank == 0:
-            print(f"{desc}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
-    records = [json.loads(line) for line in _read_lines(log_path)]
-    records = [r for r in records if r["step"] <= start]  # steps after the checkpoint are redone
-    if rank == 0:
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    scorer = _Scorer(model)
-    if world_size > 1:  # the frozen base is the same everywhere: only the adapter is synchronised
-        frozen = [name for name, p in scorer.named_parameters() if not p.requires_grad]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            scorer, frozen + [name for name, _ in scorer.named_buffers()])
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer)  # broadcasts rank 0's adapter
+    start, records = _resume(model, optimizer, scheduler, scaler, ckpt, log_path, rank, world_size)
+    if start and rank == 0:
+        print(f"{desc}: resumed from the checkpoint at step {start} of {total_steps}", flush=True)
+    scorer = _scorer(model, world_size)
     device = next(model.parameters()).device
 
     model.train()
@@ -209,28 +189,9 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(len(items), seed, order_key, epoch)
         step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
-        mine, norm = step_items[rank::world_size], objective.norm(step_items)
-        # every process runs as many micro batches as the busiest one (DDP all-reduces once per backward);
-        # one with fewer items repeats its first item (or the step's) with weight 0
-        micros = math.ceil(math.ceil(len(step_items) / world_size) / s.micro_batch_size)
-        began, tokens, sums = time.perf_counter(), 0, {}
-        for m in range(micros):
-            micro = mine[m * s.micro_batch_size:(m + 1) * s.micro_batch_size]
-            weight = 1.0 if micro else 0.0
-            micro = micro or (mine or step_items)[:1]
-            batch = objective.batch(micro).to(device)
-            sync = m == micros - 1 or world_size == 1
-            with contextlib.nullcontext() if sync else scorer.no_sync():
-                logps, counts = scorer(batch)
-                losses, metrics = objective.loss(micro, logps, counts)
-                # the step's mean on all processes; DDP averages over processes, hence * world_size
-                loss = losses.sum() * weight * world_size / norm
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            tokens += int(batch.attention_mask.sum()) if weight else 0
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + weight * float(value.sum())
-        if world_size > 1:
-            sums, tokens = _all_reduce_sums(sums, tokens, device)
+        began = time.perf_counter()
+        sums, tokens = _accumulate(scorer, objective, step_items, s.micro_batch_size, rank, world_size, device,
+                                   scaler)
         if scaler is not None:
             scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
@@ -280,6 +241,72 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
     if world_size > 1:
         dist.barrier()  # rank 0 has written the last step's log line
     return records
+
+
+def _resume(model, optimizer, scheduler, scaler, ckpt: Path, log_path: Path, rank: int, world_size: int):
+    """(the step to start from, the log records up to it): the checkpoint's adapter, optimizer, schedule, loss
+    scale and RNG are restored where there is one; log lines after it are dropped, their steps redone."""
+    from peft import set_peft_model_state_dict
+
+    if rank == 0:
+        recover_dir(ckpt)
+    if world_size > 1:
+        dist.barrier()
+    start = 0
+    if (ckpt / "trainer_state.pt").exists():
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    records = [r for r in map(json.loads, _read_lines(log_path)) if r["step"] <= start]
+    if rank == 0:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return start, records
+
+
+def _scorer(model, world_size: int):
+    """The module whose forward scores a batch: wrapped in DistributedDataParallel for a data-parallel run, where
+    the frozen base is the same everywhere and only the adapter is synchronised (rank 0's, broadcast at the start)."""
+    scorer = _Scorer(model)
+    if world_size > 1:
+        frozen = [name for name, p in scorer.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            scorer, frozen + [name for name, _ in scorer.named_buffers()])
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer)
+    return scorer
+
+
+def _accumulate(scorer, objective: Objective, step_items: list, micro_size: int, rank: int, world_size: int,
+                device, scaler) -> tuple[dict[str, float], int]:
+    """Forward and backward over this process's share of a step's items, a micro batch at a time; returns the
+    step's metric sums and token count over all processes."""
+    mine, norm = step_items[rank::world_size], objective.norm(step_items)
+    # every process runs as many micro batches as the busiest one (DDP all-reduces once per backward);
+    # one with fewer items repeats its first item (or the step's) with weight 0
+    micros = math.ceil(math.ceil(len(step_items) / world_size) / micro_size)
+    tokens, sums = 0, {}
+    for m in range(micros):
+        micro = mine[m * micro_size:(m + 1) * micro_size]
+        weight = 1.0 if micro else 0.0
+        micro = micro or (mine or step_items)[:1]
+        batch = objective.batch(micro).to(device)
+        sync = m == micros - 1 or world_size == 1
+        with contextlib.nullcontext() if sync else scorer.no_sync():
+            logps, counts = scorer(batch)
+            losses, metrics = objective.loss(micro, logps, counts)
+            # the step's mean on all processes; DDP averages over processes, hence * world_size
+            loss = losses.sum() * weight * world_size / norm
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        tokens += int(batch.attention_mask.sum()) if weight else 0
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + weight * float(value.sum())
+    if world_size > 1:
+        sums, tokens = _all_reduce_sums(sums, tokens, device)
+    return sums, tokens
 
 
 def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out_dir: Path, pad_id: int,
