@@ -214,6 +214,7 @@ class SpinConfig:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
 
+    # A flat list of checks, one a line, each naming its setting: long, but read as a table.
     def problems(self) -> list[str]:
         """Every problem with the values, as messages naming the setting."""
         errors = []

@@ -36,6 +36,7 @@ class GGUFExportError(ValueError):
     """The model cannot be written as GGUF; the message says why."""
 
 
+# One function on purpose: the GGUF header, tokenizer and tensors are written in the order the format reads.
 def write_gguf(model, tokenizer, path: Path, qtype: str = "f16", name: str = "model", base_model: str | None = None,
                log=print) -> Path:
     """Write `model` (a transformers causal LM, any float dtype) and `tokenizer` to the GGUF file `path`."""
