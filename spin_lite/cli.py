@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export an iteration's adapter, or the merged model (--merged), optionally to the Hub",
         description="Export the model after an iteration: its LoRA adapter (PEFT layout), or with --merged the "
                     "base with the adapter(s) merged in, in 16/32 bits; --push-to-hub also uploads it."))
-    sub.add_parser("app", add_help=False, help="open the web app (app.py: spin-lite app --help for its options)")
+    sub.add_parser("app", add_help=False, help="open the web app (spin_lite.app: spin-lite app --help for its options)")
     return parser
 
 
@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from . import quiet
     quiet.apply()  # library noise a user cannot act on (spin_lite.quiet), for the CLI and the app alike
     if argv[:1] == ["app"]:  # the app parses its own options (--host, --port, --share, --auth, --workspace)
-        from .app_handlers import run_app_script
-        return run_app_script(argv[1:])
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            print('error: the web app needs Gradio: pip install "spin-lite[app]"', file=sys.stderr)
+            return 2
+        from .app import main as app_main
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .model import ModelError

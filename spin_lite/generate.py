@@ -113,11 +113,12 @@ def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings
 
 def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: GenerationSettings, path: Path,
                  seed: int, rank: int = 0, world_size: int = 1, desc: str = "generate",
-                 stop_ids: list[int] | None = None) -> dict[str, dict]:
+                 stop_ids: list[int] | None = None, progress=None) -> dict[str, dict]:
     """Generate a response for every prompt not yet in `path`, appending each finished batch to it.
 
     With `world_size` > 1 this process takes batches rank, rank + world_size, ... and writes only those.
     A response ends at any of `stop_ids` (default: `stop_token_ids(tokenizer, model)`).
+    `progress(done, total)` is called with this process's finished batches (state.Progress: progress.json).
     Returns this process's records by key.
     """
     batches = plan_batches(prompts, settings.batch_size)
@@ -133,6 +134,8 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
 
     model.eval()
     todo = [b for b in mine if b not in complete]
+    if progress is not None:
+        progress(len(complete), len(mine))
     if complete and rank == 0:
         print(f"{desc}: {len(complete)} of {len(mine)} batches already on disk, generating {len(todo)}", flush=True)
     if not todo:
@@ -173,6 +176,8 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
                 done.update({r["key"]: r for r in records})
                 bar.update(1)
                 written += 1
+                if progress is not None:
+                    progress(written, len(mine))
                 fault_point("generate_batch", written)
 
             device = _device(opponent)

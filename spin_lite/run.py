@@ -136,7 +136,7 @@ class SpinRun:
         name = "generations.jsonl" if self.world_size == 1 else f"generations-rank{self.rank}.jsonl"
         generate_all(model, self.tokenizer, self.prompts(), self.cfg.generation, out / name,
                      seed=self.cfg.seed * 1000 + t, rank=self.rank, world_size=self.world_size,
-                     desc=f"generate iter {t}")
+                     desc=f"generate iter {t}", progress=self._progress(t, "generate"))
         self._barrier()
         generations = {}
         for path in sorted(out.glob("generations*.jsonl")):

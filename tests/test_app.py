@@ -1,4 +1,4 @@
-"""The web app's handlers (spin_lite.app_handlers) as plain functions, on real files and a tiny model.
+"""The web app's handlers (spin_lite.app.handlers) as plain functions, on real files and a tiny model.
 
     python -m pytest -q tests/test_app.py
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_lite import app_handlers as h
+from spin_lite.app import handlers as h
 from spin_lite.config import ConfigError, SpinConfig, load_config
 from spin_lite.data import DataError
 from spin_lite.model import ModelError
@@ -33,7 +33,9 @@ TINY = {"model.name": "models/tiny", "data.path": "data/demo_sft.jsonl", "data.m
         "data.eval_size": 4, "data.max_prompt_length": 96, "data.max_length": 160, "generation.max_new_tokens": 8,
         "generation.batch_size": 8, "train.epochs": 1, "train.micro_batch_size": 2,
         "train.gradient_accumulation_steps": 2, "train.learning_rate": 0.01, "train.gradient_checkpointing": False,
-        "eval.max_new_tokens": 8, "iterations": 1}
+        "eval.max_new_tokens": 8, "iterations": 1,
+        # 4 validation rows; the stop rule judges but does not stop, so Continue always has an iteration to run
+        "data.val_size": 4, "train.stop_when": "never"}
 
 
 def make_workspace(root: Path) -> Path:
@@ -194,7 +196,9 @@ def test_preview_shows_rows_with_the_chat_template(ws):
 def test_preview_reports_bad_data_and_models(ws):
     (ws / "data" / "qa.jsonl").write_text('{"question": "Hi?", "answer": "Hello."}\n')
     rows, message = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl"}))
-    assert "missing field 'prompt'" in rows[0]["problem"] and "cannot be used" in message
+    problem = rows[0]["problem"]  # the columns the row has, and the settings that would map them (spin_lite.data)
+    assert "('question', 'answer')" in problem and "data.prompt_field=question data.response_field=answer" in problem
+    assert "cannot be used" in message
     rows, _ = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl", "data.prompt_field": "question",
                                                            "data.response_field": "answer"}))
     assert rows[0]["problem"] == "" and rows[0]["response"] == "Hello.<|im_end|>"
@@ -228,10 +232,14 @@ def test_a_finished_run_shows_its_files(ws, finished_run):
            [(r["step"], r["loss"], r["margin"], r["accuracy"]) for r in log]
     per_iter = h.iteration_metrics(ws, finished_run)
     assert [r["model"] for r in per_iter] == ["start", "iter 0"]
-    assert per_iter[1]["logp_per_token"] == json.loads((root / "iter-00" / "eval.json").read_text())["logp_per_token"]
-    bars = {b["kind"]: b for b in h.progress(ws, finished_run)}
-    assert bars["generate"]["n"] == bars["generate"]["total"] == 2  # 12 prompts in batches of 8
-    assert bars["train"]["n"] == bars["train"]["total"] == len(log)
+    assert per_iter[1]["logp_per_token"] == json.loads((root / "iter-00" / "eval.json").read_text())["test"]["logp_per_token"]
+    # progress.json: the last stage's, evaluation of the test rows (generation: tests/test_fast_generate.py)
+    progress = h.progress(ws, finished_run)
+    assert (progress["iteration"], progress["stage"], progress["total"], progress["unit"]) == (0, "evaluate test", 4, "prompts")
+    rows = h.results_rows(ws, finished_run)
+    assert [r["model"] for r in rows] == ["start", "iter 0"] and "iterations" not in rows[0]
+    assert all(v == round(v, 3) for r in rows for v in r.values() if isinstance(v, float))
+    assert rows[1]["test logp/tok"] == round(per_iter[1]["logp_per_token"], 3)
     assert "$ spin-lite run runs/tiny/app-launch.yaml" in h.run_log(ws, finished_run)
     overview = {r["run_dir"]: r for r in h.runs_overview(ws)}
     assert overview[finished_run]["status"] == "finished" and overview[finished_run]["iterations"] == "1/1"
@@ -307,6 +315,7 @@ def test_chat_streams_both_models(ws, finished_run):
     model, _ = h.chat_model(ws, finished_run, "iter 0")
     assert type(model).__name__ == "PeftModelForCausalLM"
     # The page loads both models at once, from two threads: the same replies as one after the other.
+    assert not any(p.requires_grad for p in model.parameters())  # built for inference: frozen
     h._load_chat_model.cache_clear()
     replies = {}
     threads = [threading.Thread(target=lambda w: replies.__setitem__(w, list(h.chat_reply(ws, finished_run, w, chat, 6))),
@@ -321,7 +330,7 @@ def test_chat_streams_both_models(ws, finished_run):
 
 
 def test_export_adapter_zip_and_merged_folder(ws, finished_run):
-    assert h.adapter_iterations(ws, finished_run)[0] == 0
+    assert h.trained_iterations(ws, finished_run)[0] == 0
     archive = h.export(ws, finished_run, 0, merged=False)
     assert archive == ws / "exports" / "tiny-iter-00-adapter.zip"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipfile.ZipFile(archive).namelist())
@@ -335,11 +344,7 @@ def test_export_adapter_zip_and_merged_folder(ws, finished_run):
 # -- the app module ---------------------------------------------------------------------------------------------------
 def test_app_flags(monkeypatch, tmp_path):
     pytest.importorskip("gradio")
-    sys.path.insert(0, str(REPO))
-    try:
-        import app
-    finally:
-        sys.path.remove(str(REPO))
+    from spin_lite.app import ui as app
 
     launched = {}
 
@@ -351,7 +356,6 @@ def test_app_flags(monkeypatch, tmp_path):
             launched.update(kwargs)
 
     monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
-    monkeypatch.setattr(app, "demo", Demo())
     app.main(["--workspace", str(tmp_path)])
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["auth"] is None
     app.main(["--workspace", str(tmp_path), "--host", "0.0.0.0", "--share", "--auth", "ann:secret"])
@@ -363,3 +367,31 @@ def test_app_flags(monkeypatch, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "spin_lite", "app", "--help"], cwd=tmp_path, text=True,
                                capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert help_text.returncode == 0 and "--workspace" in help_text.stdout and "127.0.0.1" in help_text.stdout
+
+
+def test_a_wheel_serves_the_app(tmp_path):
+    """`pip wheel .` installed (no dependencies) into a fresh venv: `spin-lite app --help` works and the page
+    builds, from the installed package, outside the checkout. The venv sees this environment's dependencies
+    through a .pth file, so nothing is downloaded."""
+    pytest.importorskip("gradio")
+    import sysconfig
+
+    run = lambda *args, **kw: subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300,
+                                             cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                                             **kw)
+    done = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", REPO)
+    assert done.returncode == 0, done.stderr
+    wheel = next((tmp_path / "dist").glob("spin_lite-*.whl"))
+    assert run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", tmp_path / "venv").returncode == 0
+    python = tmp_path / "venv" / "bin" / "python"
+    purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    (Path(purelib) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, gradio, ...
+    done = run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel)
+    assert done.returncode == 0, done.stderr
+    help_text = run(tmp_path / "venv" / "bin" / "spin-lite", "app", "--help")
+    assert help_text.returncode == 0 and "--workspace" in help_text.stdout, help_text.stderr
+    built = run(python, "-c", "import spin_lite.app.ui as ui, gradio as gr; print(ui.__file__); "
+                              "print(isinstance(ui.build_demo('.'), gr.Blocks))")
+    assert built.returncode == 0, built.stderr
+    where, blocks = built.stdout.split()[-2:]
+    assert where.startswith(purelib) and blocks == "True"

@@ -3,9 +3,10 @@
     python -m pytest -q tests/test_app_browser.py        # .ci/run installs chromium with apt
 
 It sets up a tiny run in the page (config loaded from a file, data uploaded), starts it, waits for it to
-finish, and checks that the plots and the inspect table show that run's numbers and texts as they are on
-disk; then it starts a second run, aborts it and continues it to the end. A screenshot of each tab goes to
-test-artifacts/. Skips only when /usr/bin/chromium is missing.
+finish, and checks that the plots, the results table (the chosen iteration marked) and the inspect chats show
+that run's numbers and texts as they are on disk; it shows the progress of every stage from the events a run
+writes (progress.json); then it starts a second run, aborts it and continues it to the end. A screenshot of
+each tab goes to test-artifacts/. Skips only when /usr/bin/chromium is missing.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from spin_lite.app import handlers as h
+from spin_lite.state import RunDir
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,7 +68,6 @@ def app(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
-    from spin_lite import app_handlers as h
     for run in h.list_runs(ws):  # the runs outlive the app by design; not the test
         if h.run_status(ws, run)["status"] == "running":
             h.abort_run(ws, run, grace_s=2)
@@ -136,7 +138,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.get_by_role("tab", name="Setup").click()
     textbox(page, "config-path").fill("configs/tiny.yaml")
     page.locator("#load-config").click()
-    wait_for_text(page, "#setup-msg", "loaded configs/tiny.yaml")
+    wait_for_text(page, "#config-file-msg", "loaded configs/tiny.yaml")
     assert textbox(page, "cfg-model-name").input_value() == "models/tiny"
     page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))
     page.wait_for_function("() => document.querySelector('#cfg-data-path textarea, #cfg-data-path input')"
@@ -155,13 +157,23 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     run = ws / "runs" / "web"
     steps = {t: [json.loads(line) for line in (run / f"iter-0{t}" / "train_log.jsonl").read_text().splitlines()]
              for t in (0, 1)}
-    assert f"train iter 1: {len(steps[1])}/{len(steps[1])} steps" in page.locator("#run-status").inner_text()
+    best = RunDir(run).best_iteration()
+    assert best is not None  # data.val_size: 4 validation rows
+    chosen = "start" if best < 0 else f"iter {best}"
+    wait_for_text(page, "#run-status", f"best on the validation rows: {'the starting model' if best < 0 else f'iteration {best}'}")
+    rows = page.locator("#results-table tbody tr").evaluate_all(
+        "trs => trs.map(tr => [...tr.querySelectorAll('td')].map(td => td.innerText.trim()))")
+    assert [r[0] for r in rows] == ["start", "iter 0", "iter 1"]
+    assert [r[0] for r in rows if "best" in r] == [chosen]  # the chosen mark, on the chosen row only
+    header = page.locator("#results-table thead").inner_text()
+    assert "test logp/tok" in header and "chosen" in header and "iterations" not in header
+    assert all(len(cell.split(".")[-1]) <= 3 for r in rows for cell in r if cell.replace(".", "").lstrip("-").isdigit())
     in_order = steps[0] + steps[1]  # x: the optimizer step over both iterations
     for metric in ("loss", "margin", "accuracy"):
         wait_for_plot(page, f"plot-{metric}", "optimizer step (all iterations)", metric, None,  # the x title
                       {(None, str(n)): r[metric] for n, r in enumerate(in_order, 1)})
     held_out = {"start": json.loads((run / "eval-start.json").read_text())["metrics"],
-                **{f"iter {t}": json.loads((run / f"iter-0{t}" / "eval.json").read_text()) for t in (0, 1)}}
+                **{f"iter {t}": json.loads((run / f"iter-0{t}" / "eval.json").read_text())["test"] for t in (0, 1)}}
     for metric in ("logp_per_token", "margin_accuracy"):
         wait_for_plot(page, f"plot-{metric}", "model", metric, None,
                       {(None, model): m[metric] for model, m in held_out.items() if m[metric] is not None})
@@ -178,17 +190,19 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
         assert s["real"][:40] in table and s["opponent"].split()[0] in table
         assert not s["model"].split() or s["model"].split()[0] in table  # the new model's reply (random tokens)
     wait_for_text(page, "#inspect-summary", r'"iteration"\s*:\s*1')
+    assert "<|im_start|>" not in table  # chats as turns, not template text
+    assert page.locator("#inspect-table .spin-sample").count() == len(samples)
+    assert page.locator("#inspect-table .spin-sample").first.locator("[data-role=user]").count() == 1
     shot(page, "inspect")
     question = samples[-1]["prompt"].split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
     matching = [s for s in samples if any(question.lower() in s[c].lower() for c in ("prompt", "real", "opponent", "model"))]
     textbox(page, "inspect-search").fill(question)
-    page.wait_for_function("n => document.querySelectorAll('#inspect-table tbody tr').length === n", arg=len(matching))
+    page.wait_for_function("n => document.querySelectorAll('#inspect-table .spin-sample').length === n", arg=len(matching))
     assert question in page.locator("#inspect-table").inner_text()
 
     # Compare: both models answer into their own chat, as the handlers reply in this process.
     import torch
 
-    from spin_lite import app_handlers as h
     question = [{"role": "user", "content": "Why is the sky blue?"}]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the app (OMP_NUM_THREADS=1): a random model's greedy choice is a near tie
@@ -227,6 +241,9 @@ def test_abort_a_second_run_and_continue_it(app, page):
     wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")
     page.locator("#start-run").click()  # the same run directory again, while it runs
     wait_for_text(page, "#setup-msg", r"runs/web2 is already running")
+    button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
+    assert 0 <= message["y"] - (button["y"] + button["height"]) < 80  # the refusal right under its button
+    assert message["y"] + message["height"] < page.viewport_size["height"] + page.evaluate("window.scrollY")
 
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web2: running")
@@ -245,3 +262,39 @@ def test_abort_a_second_run_and_continue_it(app, page):
     assert (ws / "runs" / "web2" / "iter-01" / "summary.json").exists()
     assert "aborted from the app" in (ws / "runs" / "web2" / "run.log").read_text() and log
     shot(page, "run-continued")
+
+
+# A process holding a run directory's lock, as `spin-lite run` does: the app shows the run as running.
+HOLD = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
+        "print('held', flush=True)\ntime.sleep(120)")
+
+
+def test_progress_of_every_stage(app, page):
+    """Each stage's progress as a run writes it (RunDir.progress -> progress.json) shows on the Run tab."""
+    url, ws = app
+    root = ws / "runs" / "stages"
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(tiny_config("runs/stages").to_yaml())
+    rd = RunDir(root)
+    rd.set_state(status="running", iteration=0, stage="generate")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        page.get_by_role("tab", name="Run").click()
+        page.get_by_role("button", name="Refresh run list").click()
+        page.locator("#run-dir input").fill("runs/stages")
+        page.locator("#run-dir input").press("Enter")
+        wait_for_text(page, "#run-status", r"runs/stages: running")
+        for stage, total, unit in (("generate", 4, "batches"), ("score", 24, "sequences"), ("train", 6, "steps"),
+                                   ("evaluate val", 4, "prompts"), ("evaluate test", 4, "prompts")):
+            rd.set_state(stage=stage)
+            progress = rd.progress(0, stage, total)
+            time.sleep(0.6)  # Progress writes at most twice a second
+            progress(total // 2)
+            wait_for_text(page, f"#run-status .spin-bar[data-stage='{stage}']",
+                          rf"iteration 0 · {stage}: {total // 2}/{total} {unit}")
+            if stage == "train":
+                shot(page, "run-progress")
+    finally:
+        holder.kill()
+        holder.wait()

@@ -114,7 +114,10 @@ def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_p
     monkeypatch.setattr(gen, "CPU_ROWS", 6)  # 3 planned batches of 2 per pass, the last pass holds 1
     eos_tok = copy.copy(tok)
     eos_tok.eos_token_id = eos
-    records = gen.generate_all(peft_model, eos_tok, keyed, settings, tmp_path / "g.jsonl", seed=3)
+    calls = []
+    records = gen.generate_all(peft_model, eos_tok, keyed, settings, tmp_path / "g.jsonl", seed=3,
+                               progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 5) and calls[-1] == (5, 5) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert [(records[f"train:{i}"]["ids"], records[f"train:{i}"]["truncated"]) for i in range(9)] == expected
     lines = [json.loads(l) for l in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert sorted(r["batch"] for r in lines) == sorted([0, 0, 1, 1, 2, 2, 3, 3, 4])

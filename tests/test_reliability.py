@@ -19,7 +19,7 @@ from typing import get_args
 import pytest
 
 from conftest import REPO, tiny_settings
-from spin_lite import app_handlers as h
+from spin_lite.app import handlers as h
 from spin_lite import config
 from spin_lite.cli import main
 from spin_lite.config import ConfigError, load_config
@@ -29,7 +29,7 @@ from spin_lite.state import RunDir, atomic_write_json
 HOLD = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
         "print('held', flush=True)\ntime.sleep(120)")
 # Abort from a process in a session of its own: signalling the wrong group kills this process, not the tests.
-ABORT = ("import os, sys, json\nfrom pathlib import Path\nfrom spin_lite import app_handlers as h\n"
+ABORT = ("import os, sys, json\nfrom pathlib import Path\nfrom spin_lite.app import handlers as h\n"
          "record = Path(sys.argv[1]) / sys.argv[2] / h.PROCESS_FILE\n"
          "if sys.argv[3] != '-':\n"
          "    record.write_text(json.dumps({'pid': os.getpid() if sys.argv[3] == 'self' else int(sys.argv[3])}))\n"
@@ -247,11 +247,7 @@ def test_a_killed_run_shows_why_not_a_warning_line(tmp_path):
 
 def test_auth_from_a_file_or_the_environment(monkeypatch, tmp_path):
     pytest.importorskip("gradio")
-    sys.path.insert(0, str(REPO))
-    try:
-        import app
-    finally:
-        sys.path.remove(str(REPO))
+    from spin_lite.app import ui as app
     launched = {}
 
     class Demo:
@@ -262,7 +258,6 @@ def test_auth_from_a_file_or_the_environment(monkeypatch, tmp_path):
             launched.update(kwargs)
 
     monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
-    monkeypatch.setattr(app, "demo", Demo())
     secret = tmp_path / "auth.txt"
     secret.write_text("ann:s3cret:with-colon\n")
     app.main(["--workspace", str(tmp_path), "--auth-file", str(secret)])

@@ -1,4 +1,4 @@
-"""What the web app (app.py) does, as plain functions: the app only lays these out on a page.
+"""What the web app does, as plain functions: spin_lite.app.ui only lays these out on a page.
 
 Everything here works on one workspace folder: uploads, configs, run directories and exports stay under it.
 A typed path that resolves outside it is refused (AppError), and so is every path of a run (`resolved`: run_dir,
@@ -10,8 +10,10 @@ which inherits and keeps it, in its own process group and session, cwd = the wor
 to RUN_DIR/run.log, so closing the page or the app does not stop it; `abort_run` kills that process group,
 once it has checked that the app started it (`started_group`); `continue_run` launches the same command on
 the run's own config.yaml, and the engine resumes from disk.
-Progress, plots and tables are read back from the run directory (layout: spin_lite.state) and from the
-tqdm bars in run.log, so a run started from the CLI shows up the same way.
+Progress, plots and tables are read back from the run directory through its contract, spin_lite.state.RunDir
+(progress.json, state.json, the results table, the trained iterations, the adapters that make the model after
+an iteration), so a run started from the CLI shows up the same way; run.log is only shown, never parsed for
+progress.
 
 Files the app adds to a run directory: app-launch.yaml (the config it launched), run.log, app-run.json
 (pid, process start time, command, and how the process ended).
@@ -37,12 +39,12 @@ from typing import Iterator
 
 import yaml
 
-from .config import ConfigError, SpinConfig, load_config, settings_info
-from .config import choices as setting_choices
-from .data import DataError, encode_example, parse_row, read_rows
-from .model import EMBEDDED, ModelError
-from .state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
-from .state import flatten as _flatten  # noqa: F401 - the form's keys are the flattened config's (tests)
+from ..config import ConfigError, SpinConfig, load_config, settings_info
+from ..config import choices as setting_choices
+from ..data import DataError, encode_example, parse_row, read_rows
+from ..model import EMBEDDED, ModelError
+from ..state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
+from ..state import flatten as _flatten  # noqa: F401 - the form's keys are the flattened config's (tests)
 
 LAUNCH_CONFIG = "app-launch.yaml"
 PROCESS_FILE = "app-run.json"
@@ -311,7 +313,7 @@ def preview_data(workspace, cfg: SpinConfig, rows: int = 5) -> tuple[list[dict],
 
     A row that cannot be used shows its error in the `problem` column.
     """
-    from .model import load_tokenizer
+    from ..model import load_tokenizer
 
     cfg = resolved(workspace, cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -396,7 +398,8 @@ def run_status(workspace, run_dir: str) -> dict:
         status = "not started"
     out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
-           "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None}
+           "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None,
+           "best_iteration": rd.best_iteration()}
     if status == "failed":
         out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
     return out
@@ -443,9 +446,9 @@ def runs_overview(workspace) -> list[dict]:
 def start_run(workspace, cfg: SpinConfig) -> str:
     """Check `cfg` and launch it; refuses (AppError) a run directory in use, a run directory started with
     other settings, a folder that is not a run directory, and data or a model that cannot be loaded."""
-    from .data import load_splits
-    from .model import load_tokenizer
-    from .preflight import check_model
+    from ..data import load_splits
+    from ..model import load_tokenizer
+    from ..preflight import check_model
 
     cfg.validate()
     rel = run_name(workspace, cfg.run_dir)
@@ -474,7 +477,7 @@ def start_run(workspace, cfg: SpinConfig) -> str:
 
 def continue_run(workspace, run_dir: str, iterations: int | None = None) -> str:
     """Launch the run again on its own config (the engine skips what is on disk); `iterations` raises the total."""
-    from .preflight import check_model
+    from ..preflight import check_model
 
     rel = run_name(workspace, run_dir)
     root = Path(workspace).resolve() / rel
@@ -515,7 +518,7 @@ def _launch(workspace, root: Path, args: list[str], lock) -> str:
     """Start `python -m spin_lite ARGS` in its own session, cwd = workspace, output appended to run.log; the
     process inherits `lock` (the run directory's, taken by the caller) and adopts it (spin_lite.state)."""
     command = [sys.executable, "-m", "spin_lite", *args]
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding spin_lite/
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPIN_LITE_LOCK_FD": str(lock.fileno()),
            "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     with open_to_write(root / LOG_FILE, append=True) as log:
@@ -616,24 +619,20 @@ def log_lines(log: Path, n: int = 40) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in text.rstrip("\r\n").split("\n")][-n:]
 
 
-TQDM = re.compile(r"(?P<name>(generate|train) iter (?P<iteration>\d+)):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)"
-                  r" \[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+)")
+def progress(workspace, run_dir: str) -> dict | None:
+    """The running stage's progress, as the run writes it (RunDir.read_progress: progress.json): iteration,
+    stage (generate, score, train, evaluate val, evaluate test), done, total, rate (units a second), updated;
+    plus `unit` and `remaining_s` (None while unknown). None before the run has written any."""
+    p = RunDir(inside(workspace, run_dir)).read_progress()
+    if not p.get("stage"):
+        return None
+    done, total, rate = p.get("done") or 0, p.get("total"), p.get("rate")
+    remaining = (total - done) / rate if rate and total is not None else None
+    return {**p, "done": done, "unit": STAGE_UNITS.get(p["stage"].split()[0], "items"), "remaining_s": remaining}
 
 
-def progress(workspace, run_dir: str) -> list[dict]:
-    """The latest generation and training bars of the run (from run.log): name, n, total, elapsed, remaining."""
-    log = inside(workspace, run_dir) / LOG_FILE
-    if not log.exists():
-        return []
-    with open(log, "rb") as f:
-        f.seek(max(0, f.seek(0, 2) - 256_000))
-        text = f.read().decode("utf-8", errors="replace")
-    latest = {}
-    for m in TQDM.finditer(text):
-        kind = m["name"].split()[0]
-        latest[kind] = {"name": m["name"], "kind": kind, "iteration": int(m["iteration"]), "n": int(m["n"]),
-                        "total": int(m["total"]), "elapsed": m["elapsed"], "remaining": m["remaining"]}
-    return [latest[k] for k in ("generate", "train") if k in latest]
+# What one unit of a stage's progress counts (spin_lite.run: SpinRun.generate, score, train, _evaluate).
+STAGE_UNITS = {"generate": "batches", "score": "sequences", "train": "steps", "evaluate": "prompts"}
 
 
 def step_metrics(workspace, run_dir: str) -> list[dict]:
@@ -649,12 +648,29 @@ def step_metrics(workspace, run_dir: str) -> list[dict]:
 
 
 def iteration_metrics(workspace, run_dir: str) -> list[dict]:
-    """spin_lite.run.results_table: one row for the starting model, one per complete iteration, plus
-    `iterations`, the number of SPIN iterations behind the row (0: the starting model)."""
-    from .run import results_table
+    """RunDir.results_table: one row for the starting model, one per complete iteration (test metrics, val_*
+    validation metrics, train_loss, train_accuracy, best, selection), for the plots."""
+    return RunDir(inside(workspace, run_dir)).results_table()
 
-    rows = results_table(RunDir(inside(workspace, run_dir)))
-    return [{"iterations": 0 if r["model"] == "start" else int(r["model"].split()[1]) + 1, **r} for r in rows]
+
+def results_rows(workspace, run_dir: str) -> list[dict]:
+    """The results table as the page shows it: spin-lite table's columns with their plain names, values rounded
+    to 3 decimals, `chosen` on the iteration chosen on the validation rows, and the stop rule's reasons on an
+    iteration it rejected."""
+    from ..run import TABLE_COLUMNS
+
+    rows = iteration_metrics(workspace, run_dir)
+    columns = [(key, title) for key, title, _ in TABLE_COLUMNS if any(r.get(key) is not None for r in rows)]
+    table = []
+    for r in rows:
+        line = {title: (round(r[key], 3) if isinstance(r.get(key), float) else r.get(key)) for key, title in columns}
+        line["chosen"] = "best" if r.get("best") else ""
+        s = r.get("selection") or {}
+        line["validation"] = ("" if s.get("accepted") is not False else f"rejected: not better than "
+                              f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
+                              + ("; run stopped" if s.get("stop") else ""))
+        table.append(line)
+    return table
 
 
 def metrics_signature(workspace, run_dir: str) -> str:
@@ -691,6 +707,22 @@ def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
     return [r for r in table if not q or any(q in r[c].lower() for c in columns)]
 
 
+# Turn markers of the common chat templates: (start of a turn with its role, end of the role, end of a turn).
+TEMPLATES = [re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S),  # ChatML (SmolLM2, Qwen)
+             re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|$)", re.S),  # Llama 3
+             re.compile(r"<start_of_turn>(\w+)\n(.*?)(?:<end_of_turn>|$)", re.S)]  # Gemma
+
+
+def prompt_turns(text: str) -> list[dict]:
+    """A prompt rendered by its chat template, back as turns [{role, content}]: ChatML, Llama 3 and Gemma
+    markers are read; other text is one user turn. The generation prompt's empty assistant turn is dropped."""
+    for template in TEMPLATES:
+        turns = [{"role": m[1], "content": m[2].strip()} for m in template.finditer(text)]
+        if turns:
+            return [t for i, t in enumerate(turns) if t["content"] or i < len(turns) - 1]
+    return [{"role": "user", "content": text}]
+
+
 def summary(workspace, run_dir: str, which: str) -> dict:
     """summary.json of an iteration, or the starting model's held-out metrics."""
     root = inside(workspace, run_dir)
@@ -703,10 +735,9 @@ def _iteration(which) -> int:
     return int(str(which).split()[-1])
 
 
-def adapter_iterations(workspace, run_dir: str) -> list[int]:
-    """Iterations of a run with a trained adapter."""
-    root = inside(workspace, run_dir)
-    return sorted(int(p.parent.parent.name[5:]) for p in root.glob("iter-[0-9][0-9]/adapter/adapter_config.json"))
+def trained_iterations(workspace, run_dir: str) -> list[int]:
+    """Iterations of a run with a trained adapter (RunDir.trained_iterations)."""
+    return RunDir(inside(workspace, run_dir)).trained_iterations()
 
 
 # -- compare: chat with the starting model and an iteration's model --------------------------------------------
@@ -719,22 +750,17 @@ def run_config(workspace, run_dir: str) -> SpinConfig:
 
 
 def chat_model(workspace, run_dir: str, which: str):
-    """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N
-    (stack mode: base + adapter N; merge mode: base with the starting adapter and adapters 0..N merged)."""
+    """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N, with the
+    adapters RunDir.adapters_after names, built by model.build_model for inference."""
     cfg = run_config(workspace, run_dir)
-    root = Path(cfg.run_dir)
-    start = [cfg.model.adapter] if cfg.model.adapter else []
-    if which == "start":
-        adapters = start
-    else:
-        t = _iteration(which)
-        if t not in adapter_iterations(workspace, run_dir):
-            raise AppError(f"iteration {t} of {run_dir} has no trained adapter")
-        own = [str(RunDir(root).iteration(k) / "adapter") for k in range(t + 1)]
-        adapters = own[-1:] if cfg.mode == "stack" else start + own
+    rd = RunDir(cfg.run_dir)
+    n = -1 if which == "start" else _iteration(which)
+    if n >= 0 and n not in rd.trained_iterations():
+        raise AppError(f"iteration {n} of {run_dir} has no trained adapter")
+    adapters = tuple(rd.adapters_after(n, cfg.mode, cfg.model.adapter))
     stamp = tuple(os.path.getmtime(Path(a) / "adapter_config.json") if Path(a).exists() else 0 for a in adapters)
     with _LOADING:
-        return _load_chat_model(dataclasses.astuple(cfg.model), tuple(adapters), stamp)
+        return _load_chat_model(dataclasses.astuple(cfg.model), cfg.mode, adapters, stamp)
 
 
 # The two chats load their models at the same time; transformers' loading is not thread-safe (its
@@ -743,20 +769,14 @@ _LOADING = threading.Lock()
 
 
 @lru_cache(maxsize=2)  # the two models side by side stay loaded between messages
-def _load_chat_model(model_fields: tuple, adapters: tuple, stamp: tuple):
-    from peft import PeftModel
-
-    from .config import ModelConfig
-    from .model import load_base, load_tokenizer
+def _load_chat_model(model_fields: tuple, mode: str, adapters: tuple, stamp: tuple):
+    from ..config import LoraSettings, ModelConfig
+    from ..model import build_model, load_base, load_tokenizer
 
     model_cfg = ModelConfig(*model_fields)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_base(model_cfg)
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter)
-        if len(adapters) > 1:
-            model = model.merge_and_unload()
-    return model.eval(), tokenizer
+    model = build_model(load_base(model_cfg), LoraSettings(), list(adapters), mode, trainable=False,
+                        log=lambda *_: None)  # LoraSettings: read only for a trainable adapter
+    return model.eval(), load_tokenizer(model_cfg)
 
 
 def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_new_tokens: int = 128) -> Iterator[str]:
@@ -764,7 +784,7 @@ def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_ne
     import torch
     from transformers import TextIteratorStreamer
 
-    from .data import encode_prompt
+    from ..data import encode_prompt
 
     model, tokenizer = chat_model(workspace, run_dir, which)
     prompt = torch.tensor([encode_prompt(tokenizer, messages)], device=next(model.parameters()).device)
@@ -804,7 +824,7 @@ def export(workspace, run_dir: str, iteration: int, merged: bool, timeout_s: flo
     ws = Path(workspace).resolve()
     run_dir = run_name(workspace, run_dir)
     run_config(workspace, run_dir)  # the model it reads: inside the workspace, like a run's
-    if int(iteration) not in adapter_iterations(workspace, run_dir):
+    if int(iteration) not in trained_iterations(workspace, run_dir):
         raise AppError(f"iteration {iteration} of {run_dir} has no trained adapter to export")
     name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{'merged' if merged else 'adapter'}"
     out = inside(workspace, Path(EXPORTS) / name)
@@ -814,7 +834,7 @@ def export(workspace, run_dir: str, iteration: int, merged: bool, timeout_s: flo
             raise AppError(f"{written.relative_to(ws)} is a symbolic link; the app does not export through links")
     args = ["export", run_dir, "--iteration", str(int(iteration)), "--out", str(out.relative_to(ws))]
     args += ["--merged", "--dtype", "bfloat16"] if merged else []
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding spin_lite/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-m", "spin_lite", *args], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
@@ -831,17 +851,3 @@ def last_error_text(text: str) -> str | None:
         if line.startswith("error:"):
             return line[len("error:"):].strip()
     return lines[-1] if lines else None
-
-
-def run_app_script(argv: list[str]) -> int:
-    """`spin-lite app ARGS`: run app.py's main from the source checkout this package sits in."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "app.py"
-    if not path.exists():
-        print(f"error: the web app is app.py in the spin_lite source checkout; {path} does not exist", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("spin_lite_app", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv) or 0
