@@ -69,8 +69,9 @@ def mistral_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mistral(mistral_dir):
+    """Shared by the tests of this module: a test that changes it loads its own (`mistral_dir`)."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(mistral_dir)
 
@@ -93,9 +94,11 @@ def test_sentencepiece_standalone_encoding_differs(mistral):
     assert standalone != answer and standalone[1:] == answer[1:]
 
 
-def test_sentencepiece_chatml_closes_with_im_end(mistral):
+def test_sentencepiece_chatml_closes_with_im_end(mistral_dir):
     """EOS (</s>) and end of turn (<|im_end|>) differ: the response ends with the template's, once, and the
     template's newline after it is not part of the response."""
+    from transformers import AutoTokenizer
+    mistral = AutoTokenizer.from_pretrained(mistral_dir)
     mistral.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     mistral.chat_template = CHATML_TEMPLATE
     im_end = mistral.convert_tokens_to_ids("<|im_end|>")
