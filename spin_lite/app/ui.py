@@ -245,11 +245,12 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
         msg = gr.Markdown(elem_id="run-msg")
         status = gr.HTML(elem_id="run-status")
         # Hidden until their data arrive: no empty frames. Points, not lines: one step or one iteration shows too.
+        # No `color` series: a native plot fixes its colour domain at its first data, so the points of a later
+        # iteration were not drawn (seen in the browser test's screenshot). Steps run over all iterations in order.
         with gr.Row():
-            steps = {y: gr.ScatterPlot(x="global_step", y=y, color="iteration", title=title,
-                                       x_title="optimizer step (all iterations)", y_title=y, color_title="iteration",
-                                       x_axis_format="d", y_axis_format=".3~f", elem_id=f"plot-{y}", height=260,
-                                       visible=False) for y, title in STEP_PLOTS.items()}
+            steps = {y: gr.ScatterPlot(x="global_step", y=y, title=title, x_title="optimizer step (all iterations)",
+                                       y_title=y, x_axis_format="d", y_axis_format=".3~f", elem_id=f"plot-{y}",
+                                       height=260, visible=False) for y, title in STEP_PLOTS.items()}
         with gr.Row():
             per_iteration = {y: gr.ScatterPlot(x="model", y=y, title=title, sort=MODEL_ORDER, y_axis_format=".3~f",
                                                elem_id=f"plot-{y}", height=260, visible=False)
@@ -260,7 +261,7 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
                          interactive=False, elem_id="run-log")
         overview = gr.Dataframe(label="All run directories in the workspace", interactive=False, elem_id="runs-overview")
         timer = gr.Timer(2.0)
-    seen = gr.State(None)
+        seen = gr.State(None)  # inside the tab: a component between tabs shifts which panel a tab button opens
     view = [status, *steps.values(), *per_iteration.values(), results, log, overview, seen]
     parts = SimpleNamespace(status=status, steps=steps, per_iteration=per_iteration, results=results, log=log,
                             overview=overview, seen=seen)
@@ -292,8 +293,6 @@ def show_run(ws: Path, parts: SimpleNamespace, run_dir: str | None, seen: str | 
         if signature == seen:
             return update
         steps = pd.DataFrame(h.step_metrics(ws, run_dir))
-        if len(steps):
-            steps["iteration"] = [f"iter {t}" for t in steps["iteration"]]
         for plot in parts.steps.values():
             update[plot] = gr.update(value=steps if len(steps) else None, visible=bool(len(steps)))
         per_iteration = h.iteration_metrics(ws, run_dir)
