@@ -46,9 +46,10 @@ def score(model, prompts: list[list[int]], responses: list[list[int]], pad_id: i
 
 
 def evaluate(model, tokenizer, items: list[dict], cfg: SpinConfig, beta: float | None = None,
-             stop_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
+             stop_ids: list[int] | None = None, progress=None) -> tuple[dict, list[dict]]:
     """Metrics and side-by-side samples on `items` (dicts with key, prompt_ids, real_ids and, after the starting
-    model, the opponent's gen_ids, opponent_real, opponent_gen; `beta`: the iteration's, for spin_loss)."""
+    model, the opponent's gen_ids, opponent_real, opponent_gen; `beta`: the iteration's, for spin_loss).
+    `progress(done)` is called with the number of items whose greedy answer is written."""
     pad, bs = tokenizer.pad_token_id, cfg.train.micro_batch_size * 2
     prompts = [it["prompt_ids"] for it in items]
     real_logps, real_counts = score(model, prompts, [it["real_ids"] for it in items], pad, bs)
@@ -77,6 +78,8 @@ def evaluate(model, tokenizer, items: list[dict], cfg: SpinConfig, beta: float |
                 "opponent": tokenizer.decode(it["gen_ids"], skip_special_tokens=True) if "gen_ids" in it else None,
                 "model": tokenizer.decode(ids, skip_special_tokens=True),
                 "model_tokens": len(ids), "model_truncated": truncated})
+        if progress is not None:
+            progress(len(samples))
     metrics |= answer_metrics(samples, [len(it["real_ids"]) for it in items], cfg)
     return metrics, samples
 

@@ -111,6 +111,8 @@ def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings
     return [out[i] for i in range(len(prompts))]
 
 
+# One function on purpose: plan, skip what is on disk, decode, append each batch as it finishes: the resume
+# contract reads top to bottom.
 def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: GenerationSettings, path: Path,
                  seed: int, rank: int = 0, world_size: int = 1, desc: str = "generate",
                  stop_ids: list[int] | None = None, progress=None) -> dict[str, dict]:
@@ -256,6 +258,8 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
 
 
 @torch.no_grad()
+# One function on purpose: the CUDA graph captures one decoding step, so the step's tensors (cache, slots,
+# sampling state) must be made and reused in one scope.
 def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: int, max_new_tokens: int,
                   sampling: Sampling, on_finished, graphs: bool | None = None):
     """The static engine: what `decode` does, over a KV cache preallocated for prompt + `max_new_tokens`.

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .config import ConfigError, SpinConfig, apply_legacy
 from .data import load_splits
 from .evaluate import compare, evaluate, score
-from .generate import generate_all, read_generations
+from .generate import generate_all, read_generations, stop_token_ids
 from .model import build_model, load_adapter_weights, load_base, load_tokenizer, merged_base, resolve_backend
 from .preflight import check_model
 from .state import STAGES, RunDir, atomic_write_json, atomic_write_text, read_json, read_jsonl, replace_dir
@@ -295,8 +295,8 @@ class SpinRun:
     def _evaluate(self, t, model, items: list[dict], beta, which: str):
         if not items:
             return None, []
-        self.dir.progress(t, f"evaluate {which}", len(items))
-        return evaluate(model, self.tokenizer, items, self.cfg, beta)
+        progress = self.dir.progress(t, f"evaluate {which}", len(items))
+        return evaluate(model, self.tokenizer, items, self.cfg, beta, stop_token_ids(self.tokenizer, model), progress)
 
     def _progress(self, t: int, stage: str, total: int | None = None):
         return self.dir.progress(t, stage, total) if self.rank == 0 else None
