@@ -1,19 +1,22 @@
 """SPIN's fixed point, checked: trained on the opponent's own samples as "real" data, it should barely move.
 
 Run: nice .venv/bin/python examples/fixed_point_check.py [--out runs/fixed-point] [key=value ...]
-(key=value: spin-lite settings for both runs, e.g. train.learning_rate=1e-4; about 10 minutes on 2 CPU cores)
+(key=value: spin-lite settings for both runs, applied after examples/configs/demo.yaml's)
 
 When the real responses are samples of the opponent p_0 itself, real and generated responses come from one
-distribution and SPIN's optimum is p_0 (paper, Theorem 5.4: the expected gradient at p = p_0 is zero). This
-script trains one iteration twice with the same settings from the embedded model (SmolLM2-135M-Instruct):
-  self:  "real" responses sampled from p_0 at temperature 1, top-p 1, for the demo data's prompts;
+distribution and SPIN's optimum is p_0 (the expected gradient at p = p_0 is zero). This script trains one
+iteration twice from the embedded model (SmolLM2-135M-Instruct) with the demo's settings:
+  self:  "real" responses sampled from p_0 (spin_lite's decoder, temperature 1, top-p 1) for the prompts;
   real:  the demo data's human responses to the same prompts;
-and measures how far each moved the model on held-out prompts: the KL divergence KL(p_0 || p_1) per response
-token (over the whole vocabulary, at the positions of fresh samples of p_0) and the mean absolute change of
-the samples' per-token log-probs. The self run moves only by sampling noise, so its drift should be a small
-fraction of the real run's. A ratio near 1 means the loss, the masks or the sampling do not match what the
-opponent generates (e.g. sharpened sampling, or real responses tokenized unlike generated ones).
-tests/test_fixed_point.py runs the same functions on a tiny model.
+and measures how far each moved the model on held-out prompts: KL(p_0 || p_1) per response token (over the
+whole vocabulary, at the positions of fresh samples of p_0) and the mean absolute change of those samples'
+per-token log-probs. The self run moves only by sampling noise, so its drift should be a small fraction of
+the real run's; a ratio near 1 means the loss, the masks or the sampling do not match what the opponent
+generates (e.g. sharpened sampling, or real responses tokenized unlike generated ones).
+The prompts are the demo's user turns cut to 6 tokens, so all render to one length and data.max_length cuts a
+real response exactly where the opponent's generation is cut (48 tokens): a sample cut at the cap is data too.
+Samples whose text does not re-encode to the sampled ids are left out. tests/test_fixed_point.py runs the
+same functions on a tiny model, where the ratio is measured over seeds.
 
 Output of one run (2 CPU cores, nice, 2025 defaults; recorded below after running it):
     (filled in after the run)
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -36,25 +38,20 @@ def chat_rows(path: Path) -> list[list[dict]]:
     return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, seed: int,
-           batch_size: int = 64) -> list[tuple[list[int], list[int], bool]]:
-    """(prompt ids, response ids, ended) per prompt: one sample of `model` at temperature 1, top-p 1, no top-k
-    (the opponent's distribution itself). A response ends with its end-of-turn token, or is cut at the cap."""
-    from spin_lite.data import encode_prompt, end_of_turn_ids
-    stops, pad = end_of_turn_ids(tokenizer), tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    out = []
+           batch_size: int = 16) -> list[tuple[list[int], list[int], bool]]:
+    """(prompt ids, response ids, ended) per prompt: one sample of `model` at temperature 1, top-p 1 (the
+    opponent's distribution itself), drawn by spin_lite's own decoder. A response ends with its end-of-turn
+    token, or is cut at the cap."""
+    from spin_lite.config import GenerationSettings
+    from spin_lite.data import encode_prompt
+    from spin_lite.generate import generate_batch, stop_token_ids
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0)
+    stops, out = stop_token_ids(tokenizer, model), []
     for i in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-        width = max(map(len, ids))
-        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        new = model.generate(input_ids=batch, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=0, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
-        for x, row in zip(ids, new[:, width:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), None)
-            out.append((x, row[: end + 1], True) if end is not None else (x, row, False))
+        for x, (y, cut) in zip(ids, generate_batch(model, ids, settings, stops, tokenizer.pad_token_id, seed + i)):
+            out.append((x, y, not cut))
     return out
 
 
@@ -81,6 +78,23 @@ def self_play_rows(model, tokenizer, chats: list[list[dict]], max_new_tokens: in
         if (ids if ended else ids[:len(response)]) == response:
             rows.append({"row": k, "messages": chat[:-1] + [{"role": "assistant", "content": text}]})
     return rows
+
+
+def equal_length_chats(tokenizer, chats: list[list[dict]], content_tokens: int) -> list[list[dict]]:
+    """One-turn chats whose prompts all render to the same number of tokens: each user turn cut to its first
+    `content_tokens` tokens (chats with a shorter one, or whose cut text does not render to the common length,
+    are left out). Then data.max_length = prompt + cap cuts real responses where generation is cut."""
+    from spin_lite.data import encode_prompt
+    out, length = [], None
+    for chat in chats:
+        ids = tokenizer(chat[0]["content"], add_special_tokens=False)["input_ids"]
+        if len(chat) != 2 or len(ids) < content_tokens:
+            continue
+        cut = [{"role": "user", "content": tokenizer.decode(ids[:content_tokens])}, chat[1]]
+        length = length or len(encode_prompt(tokenizer, cut[:1]))
+        if len(encode_prompt(tokenizer, cut[:1])) == length:
+            out.append(cut)
+    return out
 
 
 @torch.no_grad()
@@ -149,25 +163,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/fixed-point", help="where the two runs go (replaced)")
     parser.add_argument("--rows", type=int, default=48, help="training prompts (one-turn chats of the demo data)")
     parser.add_argument("--held-out", type=int, default=16, help="held-out prompts the drift is measured on")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="cap of every sample (cut ones are left "
-                        "out of the self-generated data, so keep it above most answers' length)")
+    parser.add_argument("--prompt-tokens", type=int, default=6, help="user turns cut to this many tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="the cap of every response")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("settings", nargs="*", help="spin-lite key=value settings for both runs (after the demo's)")
     args = parser.parse_args(argv)
     import shutil
 
+    from transformers import AutoTokenizer
+
     from spin_lite.config import ModelConfig
+    from spin_lite.data import encode_prompt
     from spin_lite.model import model_path
-    out = Path(args.out)
+    out, model_dir = Path(args.out), Path(model_path(ModelConfig(name="embedded")))
     shutil.rmtree(out, ignore_errors=True)
-    chats = [c for c in chat_rows(DEMO_DATA) if len(c) == 2]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chats = equal_length_chats(tokenizer, chat_rows(DEMO_DATA), args.prompt_tokens)
+    prompt = len(encode_prompt(tokenizer, chats[0][:1]))
     # the demo's settings (examples/configs/demo.yaml: lr 5e-4, 1 epoch, 4 x 2 pairs per step), 4 + 4 rows held
-    # out by the run, every training row used, room for the longer cap
-    settings = ["data.eval_size=4", "data.val_size=4", f"data.max_examples={args.rows}", "data.max_length=320",
+    # out by the run, every other row trained on, real responses cut where generation is
+    settings = ["data.eval_size=4", "data.val_size=4", f"data.max_examples={args.rows}",
+                f"data.max_prompt_length={prompt}", f"data.max_length={prompt + args.max_new_tokens}",
                 f"generation.max_new_tokens={args.max_new_tokens}", "train.stop_when=never", *args.settings]
-    report = fixed_point_check(Path(model_path(ModelConfig(name="embedded"))), chats[: args.rows + 8],
-                               [c[:-1] for c in chats[-args.held_out:]], out, settings, args.max_new_tokens,
-                               args.seed, config=REPO / "examples" / "configs" / "demo.yaml")
+    report = fixed_point_check(model_dir, chats[: args.rows + 8], [c[:-1] for c in chats[-args.held_out:]], out,
+                               settings, args.max_new_tokens, args.seed, REPO / "examples" / "configs" / "demo.yaml",
+                               keep_cut=True)
     print(json.dumps(report, indent=1))
     print(f"KL(p0 || p1) per token: self-generated data {report['self']['kl']:.4f}, real data "
           f"{report['real']['kl']:.4f}, ratio {report['kl_ratio']:.3f}")
