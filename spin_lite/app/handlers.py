@@ -372,7 +372,8 @@ def _alive(pid) -> bool:
             return True
         except OSError:
             return False
-    return stat.rsplit(")", 1)[1].split()[0] == "Z" or b"spin_lite" in cmdline
+    # a process that is exiting has no command line before it becomes a zombie: still ours, still running
+    return stat.rsplit(")", 1)[1].split()[0] == "Z" or not cmdline or b"spin_lite" in cmdline
 
 
 def run_status(workspace, run_dir: str) -> dict:
