@@ -18,8 +18,10 @@ real response exactly where the opponent's generation is cut (48 tokens): a samp
 Samples whose text does not re-encode to the sampled ids are left out. tests/test_fixed_point.py runs the
 same functions on a tiny model, where the ratio is measured over seeds.
 
-Output of one run (2 CPU cores, nice, 2025 defaults; recorded below after running it):
-    (filled in after the run)
+Output: not recorded yet. Three runs on 2 shared CPU cores (48, 32 and 24 rows) were each ended from outside
+(SIGTERM/SIGKILL) during the second training run, after 15-35 minutes; the self run's training log showed the
+anchored loss moving little (margin -0.02 after its 4 steps, 32 rows). Run it on an idle machine and paste
+the printed JSON here.
 """
 from __future__ import annotations
 
