@@ -120,10 +120,9 @@ class RunDir:
         """Settings (nested dicts, as config.yaml holds them) that differ from the run's config.yaml, other than
         those a run may change when it continues; [] when the run is new or the settings match. The one rule for
         continuing a run, used by `spin-lite run`, the stage commands, the app and SFT."""
-        import yaml
         if not self.config_path.exists():
             return []
-        previous = flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
+        previous = self._stored_settings()
         previous = {**{k: v for k, v in LEGACY_VALUES.items() if k not in previous}, **previous}
         current = flatten(settings)
         return sorted(f"{k} ({previous.get(k)!r} -> {current.get(k)!r})" for k in set(previous) | set(current)
@@ -131,11 +130,15 @@ class RunDir:
 
     def legacy_settings(self) -> dict:
         """LEGACY_VALUES for the settings that this run's config.yaml lacks (a run made by an earlier version)."""
-        import yaml
         if not self.config_path.exists():
             return {}
-        previous = flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
+        previous = self._stored_settings()
         return {k: v for k, v in LEGACY_VALUES.items() if k not in previous}
+
+    def _stored_settings(self) -> dict:
+        """config.yaml's settings, flattened."""
+        import yaml
+        return flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
 
     # -- iterations and their stages -------------------------------------------------------------------
     def stage_done(self, t: int, stage: str) -> bool:
