@@ -6,6 +6,7 @@
     spin-lite train runs/demo
     spin-lite evaluate runs/demo
     spin-lite table runs/demo
+    spin-lite estimate examples/configs/demo.yaml            # each stage's time on this machine, before a run
     spin-lite sft examples/configs/experiment_sft.yaml      # LoRA SFT: a starting model (model.adapter) for SPIN
     spin-lite export runs/demo --out exports/demo --merged     # the last iteration as one model
 """
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("evaluate", "evaluate the next iteration's adapter and complete the iteration")):
         p = sub.add_parser(stage, help=text, description=text.capitalize() + ", in an existing run directory.")
         p.add_argument("run_dir", help="run directory made by `spin-lite run`")
+    estimate = sub.add_parser("estimate", help="estimate each stage's time on this machine before a run",
+                              description="Load the model and data of a config, time one unit of each stage's work "
+                                          "here, and print each stage's estimated time (spin_lite.estimate).")
+    estimate.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
+    estimate.add_argument("overrides", nargs="*", help="key=value settings, e.g. data.max_examples=200")
     table = sub.add_parser("table", help="print the results table of a run directory")
     table.add_argument("run_dir")
     sft = sub.add_parser("sft", help="supervised fine-tuning of a LoRA adapter: the starting model for SPIN",
@@ -94,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(args)
         elif args.command == "run":
             SpinRun(load_config(*config_and_overrides(args.config, args.overrides))).run()
+        elif args.command == "estimate":
+            from .estimate import estimate_run, format_estimate
+            print(format_estimate(*estimate_run(load_config(*config_and_overrides(args.config, args.overrides)))))
         elif args.command == "sft":
             from .sft import run_sft
             run_sft(load_config(*config_and_overrides(args.config, args.overrides)), steps=args.steps)

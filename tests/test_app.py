@@ -191,6 +191,16 @@ def test_preview_shows_rows_with_the_chat_template(ws):
     assert rows[0]["prompt"].endswith(f"<|im_start|>user\n{first[0]['content']}<|im_end|>\n<|im_start|>assistant\n")
     assert rows[0]["response"] == first[1]["content"] + "<|im_end|>"
     assert rows[0]["problem"] == "" and rows[0]["prompt_tokens"] > 0
+    assert rows[0]["raw columns"].startswith('messages: [{"role": "user", "content": ' + json.dumps(first[0]["content"]))
+    assert "columns messages (read as chat, data.format: auto)" in message
+
+
+def test_preview_shows_an_alpaca_csv_raw_beside_its_prompt(ws):
+    (ws / "data" / "alpaca.csv").write_text("instruction,input,output\nTranslate to French,good morning,bonjour\n")
+    rows, message = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/alpaca.csv"}))
+    assert rows[0]["raw columns"] == "instruction: Translate to French\ninput: good morning\noutput: bonjour"
+    assert "Translate to French" in rows[0]["prompt"] and "good morning" in rows[0]["prompt"]  # input kept
+    assert rows[0]["response"] == "bonjour<|im_end|>" and "read as alpaca" in message
 
 
 def test_preview_reports_bad_data_and_models(ws):
@@ -339,6 +349,23 @@ def test_export_adapter_zip_and_merged_folder(ws, finished_run):
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(h.AppError, match="iteration 5"):
         h.export(ws, finished_run, 5, merged=False)
+
+
+def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tmp_path):
+    """The Export tab's GGUF file, and a Hub push: no token is a clear refusal before any work; a token from the
+    form reaches the export process (its environment, not its command line) and an unreachable Hub is named."""
+    gguf = h.export(ws, finished_run, 0, kind="gguf", gguf_type="f16")
+    assert gguf == ws / "exports" / "tiny-iter-00-gguf-f16" / gguf.name and gguf.suffix == ".gguf"
+    assert gguf.read_bytes()[:4] == b"GGUF"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login
+    with pytest.raises(h.AppError, match="needs a token"):
+        h.export(ws, finished_run, 0, push_repo="someone/tiny-spin")
+    with pytest.raises(h.AppError, match="not of the form OWNER/NAME"):
+        h.export(ws, finished_run, 0, push_repo="../../etc")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(h.AppError, match=r"could not push .* someone/tiny-spin.*export itself is complete"):
+        h.export(ws, finished_run, 0, push_repo="someone/tiny-spin", token="hf_not_a_real_token")
 
 
 # -- the app module ---------------------------------------------------------------------------------------------------

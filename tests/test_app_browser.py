@@ -2,7 +2,8 @@
 
     python -m pytest -q tests/test_app_browser.py        # .ci/run installs chromium with apt
 
-It sets up a tiny run in the page (config loaded from a file, data uploaded), starts it, waits for it to
+It follows the guided Setup flow from a workspace holding only a model folder (the bundled sample data, tiny
+sizes under Advanced, a bad setting's error next to the button, the time estimate), starts the run, waits for it to
 finish, and checks that the plots, the results table (the chosen iteration marked) and the inspect chats show
 that run's numbers and texts as they are on disk; it shows the progress of every stage from the events a run
 writes (progress.json); then it starts a second run, aborts it and continues it to the end. A screenshot of
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,8 +48,7 @@ def free_port() -> int:
 def app(tmp_path_factory):
     """`python app.py` on a free localhost port, over a workspace with the tiny model and a tiny config."""
     ws = make_workspace(tmp_path_factory.mktemp("browser-ws"))
-    (ws / "configs").mkdir()
-    (ws / "configs" / "tiny.yaml").write_text(tiny_config("runs/web", iterations=2).to_yaml())
+    shutil.rmtree(ws / "data")  # the guided flow starts from the bundled sample: only the model is here
     ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
     log = open(ARTIFACTS / "app-browser-server.log", "w")
@@ -133,21 +134,71 @@ def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expecte
     raise AssertionError(f"#{elem_id} shows {shown}, expected {expected}")
 
 
+# The tiny sizes the guided flow sets under "Advanced settings" (section, setting, value); the rest stay defaults.
+TINY_ADVANCED = [("data", "data.max_examples", 8), ("data", "data.eval_size", 4), ("data", "data.val_size", 4),
+                 ("data", "data.max_prompt_length", 96), ("data", "data.max_length", 160),
+                 ("generation", "generation.max_new_tokens", 8), ("generation", "generation.batch_size", 8),
+                 ("train", "train.epochs", 1), ("train", "train.micro_batch_size", 2),
+                 ("train", "train.gradient_accumulation_steps", 2), ("train", "train.learning_rate", 0.01),
+                 ("eval", "eval.max_new_tokens", 8)]
+
+
+def field(page, key: str):
+    """The input of one setting of the Setup form (a text box, a number box or a dropdown's input)."""
+    return page.locator(f"#cfg-{key.replace('.', '-')}").locator("input, textarea").first
+
+
+def set_field(page, key: str, value):
+    box = field(page, key)
+    box.fill(str(value))
+    box.press("Tab")  # a number box reports its value when it loses focus
+
+
 def test_set_up_run_and_inspect_a_tiny_run(app, page):
+    """The guided flow from a workspace holding only a model folder: the bundled sample data, default settings
+    except tiny sizes under Advanced, a bad setting's error next to the button, a time estimate, then the run."""
     url, ws = app
-    # Setup: load the config file, upload the data, preview it as the model sees it.
     page.get_by_role("tab", name="Setup").click()
-    textbox(page, "config-path").fill("configs/tiny.yaml")
-    page.locator("#load-config").click()
-    wait_for_text(page, "#config-file-msg", "loaded configs/tiny.yaml")
-    assert textbox(page, "cfg-model-name").input_value() == "models/tiny"
-    page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))
-    page.wait_for_function("() => document.querySelector('#cfg-data-path textarea, #cfg-data-path input')"
-                           ".value === 'uploads/demo_sft.jsonl'")
-    wait_for_text(page, "#preview-table", r"<\|im_start\|>user\s+Why is the sky blue\?")
-    wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
+    assert not (ws / "data").exists() and not (ws / "runs").exists() and not (ws / "configs").exists()
+    assert field(page, "data.path").input_value() == "sample:demo"  # the default: data shipped inside the package
+    set_field(page, "model.name", "models/tiny")
+    set_field(page, "iterations", 2)
+    set_field(page, "run_dir", "runs/web")
+    page.locator("#advanced .label-wrap").first.click()
+    for section in dict.fromkeys(section for section, _, _ in TINY_ADVANCED):
+        page.locator(f"#advanced-{section} .label-wrap").first.click()
+    for _, key, value in TINY_ADVANCED:
+        set_field(page, key, value)
+    page.locator("#cfg-train-gradient_checkpointing input[type=checkbox]").uncheck()
+    field(page, "train.stop_when").click()  # the stop rule judges every iteration but runs both
+    page.get_by_role("option", name="never", exact=True).click()
+    yaml_text = wait_for_text(page, "#yaml-preview", r"stop_when: never")
+    assert "max_examples: 8" in yaml_text and "name: models/tiny" in yaml_text and "path: sample:demo" in yaml_text
+
+    # The data as the file has it beside the prompt the model sees.
+    page.locator("#preview-data").click()
+    preview = wait_for_text(page, "#preview-table", r"<\|im_start\|>user\s+Why is the sky blue\?")
+    assert re.search(r'messages: \[\{"role": "user", "content": "Why is the sky blue\?"', preview)
+    wait_for_text(page, "#preview-msg", r"140 rows in .*demo_sft\.jsonl; columns messages \(read as chat")
+
+    # A bad setting: its error shows right under the button that was clicked, inside the window.
+    set_field(page, "train.learning_rate", -1)
+    page.locator("#start-run").click()
+    wait_for_text(page, "#setup-msg", r"Error.*learning_rate")
+    button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
+    assert 0 <= message["y"] - (button["y"] + button["height"]) < 80
+    assert page.evaluate("window.scrollY") <= message["y"] and \
+        message["y"] + message["height"] <= page.viewport_size["height"] + page.evaluate("window.scrollY")
+    assert not (ws / "runs").exists()  # nothing was started
+    set_field(page, "train.learning_rate", 0.01)
+    wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
+
+    # The time estimate, measured here with this model, before starting.
+    page.locator("#estimate-time").click()
+    estimate = wait_for_text(page, "#time-estimate", r"Estimate: about .* for 2 iteration", timeout_s=120)
+    assert all(stage in estimate for stage in ("generate", "score", "train", "evaluate"))
     cli = wait_for_text(page, "#cli-preview", r"spin-lite run")
-    assert "data.max_examples=8" in cli and "run_dir=runs/web" in cli and (ws / "uploads" / DEMO.name).exists()
+    assert "data.max_examples=8" in cli and "run_dir=runs/web" in cli
     shot(page, "setup")
 
     # Run: start it, wait for the end; the plots show the numbers of its files.
@@ -166,9 +217,10 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     assert "test logp/tok" in table and "chosen" in table and "iterations" not in table
     assert re.search(r"\bbest\b", table) and not re.search(r"\d\.\d{4,}", table)  # marked; 3 decimals at most
     in_order = steps[0] + steps[1]  # x: the optimizer step over both iterations
+    labels = [f"iter {t}" for t in (0, 1) for _ in steps[t]]  # each step's point, coloured by its iteration
     for metric in ("loss", "margin", "accuracy"):
-        wait_for_plot(page, f"plot-{metric}", "optimizer step (all iterations)", metric, None,  # the x title
-                      {(None, str(n)): r[metric] for n, r in enumerate(in_order, 1)})
+        wait_for_plot(page, f"plot-{metric}", "optimizer step (all iterations)", metric, "iteration",  # x title
+                      {(label, str(n)): r[metric] for n, (label, r) in enumerate(zip(labels, in_order), 1)})
     held_out = {"start": json.loads((run / "eval-start.json").read_text())["metrics"],
                 **{f"iter {t}": json.loads((run / f"iter-0{t}" / "eval.json").read_text())["test"] for t in (0, 1)}}
     for metric in ("logp_per_token", "margin_accuracy"):
@@ -226,6 +278,9 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.locator("#export-adapter").click()
     wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=120)
     assert (ws / "exports" / "web-iter-01-adapter.zip").exists()
+    page.locator("#export-gguf").click()  # one GGUF file, of the default type (q8_0)
+    wait_for_text(page, "#export-msg", r"web-iter-01-gguf-q8_0/\S+\.gguf", timeout_s=120)
+    assert list((ws / "exports" / "web-iter-01-gguf-q8_0").glob("*.gguf"))
     shot(page, "export")
 
 
@@ -234,6 +289,11 @@ def test_abort_a_second_run_and_continue_it(app, page):
     page.get_by_role("tab", name="Setup").click()
     textbox(page, "cfg-run_dir").fill("runs/web2")
     wait_for_text(page, "#yaml-preview", r"run_dir: runs/web2")
+    page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))  # an uploaded file this time
+    page.wait_for_function("() => document.querySelector('#cfg-data-path textarea, #cfg-data-path input')"
+                           ".value === 'uploads/demo_sft.jsonl'")
+    wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
+    assert (ws / "uploads" / DEMO.name).exists()
     page.locator("#start-run").click()
     wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")
     page.locator("#start-run").click()  # the same run directory again, while it runs

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import json
 import os
 import re
 import shlex
@@ -308,11 +309,27 @@ def open_config(workspace, path: str) -> SpinConfig:
 
 
 # -- data preview ---------------------------------------------------------------------------------------------
+PREVIEW_RAW_CHARS = 300  # of one raw row in the preview: enough to recognise the fields
+
+
+def raw_columns(row) -> str:
+    """A data row as the file has it, one `column: value` line per column (values cut to PREVIEW_RAW_CHARS)."""
+    if not isinstance(row, dict):
+        return repr(row)[:PREVIEW_RAW_CHARS]
+    lines = []
+    for key, value in row.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        lines.append(f"{key}: {text if len(text) <= PREVIEW_RAW_CHARS else text[:PREVIEW_RAW_CHARS] + '…'}")
+    return "\n".join(lines)
+
+
 def preview_data(workspace, cfg: SpinConfig, rows: int = 5) -> tuple[list[dict], str]:
-    """The first `rows` rows as the model sees them (chat template applied), and a message on the data.
+    """The first `rows` rows as the file has them (`raw columns`) beside what the model sees (the chat template
+    applied), and a message on the data: its row count, its columns and the format read from them.
 
     A row that cannot be used shows its error in the `problem` column.
     """
+    from ..data import row_format
     from ..model import load_tokenizer
 
     cfg = resolved(workspace, cfg)
@@ -320,24 +337,42 @@ def preview_data(workspace, cfg: SpinConfig, rows: int = 5) -> tuple[list[dict],
     raw = read_rows(cfg.data.path, cfg.data.split)
     table, bad = [], 0
     for i, row in enumerate(raw[:rows]):
+        line = {"row": i, "raw columns": raw_columns(row)}
         try:
             enc = encode_example(parse_row(row, i, cfg.data), tokenizer, cfg.data)
         except ValueError as e:
             bad += 1
-            table.append({"row": i, "prompt": "", "response": "", "prompt_tokens": 0, "response_tokens": 0,
-                          "problem": str(e)})
+            table.append(line | {"prompt": "", "response": "", "prompt_tokens": 0, "response_tokens": 0,
+                                 "problem": str(e)})
             continue
         notes = [n for n, cut in (("prompt cut to data.max_prompt_length", enc.prompt_truncated),
                                   ("response cut to data.max_length", enc.response_truncated)) if cut]
-        table.append({"row": i, "prompt": tokenizer.decode(enc.prompt_ids),
-                      "response": tokenizer.decode(enc.response_ids), "prompt_tokens": len(enc.prompt_ids),
-                      "response_tokens": len(enc.response_ids), "problem": "; ".join(notes)})
-    message = f"{len(raw)} rows in {cfg.data.path}; the first {len(table)} as the model sees them."
+        table.append(line | {"prompt": tokenizer.decode(enc.prompt_ids), "response": tokenizer.decode(enc.response_ids),
+                             "prompt_tokens": len(enc.prompt_ids), "response_tokens": len(enc.response_ids),
+                             "problem": "; ".join(notes)})
+    message = f"{len(raw)} rows in {cfg.data.path}"
+    if raw and isinstance(raw[0], dict):
+        try:
+            shape = f"read as {row_format(raw[0], cfg.data)}"
+        except ValueError:
+            shape = "in no format spin_lite reads"
+        message += f"; columns {', '.join(raw[0])} ({shape}, data.format: {cfg.data.format})"
+    message += f"; the first {len(table)} as the file has them and as the model sees them."
     if bad:
         message += (f" {bad} of them cannot be used (see the problem column); set data.skip_bad_rows to skip "
-                    "such rows, or fix the data or the field names (data.messages_field, data.prompt_field, "
-                    "data.response_field).")
+                    "such rows, or fix the data, data.format or the field names (data.messages_field, "
+                    "data.prompt_field, data.response_field).")
     return table, message
+
+
+def estimate_time(workspace, cfg: SpinConfig) -> str:
+    """Each stage's estimated time for this config on this machine (spin_lite.estimate), as a markdown table."""
+    from ..estimate import estimate_run, fmt_s
+
+    stages, line = estimate_run(resolved(workspace, cfg), log=lambda *_: None)
+    rows = ["| stage | work per iteration | iteration 0 | each later iteration |", "|---|---|---|---|"]
+    rows += [f"| {s.stage} | {s.work} | {fmt_s(s.first_s)} | {fmt_s(s.later_s)} |" for s in stages]
+    return "\n".join(rows) + f"\n\nEstimate: {line}."
 
 
 # -- run directories ------------------------------------------------------------------------------------------
@@ -816,33 +851,53 @@ def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_ne
 
 
 # -- export: the CLI's `spin-lite export`, in its own process ------------------------------------------------------
-def export(workspace, run_dir: str, iteration: int, merged: bool, timeout_s: float = 3600) -> Path:
-    """Export an iteration's adapter as a zip, or the merged 16-bit model as a folder, under WORKSPACE/exports/.
+EXPORT_KINDS = ("adapter", "merged", "gguf")
+
+
+def export(workspace, run_dir: str, iteration: int, merged: bool = False, *, kind: str | None = None,
+           dtype: str = "bfloat16", gguf_type: str = "q8_0", push_repo: str | None = None, token: str | None = None,
+           private: bool = False, timeout_s: float = 3600) -> Path:
+    """Export an iteration under WORKSPACE/exports/: the adapter (a zip), the merged model (a folder, weights in
+    `dtype`) or one GGUF file of `gguf_type` (llama.cpp, Ollama); with `push_repo`, also upload it to that Hub
+    model repository (`token`, else HF_TOKEN or the saved login).
 
     Runs `spin-lite export` (spin_lite.export) in a child process in the workspace, like a run: the run's
-    relative paths resolve there, and merging a large model does not load it into the app's process.
+    relative paths resolve there, and merging a large model does not load it into the app's process. The token
+    reaches it in its environment, never on its command line (which other users of the machine can read).
     """
+    kind = kind or ("merged" if merged else "adapter")
+    if kind not in EXPORT_KINDS:
+        raise AppError(f"unknown export kind {kind!r}: one of {', '.join(EXPORT_KINDS)}")
     ws = Path(workspace).resolve()
     run_dir = run_name(workspace, run_dir)
     run_config(workspace, run_dir)  # the model it reads: inside the workspace, like a run's
     if int(iteration) not in trained_iterations(workspace, run_dir):
         raise AppError(f"iteration {iteration} of {run_dir} has no trained adapter to export")
-    name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{'merged' if merged else 'adapter'}"
+    push_repo = (push_repo or "").strip() or None
+    if push_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", push_repo):
+        raise AppError(f"Hub repository {push_repo!r} is not of the form OWNER/NAME")
+    suffix = {"adapter": "adapter", "merged": f"merged-{dtype}", "gguf": f"gguf-{gguf_type}"}[kind]
+    name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{suffix}"
     out = inside(workspace, Path(EXPORTS) / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     for written in out.parent.glob(name + "*"):  # the folder, its .tmp-PID/.old siblings and the zip
         if written.is_symlink():
             raise AppError(f"{written.relative_to(ws)} is a symbolic link; the app does not export through links")
     args = ["export", run_dir, "--iteration", str(int(iteration)), "--out", str(out.relative_to(ws))]
-    args += ["--merged", "--dtype", "bfloat16"] if merged else []
+    args += {"adapter": [], "merged": ["--merged", "--dtype", dtype], "gguf": ["--gguf", gguf_type]}[kind]
+    args += ["--push-to-hub", push_repo] + (["--private"] if private else []) if push_repo else []
     package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding spin_lite/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    if token and token.strip():
+        env["HF_TOKEN"] = token.strip()
     done = subprocess.run([sys.executable, "-m", "spin_lite", *args], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise AppError(last_error_text(done.stderr) or f"spin-lite export failed with exit code {done.returncode}")
-    if merged:
+    if kind == "merged":
         return out
+    if kind == "gguf":
+        return next(out.glob("*.gguf"))
     return Path(shutil.make_archive(str(out), "zip", root_dir=out))
 
 

@@ -35,7 +35,7 @@ GUIDED = {"model.name": "1. Model: the embedded SmolLM2-135M-Instruct (default),
 SECTIONS = [("Run", ""), ("Model", "model."), ("Data", "data."), ("LoRA / QLoRA", "lora."),
             ("Generation (the opponent's responses)", "generation."), ("SPIN training", "train."),
             ("Held-out evaluation", "eval.")]
-PREVIEW_COLUMNS = ["row", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
+PREVIEW_COLUMNS = ["row", "raw columns", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
 # The x axis of the per-iteration plots, in this order (not alphabetical).
 MODEL_ORDER = ["start"] + [f"iter {t}" for t in range(100)]
 STEP_PLOTS = {"loss": "SPIN loss per optimizer step", "margin": "reward margin (real - generated) per step",
@@ -137,11 +137,14 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
                         if s.key in ("iterations", "run_dir"):
                             field[s.key] = setting_input(s, value, GUIDED[s.key])
                 problems = gr.Markdown(elem_id="config-problems")
-                start_btn = gr.Button("Start this run", variant="primary", elem_id="start-run")
+                with gr.Row():
+                    start_btn = gr.Button("Start this run", variant="primary", elem_id="start-run", scale=3)
+                    estimate_btn = gr.Button("Estimate the time", elem_id="estimate-time", scale=1)
                 start_msg = gr.Markdown(elem_id="setup-msg")
+                estimate = gr.Markdown(elem_id="time-estimate")
                 with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                     for title, prefix in SECTIONS:
-                        with gr.Accordion(title, open=False), gr.Row():
+                        with gr.Accordion(title, open=False, elem_id=f"advanced-{prefix.rstrip('.') or 'run'}"), gr.Row():
                             for s, value in zip(specs, defaults):
                                 if s.key not in GUIDED and (s.key.startswith(prefix) if prefix else "." not in s.key):
                                     field[s.key] = setting_input(s, value)
@@ -149,6 +152,14 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
                 files = config_files_section()
     fields = [field[s.key] for s in specs]  # settings() order: the order handlers.config_from_form reads
     wire_setup(ws, demo, fields, field["data.path"], data, files, problems)
+
+    def estimate_time(*values):
+        try:
+            return h.estimate_time(ws, h.config_from_form(list(values)))
+        except Exception as e:
+            return error_md(e)
+
+    estimate_btn.click(estimate_time, fields, estimate, api_name="estimate")
     return SimpleNamespace(fields=fields, start_btn=start_btn, start_msg=start_msg)
 
 
@@ -158,7 +169,7 @@ def data_section() -> SimpleNamespace:
                      elem_id="data-upload", height=100)
     preview_btn = gr.Button("Preview the first rows as the model sees them", elem_id="preview-data", size="sm")
     msg = gr.Markdown(elem_id="preview-msg")
-    table = gr.Dataframe(pd.DataFrame(columns=PREVIEW_COLUMNS), label="Data preview (chat template applied)",
+    table = gr.Dataframe(pd.DataFrame(columns=PREVIEW_COLUMNS), label="Data preview: the file's columns, and the prompt with the chat template applied",
                          wrap=True, elem_id="preview-table", interactive=False)
     return SimpleNamespace(upload=upload, preview_btn=preview_btn, msg=msg, table=table)
 
@@ -245,12 +256,14 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
         msg = gr.Markdown(elem_id="run-msg")
         status = gr.HTML(elem_id="run-status")
         # Hidden until their data arrive: no empty frames. Points, not lines: one step or one iteration shows too.
-        # No `color` series: a native plot fixes its colour domain at its first data, so the points of a later
-        # iteration were not drawn (seen in the browser test's screenshot). Steps run over all iterations in order.
+        # Steps run over all iterations in order, coloured by iteration. A native plot fixes its colour domain at
+        # its first data (the points of a later iteration were not drawn), so every planned iteration is in the
+        # data from the start: `step_points` pads it with one empty (not drawn) row per iteration not yet trained.
         with gr.Row():
-            steps = {y: gr.ScatterPlot(x="global_step", y=y, title=title, x_title="optimizer step (all iterations)",
-                                       y_title=y, x_axis_format="d", y_axis_format=".3~f", elem_id=f"plot-{y}",
-                                       height=260, visible=False) for y, title in STEP_PLOTS.items()}
+            steps = {y: gr.ScatterPlot(x="global_step", y=y, color="iteration", title=title,
+                                       x_title="optimizer step (all iterations)", y_title=y, x_axis_format="d",
+                                       y_axis_format=".3~f", elem_id=f"plot-{y}", height=260, visible=False)
+                     for y, title in STEP_PLOTS.items()}
         with gr.Row():
             per_iteration = {y: gr.ScatterPlot(x="model", y=y, title=title, sort=MODEL_ORDER, y_axis_format=".3~f",
                                                elem_id=f"plot-{y}", height=260, visible=False)
@@ -292,9 +305,9 @@ def show_run(ws: Path, parts: SimpleNamespace, run_dir: str | None, seen: str | 
         signature = h.metrics_signature(ws, run_dir)
         if signature == seen:
             return update
-        steps = pd.DataFrame(h.step_metrics(ws, run_dir))
+        steps = step_points(h.step_metrics(ws, run_dir), h.run_status(ws, run_dir)["iterations"])
         for plot in parts.steps.values():
-            update[plot] = gr.update(value=steps if len(steps) else None, visible=bool(len(steps)))
+            update[plot] = gr.update(value=steps, visible=steps is not None)
         per_iteration = h.iteration_metrics(ws, run_dir)
         for y, plot in parts.per_iteration.items():
             points = [{"model": r["model"], y: r[y]} for r in per_iteration if r.get(y) is not None]
@@ -304,6 +317,20 @@ def show_run(ws: Path, parts: SimpleNamespace, run_dir: str | None, seen: str | 
         return update | {parts.seen: signature}
     except Exception as e:
         return update | {parts.status: error_md(e), parts.seen: None}
+
+
+def step_points(rows: list[dict], iterations: int | None) -> pd.DataFrame | None:
+    """The per-step plots' data: `iteration` as a label ("iter 0", ...) and one empty row for each planned
+    iteration without steps yet, so that the colour domain holds every iteration from the first drawing."""
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    frame["iteration"] = [f"iter {t}" for t in frame["iteration"]]
+    planned = [f"iter {t}" for t in range(max(iterations or 0, max(r["iteration"] for r in rows) + 1))]
+    missing = [label for label in planned if label not in set(frame["iteration"])]
+    if missing:
+        frame = pd.concat([frame, pd.DataFrame({"iteration": missing})], ignore_index=True)  # NaN: not drawn
+    return frame
 
 
 def status_html(status: dict, progress: dict | None) -> str:
@@ -439,27 +466,45 @@ def text_of(content) -> str:
 
 # -- Export -----------------------------------------------------------------------------------------------------
 def export_tab(ws: Path, run_dd):
+    from ..export import EXPORT_DTYPES
+    from ..gguf_export import GGUF_TYPES
+
     with gr.Tab("Export", id="export", elem_id="tab-export") as tab:
         which = gr.Dropdown(label="Iteration", choices=[], elem_id="export-which")
         with gr.Row():
+            dtype = gr.Dropdown(list(EXPORT_DTYPES), value="bfloat16", label="Merged model: weight type",
+                                elem_id="export-dtype")
+            gguf_type = gr.Dropdown(list(GGUF_TYPES), value="q8_0", label="GGUF: type (llama.cpp, Ollama)",
+                                    elem_id="export-gguf-type")
+        with gr.Accordion("Also push to the Hugging Face Hub (optional)", open=False):
+            with gr.Row():
+                repo = gr.Textbox(label="Hub repository (OWNER/NAME; empty: no push)", elem_id="export-hub-repo")
+                token = gr.Textbox(label="Hub token (empty: HF_TOKEN or the saved login)", type="password",
+                                   elem_id="export-hub-token")
+                private = gr.Checkbox(label="private repository", elem_id="export-hub-private")
+        with gr.Row():
             adapter_btn = gr.Button("Export the adapter (zip)", elem_id="export-adapter")
-            merged_btn = gr.Button("Export the merged 16-bit model (folder)", elem_id="export-merged")
+            merged_btn = gr.Button("Export the merged model (folder)", elem_id="export-merged")
+            gguf_btn = gr.Button("Export one GGUF file", elem_id="export-gguf")
         msg = gr.Markdown(elem_id="export-msg")
         download = gr.File(label="Download", interactive=False)
 
-    def export(run_dir, iteration, merged):
+    def export(kind, run_dir, iteration, dtype, gguf_type, repo, token, private):
         try:
             if not run_dir or not iteration:
                 raise h.AppError("choose a run directory and an iteration with a trained adapter")
-            out = h.export(ws, run_dir, int(iteration.split()[-1]), merged)
+            out = h.export(ws, run_dir, int(iteration.split()[-1]), kind=kind, dtype=dtype, gguf_type=gguf_type,
+                           push_repo=repo, token=token, private=private)
         except Exception as e:
             return {msg: error_md(e), download: None}
-        if merged:
-            return {msg: f"wrote the merged 16-bit model to `{out}`", download: None}
-        return {msg: f"wrote `{out}`", download: str(out)}
+        pushed = f"; pushed to https://huggingface.co/{repo.strip()}" if repo and repo.strip() else ""
+        if kind == "merged":  # a folder: no single file to download
+            return {msg: f"wrote the merged {dtype} model to `{out}`{pushed}", download: None}
+        return {msg: f"wrote `{out}`{pushed}", download: str(out)}
 
-    adapter_btn.click(lambda r, w: export(r, w, False), [run_dd, which], [msg, download])
-    merged_btn.click(lambda r, w: export(r, w, True), [run_dd, which], [msg, download])
+    inputs = [run_dd, which, dtype, gguf_type, repo, token, private]
+    for kind, button in (("adapter", adapter_btn), ("merged", merged_btn), ("gguf", gguf_btn)):
+        button.click(lambda *values, kind=kind: export(kind, *values), inputs, [msg, download])
     return tab, which
 
 
