@@ -179,19 +179,19 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.locator("#preview-data").click()
     preview = wait_for_text(page, "#preview-table", r"<\|im_start\|>user\s+Why is the sky blue\?")
     assert re.search(r'messages: \[\{"role": "user", "content": "Why is the sky blue\?"', preview)
-    wait_for_text(page, "#preview-msg", r"140 rows in .*demo_sft\.jsonl; columns messages \(read as chat")
+    wait_for_text(page, "#preview-msg", r"140 rows in sample:demo; columns messages \(read as chat")
 
     # A bad setting: its error shows right under the button that was clicked, inside the window.
     set_field(page, "train.learning_rate", -1)
     page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", r"Error.*learning_rate")
+    wait_for_text(page, "#setup-msg", r"Error[\s\S]*train\.learning_rate must be a positive number")
     button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
     assert 0 <= message["y"] - (button["y"] + button["height"]) < 80
-    assert page.evaluate("window.scrollY") <= message["y"] and \
-        message["y"] + message["height"] <= page.viewport_size["height"] + page.evaluate("window.scrollY")
+    assert 0 <= message["y"] and message["y"] + message["height"] <= page.viewport_size["height"]  # (viewport)
     assert not (ws / "runs").exists()  # nothing was started
     set_field(page, "train.learning_rate", 0.01)
     wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
+    wait_for_text(page, "#setup-msg", r"^\s*$")  # the error went with the setting it was about
 
     # The time estimate, measured here with this model, before starting.
     page.locator("#estimate-time").click()
@@ -300,7 +300,7 @@ def test_abort_a_second_run_and_continue_it(app, page):
     wait_for_text(page, "#setup-msg", r"runs/web2 is already running")
     button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
     assert 0 <= message["y"] - (button["y"] + button["height"]) < 80  # the refusal right under its button
-    assert message["y"] + message["height"] < page.viewport_size["height"] + page.evaluate("window.scrollY")
+    assert 0 <= message["y"] and message["y"] + message["height"] <= page.viewport_size["height"]  # (viewport)
 
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web2: running")

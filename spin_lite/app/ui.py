@@ -111,8 +111,9 @@ def setting_input(s: h.Setting, value, label: str | None = None):
     common = dict(label=label or s.key, info=info, elem_id="cfg-" + s.key.replace(".", "-"), min_width=280)
     if s.choices:
         return gr.Dropdown(s.choices, value=value, **common)
-    if s.kind == "bool":
-        return gr.Checkbox(value=value, **common)
+    if s.kind == "bool":  # in a column of its own: a checkbox alone in a row gets too narrow for its label
+        with gr.Column(min_width=280):
+            return gr.Checkbox(value=value, **common)
     if s.kind in ("int", "float"):
         return gr.Number(value=value, precision=0 if s.kind == "int" else None, **common)
     return gr.Textbox(value=value, max_lines=1, **common)
@@ -152,6 +153,8 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
                 files = config_files_section()
     fields = [field[s.key] for s in specs]  # settings() order: the order handlers.config_from_form reads
     wire_setup(ws, demo, fields, field["data.path"], data, files, problems)
+    # A changed setting clears the last Start message and estimate: they were about the settings before.
+    gr.on([f.change for f in fields], lambda: ("", ""), None, [start_msg, estimate], show_progress="hidden")
 
     def estimate_time(*values):
         try:
