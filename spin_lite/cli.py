@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "table":
+            if not RunDir(args.run_dir).config_path.exists():
+                raise RunError(f"{args.run_dir} is not a run directory (no config.yaml)")
             print(format_table(RunDir(args.run_dir)))
         elif args.command == "export":
             from .export import main as export_main

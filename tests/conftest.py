@@ -6,11 +6,20 @@ real chat model, while a forward pass takes milliseconds.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `make test` runs two pytest-xdist workers on 2 cores: one thread each, for the processes they start too
+# (OpenMP threads waiting on a core another process holds make a run several times slower, not 2x).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "examples" / "data" / "demo_sft.jsonl"

@@ -80,6 +80,7 @@ SETTINGS = ["data.eval_size=2", "data.val_size=2", f"data.max_prompt_length={PRO
             f"data.max_length={PROMPT_TOKENS + CAP}", f"generation.max_new_tokens={CAP}", "generation.batch_size=64",
             "train.epochs=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=1",
             "train.learning_rate=3e-4", "train.stop_when=never", "train.save_every=1000",
+            "train.sft_weight=0",  # the pure SPIN loss, whose optimum the theory names (an anchor moves it)
             "train.gradient_checkpointing=false"]
 
 
