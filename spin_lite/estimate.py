@@ -5,8 +5,8 @@ throughput measured here, on this machine, with the run's own model.
 
 The probe loads the model as a run does (base + a fresh trainable adapter), then times, after one warm-up each:
 one decoding step of a generation batch, one scoring forward pass of a batch, and one training micro batch
-(forward and backward of micro_batch_size real/generated pairs). Sequences have the data's mean prompt and
-response lengths. Generation is counted to its token cap (answers that end earlier make it faster), so the
+(forward and backward of micro_batch_size real/generated pairs). Prompts and real responses have the data's mean
+lengths, generated responses the token cap. Generation is counted to its token cap (answers that end earlier make it faster), so the
 estimate is an upper bound there; it leaves out loading the model and writing files.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def probe(cfg: SpinConfig, prompt_len: int, response_len: int) -> Throughput:
     where = next(model.parameters()).device
     prompt, response = [1] * max(prompt_len, 1), [1] * max(response_len, 1)
     micro = cfg.train.micro_batch_size
-    batch = collate([prompt] * 2 * micro, [response] * 2 * micro, pad_id=0).to(where)
+    generated = [1] * max(cfg.generation.max_new_tokens, 1)  # the opponent's answers: counted at their cap
+    batch = collate([prompt] * 2 * micro, [response] * micro + [generated] * micro, pad_id=0).to(where)
     gen_batch = cfg.generation.batch_size
 
     def decoding(new_tokens: int):  # the eager engine's loop, greedy, with no stop id: exactly new_tokens steps
