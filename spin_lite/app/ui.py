@@ -153,8 +153,6 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
                 files = config_files_section()
     fields = [field[s.key] for s in specs]  # settings() order: the order handlers.config_from_form reads
     wire_setup(ws, demo, fields, field["data.path"], data, files, problems)
-    # A changed setting clears the last Start message and estimate: they were about the settings before.
-    gr.on([f.change for f in fields], lambda: ("", ""), None, [start_msg, estimate], show_progress="hidden")
 
     def estimate_time(*values):
         try:
