@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that read an existing run directory (its config.yaml).
+RUN_DIR_COMMANDS = ("table", "generate", "train", "evaluate")
+
 # A `key=value` setting: a dotted name, then "=" (a path such as cfg/lr=5e-4.yaml is not one).
 SETTING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
@@ -93,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     from .state import RunDir, RunLockedError
 
     try:
+        run_dir = RunDir(args.run_dir) if args.command in RUN_DIR_COMMANDS else None
+        if run_dir is not None and not run_dir.config_path.exists():
+            raise RunError(f"{args.run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
         if args.command == "table":
-            if not RunDir(args.run_dir).config_path.exists():
-                raise RunError(f"{args.run_dir} is not a run directory (no config.yaml)")
-            print(format_table(RunDir(args.run_dir)))
+            print(format_table(run_dir))
         elif args.command == "export":
             from .export import main as export_main
             return export_main(args)
@@ -109,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
             from .sft import run_sft
             run_sft(load_config(*config_and_overrides(args.config, args.overrides)), steps=args.steps)
         else:
-            run_dir = RunDir(args.run_dir)
-            if not run_dir.config_path.exists():
-                raise RunError(f"{args.run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
             cfg = load_config(run_dir.config_path, [f"run_dir={args.run_dir}"])
             t = run_dir.completed()
             if t >= cfg.iterations:

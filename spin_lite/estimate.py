@@ -4,10 +4,11 @@ throughput measured here, on this machine, with the run's own model.
     spin-lite estimate CONFIG [key=value ...]     # the app's Setup tab: "Estimate the time"
 
 The probe loads the model as a run does (base + a fresh trainable adapter), then times, after one warm-up each:
-one decoding step of a generation batch, one scoring forward pass of a batch, and one training micro batch
-(forward and backward of micro_batch_size real/generated pairs). Prompts and real responses have the data's mean
-lengths, generated responses the token cap. Generation is counted to its token cap (answers that end earlier make it faster), so the
-estimate is an upper bound there; it leaves out loading the model and writing files.
+a generation batch's prefill and each further decoding step (the eager engine), one scoring forward pass of a
+batch, and one training micro batch (forward and backward of micro_batch_size real/generated pairs). Prompts and
+real responses have the data's mean lengths, generated responses the token cap. Generation is counted to its token
+cap (answers that end earlier make it faster), so the estimate is an upper bound there; it leaves out loading the
+model and writing files.
 """
 from __future__ import annotations
 

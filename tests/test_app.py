@@ -341,14 +341,14 @@ def test_chat_streams_both_models(ws, finished_run):
 
 def test_export_adapter_zip_and_merged_folder(ws, finished_run):
     assert h.trained_iterations(ws, finished_run)[0] == 0
-    archive = h.export(ws, finished_run, 0, merged=False)
+    archive = h.export(ws, finished_run, 0, kind="adapter")
     assert archive == ws / "exports" / "tiny-iter-00-adapter.zip"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipfile.ZipFile(archive).namelist())
-    merged = h.export(ws, finished_run, 0, merged=True)
+    merged = h.export(ws, finished_run, 0, kind="merged")
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(h.AppError, match="iteration 5"):
-        h.export(ws, finished_run, 5, merged=False)
+        h.export(ws, finished_run, 5, kind="adapter")
 
 
 def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tmp_path):

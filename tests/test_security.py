@@ -142,7 +142,7 @@ def test_export_never_writes_through_a_link(ws, outside):
     (ws / "exports").mkdir(exist_ok=True)
     (ws / "exports" / "exp-iter-00-adapter.zip").symlink_to(outside / "stolen.zip")
     with pytest.raises(h.AppError, match="symbolic link"):
-        h.export(ws, "runs/exp", 0, merged=False)
+        h.export(ws, "runs/exp", 0, kind="adapter")
     assert untouched(outside)
 
 

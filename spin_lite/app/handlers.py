@@ -854,9 +854,9 @@ def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_ne
 EXPORT_KINDS = ("adapter", "merged", "gguf")
 
 
-def export(workspace, run_dir: str, iteration: int, merged: bool = False, *, kind: str | None = None,
-           dtype: str = "bfloat16", gguf_type: str = "q8_0", push_repo: str | None = None, token: str | None = None,
-           private: bool = False, timeout_s: float = 3600) -> Path:
+def export(workspace, run_dir: str, iteration: int, kind: str = "adapter", *, dtype: str = "bfloat16",
+           gguf_type: str = "q8_0", push_repo: str | None = None, token: str | None = None, private: bool = False,
+           timeout_s: float = 3600) -> Path:
     """Export an iteration under WORKSPACE/exports/: the adapter (a zip), the merged model (a folder, weights in
     `dtype`) or one GGUF file of `gguf_type` (llama.cpp, Ollama); with `push_repo`, also upload it to that Hub
     model repository (`token`, else HF_TOKEN or the saved login).
@@ -865,7 +865,6 @@ def export(workspace, run_dir: str, iteration: int, merged: bool = False, *, kin
     relative paths resolve there, and merging a large model does not load it into the app's process. The token
     reaches it in its environment, never on its command line (which other users of the machine can read).
     """
-    kind = kind or ("merged" if merged else "adapter")
     if kind not in EXPORT_KINDS:
         raise AppError(f"unknown export kind {kind!r}: one of {', '.join(EXPORT_KINDS)}")
     ws = Path(workspace).resolve()

@@ -328,7 +328,8 @@ def step_points(rows: list[dict], iterations: int | None) -> pd.DataFrame | None
     frame = pd.DataFrame(rows)
     frame["iteration"] = [f"iter {t}" for t in frame["iteration"]]
     planned = [f"iter {t}" for t in range(max(iterations or 0, max(r["iteration"] for r in rows) + 1))]
-    missing = [label for label in planned if label not in set(frame["iteration"])]
+    trained = set(frame["iteration"])
+    missing = [label for label in planned if label not in trained]
     if missing:
         frame = pd.concat([frame, pd.DataFrame({"iteration": missing})], ignore_index=True)  # NaN: not drawn
     return frame
