@@ -161,6 +161,15 @@ class TrainSettings:
     report_to: ReportTo = "none"
     """Also log steps to: none, tensorboard or wandb (JSONL is always written)."""
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows (pairs, or SFT rows) one optimizer step takes."""
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimizer steps of one pass over `rows` rows (the last step may take fewer)."""
+        return math.ceil(rows / self.rows_per_step)
+
 
 @dataclass
 class EvalSettings:

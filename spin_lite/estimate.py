@@ -98,14 +98,13 @@ def stage_work(cfg: SpinConfig, n_train: int, n_val: int, n_test: int) -> dict:
     g, t = cfg.generation, cfg.train
     prompts = n_train + n_val + n_test  # the opponent answers every training, validation and test prompt
     previous = n_train if t.mix_previous else 0  # from iteration 1: the previous iteration's pairs again
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps
     held_out = (n_val + n_test) if cfg.eval.enabled else 0
     eval_batches = (math.ceil(n_val / g.batch_size) + math.ceil(n_test / g.batch_size)) if cfg.eval.enabled else 0
     return {
         "generate": {"batches": math.ceil(prompts / g.batch_size), "tokens": g.max_new_tokens},
         "score": {"first": 2 * prompts, "later": 2 * (prompts + previous)},  # real and generated, every pair
-        "train": {"first": math.ceil(n_train / per_step) * t.epochs,
-                  "later": math.ceil((n_train + previous) / per_step) * t.epochs, "micro": t.gradient_accumulation_steps},
+        "train": {"first": t.steps_per_epoch(n_train) * t.epochs,
+                  "later": t.steps_per_epoch(n_train + previous) * t.epochs, "micro": t.gradient_accumulation_steps},
         # greedy answers, and the real and generated responses scored; in iteration 0 the starting model too
         "evaluate": {"batches": eval_batches, "tokens": cfg.eval.max_new_tokens or g.max_new_tokens,
                      "sequences": 2 * held_out, "start_sequences": held_out},

@@ -27,7 +27,6 @@ SPIN share one training loop (spin_lite.train.fit), with its checkpoints, exact 
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -79,8 +78,7 @@ def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] 
     replace_dir(tmp, root.root / "adapter")
     shutil.rmtree(root.root / "checkpoint", ignore_errors=True)
 
-    steps_per_epoch = math.ceil(len(splits.train) / (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps))
-    last_epoch = records[-steps_per_epoch:]
+    last_epoch = records[-cfg.train.steps_per_epoch(len(splits.train)):]
     metrics = {"steps": len(records), "start_adapter": cfg.model.adapter,
                "train_loss": sum(r["loss"] for r in last_epoch) / len(last_epoch),
                "heldout_logp_per_token_before": before,

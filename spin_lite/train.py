@@ -165,8 +165,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
     from tqdm.auto import tqdm
 
     s = settings
-    per_step = s.micro_batch_size * s.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(items) / per_step)
+    per_step, steps_per_epoch = s.rows_per_step, s.steps_per_epoch(len(items))
     total_steps = steps or steps_per_epoch * s.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
@@ -317,7 +316,7 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                   lr=cfg.lr_at(iteration), seed=cfg.seed, order_key=iteration, rank=rank, world_size=world_size,
                   progress=progress, desc=f"train iter {iteration}", log_extra={"beta": cfg.beta_at(iteration)},
                   tracker=_tracker(cfg, out_dir, iteration) if rank == 0 else None)
-    last_epoch = records[-math.ceil(len(pairs) / (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps)):]
+    last_epoch = records[-cfg.train.steps_per_epoch(len(pairs)):]
     keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "nll_real")
             if all(k in r for r in last_epoch)]  # nll_real is missing from logs of runs before it existed
     skipped = {"skipped_steps": sum(r["skipped"] for r in records)} if records and "skipped" in records[-1] else {}

@@ -25,6 +25,7 @@ from spin_lite.app import handlers as h
 from spin_lite.config import ConfigError, SpinConfig, load_config
 from spin_lite.data import DataError
 from spin_lite.model import ModelError
+from spin_lite.state import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo_sft.jsonl"
@@ -109,7 +110,7 @@ def finished_run(ws):
 # -- the settings form ------------------------------------------------------------------------------------------
 def test_form_has_every_setting_with_the_configs_default():
     cfg = SpinConfig()
-    flat = h._flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     assert [s.key for s in h.settings()] == list(flat)
     assert all(s.help for s in h.settings())
     assert h.config_from_form(h.form_values(cfg)) == cfg

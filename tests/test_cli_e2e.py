@@ -1,7 +1,7 @@
 """The real CLI end to end: one stage at a time on a tiny model (tests/test_embedded.py: the embedded SmolLM2)."""
 import json
 
-from conftest import REPO, cli, tiny_settings
+from conftest import cli, tiny_settings
 
 
 def refused(*args) -> str:

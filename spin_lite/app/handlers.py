@@ -45,7 +45,6 @@ from ..config import choices as setting_choices
 from ..data import DataError, encode_example, parse_row, read_rows
 from ..model import EMBEDDED, ModelError
 from ..state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
-from ..state import flatten as _flatten  # noqa: F401 - the form's keys are the flattened config's (tests)
 
 LAUNCH_CONFIG = "app-launch.yaml"
 PROCESS_FILE = "app-run.json"
