@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             t = run_dir.completed()
             if t >= cfg.iterations:
                 raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
-            if run_dir.stopped():
-                raise RunError(f"the stop rule ended {args.run_dir} after iteration {t - 1} (train.stop_when=no_gain)")
+            if run_dir.stopped(cfg.train):
+                raise RunError(f"the stop rule ended {args.run_dir} after iteration {t - 1} (train.stop_when=no_gain); "
+                               "to go on, raise train.stop_patience or set train.stop_when=never")
             SpinRun(cfg).prepare().iteration(t, only=args.command)
     except (ConfigError, DataError, ModelError, RunError, RunLockedError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -151,6 +151,9 @@ class TrainSettings:
     stop_when: StopWhen = "no_gain"
     """Stop rule, checked on the validation rows after each iteration: no_gain stops when an iteration is not
     better than the model before it (see spin_lite.evaluate.compare); never runs all `iterations`."""
+    stop_patience: int = 1
+    """With stop_when=no_gain: how many iterations in a row may be not better before the run stops (1: stop at
+    the first). The next iteration's opponent is the latest model either way; the chosen one stays the best."""
     max_loss: float = 1e4
     """Divergence guard: a step whose loss or gradient norm is not finite, or whose loss exceeds this bound,
     stops training with an error; the last checkpoint and the earlier iterations stay as they were."""
@@ -298,6 +301,8 @@ class SpinConfig:
         elif t.stop_when == "no_gain" and d.val_size == 0:
             errors.append("train.stop_when=no_gain needs validation rows: set data.val_size > 0 "
                           "(or train.stop_when=never)")
+        if not (isinstance(t.stop_patience, int) and not isinstance(t.stop_patience, bool) and t.stop_patience >= 1):
+            errors.append(f"train.stop_patience must be an integer >= 1, got {t.stop_patience!r}")
         if not (isinstance(t.sft_weight, (int, float)) and math.isfinite(t.sft_weight) and t.sft_weight >= 0):
             errors.append(f"train.sft_weight must be a finite number >= 0, got {t.sft_weight!r}")
         if not (isinstance(t.max_loss, (int, float)) and t.max_loss > 0):

@@ -12,7 +12,8 @@ Iteration t (see README, "The method"):
 The stages are the table `STAGES` (spin_lite.state): each is skipped when its file says it is done, so
 running the same command again continues the run, and `spin-lite generate|train|evaluate` run one of them.
 `iterations` is a maximum: with train.stop_when=no_gain the run ends after the first iteration that is not
-better than the best model before it on the validation rows; the best one is recorded (RunDir.best_iteration).
+better than the best model before it on the validation rows (or after train.stop_patience of them in a row); the
+best one is recorded (RunDir.best_iteration).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class SpinRun:
         if self.tokenizer is None:
             self.prepare()
         for t in range(self.dir.completed(), self.cfg.iterations):
-            if self.dir.stopped():
+            if self.dir.stopped(self.cfg.train):
                 break
             self.iteration(t)
         if self.rank == 0:
@@ -122,7 +123,7 @@ class SpinRun:
                 self._set_state(status="failed", error=str(e))
                 raise
         if self.dir.is_complete(t):
-            done = self.dir.stopped() or t + 1 >= self.cfg.iterations
+            done = self.dir.stopped(self.cfg.train) or t + 1 >= self.cfg.iterations
             self._set_state(iteration=t + 1, stage="done", status="finished" if done else "running",
                             best_iteration=self.dir.best_iteration())
         else:
@@ -180,7 +181,8 @@ class SpinRun:
         s = read_json(out / "summary.json")["selection"]
         if s and s["accepted"] is False:
             self.log(f"iteration {t} is not better than {s['compared_with']} on the validation rows: "
-                     + "; ".join(s["reasons"]) + (". Stopping (train.stop_when=no_gain)." if s["stop"] else "."))
+                     + "; ".join(s["reasons"]) + (". Stopping (train.stop_when=no_gain)." if s["stop"] else
+                                                  f" ({s['rejected_in_a_row']} in a row; going on)."))
 
     def write_summary(self, t: int, pairs: list[dict], test: dict | None, val: dict | None, wall_s: float):
         out = self.dir.iteration(t)
@@ -208,8 +210,10 @@ class SpinRun:
         else:
             before, name = read_json(self.dir.iteration(best) / "summary.json")["val"], f"iteration {best}"
         reasons = compare(val, before) if before else []
-        return {"compared_with": name, "accepted": not reasons, "reasons": reasons,
-                "stop": bool(reasons) and self.cfg.train.stop_when == "no_gain"}
+        rejected = 1 + self.dir.rejected_in_a_row(before=t) if reasons else 0  # in a row, this one included
+        train = self.cfg.train
+        return {"compared_with": name, "accepted": not reasons, "reasons": reasons, "rejected_in_a_row": rejected,
+                "stop": train.stop_when == "no_gain" and rejected >= train.stop_patience}
 
     def opponent_description(self, t: int) -> str:
         start = f"base {self.cfg.model.name}" + (f" + adapter {self.cfg.model.adapter}" if self.cfg.model.adapter else "")
@@ -334,8 +338,8 @@ def format_table(run_dir: RunDir) -> str:
     lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     notes = [f"{r['model']}: not better than {r['selection']['compared_with']} on validation ("
-             + "; ".join(r["selection"]["reasons"]) + ")" + (", run stopped" if r["selection"]["stop"] else "")
-             for r in rows if r.get("selection") and r["selection"]["accepted"] is False]
+             + "; ".join(r["selection"]["reasons"]) + ")" + (", run stopped" if r["selection"]["stop"] and r is rows[-1] else "")
+             for r in rows if r.get("selection") and r["selection"]["accepted"] is False]  # (a later run may go on)
     best = run_dir.best_iteration()
     chosen = ("no validation rows: nothing chosen" if best is None else
               "chosen on the validation rows: " + ("the starting model" if best < 0 else f"iteration {best}"))

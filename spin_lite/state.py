@@ -92,7 +92,8 @@ def recover_dir(target: Path):
 STAGES = (("generate", "pairs.jsonl"), ("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
 
 # Settings that may change between invocations of the same run directory without changing its results.
-RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled"}
+RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled",
+                     "train.stop_when", "train.stop_patience"}
 
 # Settings added after runs were made without them, with the value that reproduces such a run: a run
 # directory whose config.yaml lacks one continues with this value.
@@ -168,10 +169,21 @@ class RunDir:
                 best = s["iteration"] if s["selection"]["accepted"] else (-1 if best is None else best)
         return best
 
-    def stopped(self) -> bool:
-        """Whether the stop rule ended the run: its latest complete iteration was not accepted under no_gain."""
-        summaries = self.summaries()
-        return bool(summaries) and (summaries[-1].get("selection") or {}).get("stop", False)
+    def rejected_in_a_row(self, before: int | None = None) -> int:
+        """How many of the latest complete iterations (those before iteration `before`) the stop rule did not
+        accept, in a row."""
+        count = 0
+        for s in reversed([s for s in self.summaries() if before is None or s["iteration"] < before]):
+            if (s.get("selection") or {}).get("accepted") is not False:
+                break
+            count += 1
+        return count
+
+    def stopped(self, train) -> bool:
+        """Whether the stop rule ends the run here: under train.stop_when=no_gain, its latest train.stop_patience
+        complete iterations were not accepted. Read with the run's current settings (`train`), so raising
+        stop_patience (or stop_when=never) lets a stopped run go on."""
+        return train.stop_when == "no_gain" and self.rejected_in_a_row() >= train.stop_patience
 
     def results_table(self) -> list[dict]:
         """One row for the starting model, one per complete iteration: test metrics (held-out), validation

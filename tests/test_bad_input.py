@@ -95,10 +95,11 @@ def test_unreadable_and_missing_files(tiny_model_dir, tmp_path, capsys):
 
 
 def test_config_errors_all_reported_without_traceback(tmp_path):
-    out = cli("run", "train.beta=-1", "generation.top_p=2", "trian.epochs=1", f"run_dir={tmp_path / 'r'}")
+    out = cli("run", "train.beta=-1", "generation.top_p=2", "trian.epochs=1", "train.stop_patience=0",
+              f"run_dir={tmp_path / 'r'}")
     assert out.returncode == 2
     for text in ("train.beta must be a positive number", "generation.top_p must be in (0, 1]",
-                 "unknown setting trian"):
+                 "unknown setting trian", "train.stop_patience must be an integer >= 1, got 0"):
         assert text in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -115,7 +115,7 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert not s1["selection"]["accepted"] and s1["selection"]["stop"]
     assert any("repetition_rate got worse" in r for r in s1["selection"]["reasons"])
     assert s1["val"]["logp_per_token"] > s0["val"]["logp_per_token"]  # likelihood alone would have kept it
-    assert rd.best_iteration() == 0 and rd.stopped()
+    assert rd.best_iteration() == 0 and rd.stopped(cfg.train) and s1["selection"]["rejected_in_a_row"] == 1
     assert json.loads((rd.root / "state.json").read_text())["best_iteration"] == 0
     rows = rd.results_table()
     assert [r["best"] for r in rows] == [False, True, False]
@@ -139,8 +139,20 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert summary1.read_text() == saved
     # running the command again does nothing more
     run._lock.close()
-    SpinRun(cfg, log=lambda *a: None).run()
+    again = SpinRun(cfg, log=lambda *a: None)
+    again.run()
+    again._lock.close()
     assert rd.completed() == 2
+    # with train.stop_patience=2 the same run goes on: iteration 2 is trained on iteration 1's samples and
+    # judged against the best model before it (iteration 0), not against the rejected iteration 1
+    patient = tiny_config(iterations=3, **{"train.stop_when": "no_gain", "train.stop_patience": 2})
+    assert not rd.stopped(patient.train) and rd.changed_settings(patient.to_dict()) == []
+    SpinRun(patient, log=lambda *a: None).run()
+    assert rd.completed() == 3
+    s2 = rd.summaries()[2]["selection"]
+    assert s2["compared_with"] == "iteration 0"
+    assert s2["stop"] == (not s2["accepted"]) and s2["rejected_in_a_row"] == (0 if s2["accepted"] else 2)
+    assert rd.best_iteration() == (2 if s2["accepted"] else 0)
 
 
 def test_validation_and_test_rows_are_apart_and_only_validation_chooses(tiny_config):

@@ -703,7 +703,7 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
         s = r.get("selection") or {}
         line["validation"] = ("" if s.get("accepted") is not False else f"rejected: not better than "
                               f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
-                              + ("; run stopped" if s.get("stop") else ""))
+                              + ("; run stopped" if s.get("stop") and r is rows[-1] else ""))
         table.append(line)
     return table
 
