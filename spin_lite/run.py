@@ -88,11 +88,14 @@ class SpinRun:
             self.prepare()
         for t in range(self.dir.completed(), self.cfg.iterations):
             if self.dir.stopped(self.cfg.train):
+                self.log(f"the stop rule ended this run after iteration {t - 1} ({self.dir.rejected_in_a_row()} "
+                         f"not better in a row, train.stop_patience={self.cfg.train.stop_patience}); to go on, run "
+                         "it again with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
         if self.rank == 0:
             self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration())
-            self.log(format_table(self.dir))
+            self.log(format_table(self.dir, self.cfg.train))
         self._barrier()
         return self.dir.summaries()
 
@@ -182,7 +185,8 @@ class SpinRun:
         if s and s["accepted"] is False:
             self.log(f"iteration {t} is not better than {s['compared_with']} on the validation rows: "
                      + "; ".join(s["reasons"]) + (". Stopping (train.stop_when=no_gain)." if s["stop"] else
-                                                  f" ({s['rejected_in_a_row']} in a row; going on)."))
+                                                  f" ({s['rejected_in_a_row']} in a row, "
+                                                  f"train.stop_patience={self.cfg.train.stop_patience})."))
 
     def write_summary(self, t: int, pairs: list[dict], test: dict | None, val: dict | None, wall_s: float):
         out = self.dir.iteration(t)
@@ -314,9 +318,9 @@ class SpinRun:
             dist.barrier()
 
 
-def results_table(run_dir: RunDir) -> list[dict]:
+def results_table(run_dir: RunDir, train=None) -> list[dict]:
     """One row for the starting model, one per complete iteration (RunDir.results_table)."""
-    return run_dir.results_table()
+    return run_dir.results_table(train)
 
 
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
@@ -328,8 +332,10 @@ TABLE_COLUMNS = [("model", "model", "{}"), ("train_loss", "train loss", "{:.4f}"
                  ("sample_tokens", "answer tokens", "{:.1f}")]
 
 
-def format_table(run_dir: RunDir) -> str:
-    rows = results_table(run_dir)
+def format_table(run_dir: RunDir, train=None) -> str:
+    """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `train` (the
+    run's train settings) says whether the stop rule ended the run."""
+    rows = results_table(run_dir, train)
     columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     cells = [[c[1] for c in columns] + ["chosen"]] + [
         [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]
@@ -338,8 +344,8 @@ def format_table(run_dir: RunDir) -> str:
     lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     notes = [f"{r['model']}: not better than {r['selection']['compared_with']} on validation ("
-             + "; ".join(r["selection"]["reasons"]) + ")" + (", run stopped" if r["selection"]["stop"] and r is rows[-1] else "")
-             for r in rows if r.get("selection") and r["selection"]["accepted"] is False]  # (a later run may go on)
+             + "; ".join(r["selection"]["reasons"]) + ")" + (", run stopped" if r.get("stopped") else "")
+             for r in rows if r.get("selection") and r["selection"]["accepted"] is False]
     best = run_dir.best_iteration()
     chosen = ("no validation rows: nothing chosen" if best is None else
               "chosen on the validation rows: " + ("the starting model" if best < 0 else f"iteration {best}"))

@@ -90,11 +90,32 @@ def shot(page, name: str):
     page.screenshot(path=str(ARTIFACTS / f"app-{name}.png"), full_page=True)
 
 
+def failure_name() -> str:
+    """The failing test's own screenshot name (a later test's failure does not overwrite it)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "unknown").split("::")[-1].split(" ")[0]
+    return f"failure-{test}"
+
+
+def under_the_button(page, button: str, message: str, timeout_s: float = 30):
+    """Wait until `message` shows right under `button` and inside the window. Both boxes are read in one
+    round trip and the check is retried: the form above may still grow (its problems line) while it runs."""
+    deadline, boxes = time.time() + timeout_s, None
+    while time.time() < deadline:
+        boxes = page.evaluate("([b, m]) => [b, m].map(s => { const r = document.querySelector(s)"
+                              ".getBoundingClientRect(); return {y: r.y, height: r.height}; })", [button, message])
+        (b, m), height = boxes, page.viewport_size["height"]
+        if 0 <= m["y"] - (b["y"] + b["height"]) < 80 and 0 <= m["y"] and m["y"] + m["height"] <= height:
+            return
+        time.sleep(0.5)
+    shot(page, failure_name())
+    raise AssertionError(f"{message} is not right under {button} inside the window: {boxes}")
+
+
 def textbox(page, elem_id: str):
     return page.locator(f"#{elem_id}").get_by_role("textbox")
 
 
-def wait_for_text(page, selector: str, pattern: str, timeout_s: float = 30):
+def wait_for_text(page, selector: str, pattern: str, timeout_s: float = 90):
     """Wait until the element's text matches `pattern` (a regex); fail with what it showed (and a screenshot)."""
     deadline, text = time.time() + timeout_s, ""
     while time.time() < deadline:
@@ -103,7 +124,7 @@ def wait_for_text(page, selector: str, pattern: str, timeout_s: float = 30):
         if re.search(pattern, text):
             return text
         time.sleep(0.5)
-    shot(page, "failure")
+    shot(page, failure_name())
     raise AssertionError(f"{selector} never matched {pattern!r}; it shows:\n{text}")
 
 
@@ -118,7 +139,7 @@ def plotted(page, elem_id: str, x: str, y: str, color: str | None = None) -> dic
     return points
 
 
-def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expected: dict, timeout_s: float = 30):
+def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expected: dict, timeout_s: float = 90):
     """Wait until the plot shows exactly the `expected` points ({(color, x): y}, y to the axis' 3 decimals)."""
     deadline, shown = time.time() + timeout_s, {}
     while time.time() < deadline:
@@ -130,7 +151,7 @@ def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expecte
         except ValueError:
             pass
         time.sleep(0.5)
-    shot(page, "failure")
+    shot(page, failure_name())
     raise AssertionError(f"#{elem_id} shows {shown}, expected {expected}")
 
 
@@ -183,18 +204,19 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
 
     # A bad setting: its error shows right under the button that was clicked, inside the window.
     set_field(page, "train.learning_rate", -1)
-    page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", r"Error[\s\S]*train\.learning_rate must be a positive number")
-    button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
-    assert 0 <= message["y"] - (button["y"] + button["height"]) < 80
-    assert 0 <= message["y"] and message["y"] + message["height"] <= page.viewport_size["height"]  # (viewport)
-    assert not (ws / "runs").exists()  # nothing was started
-    set_field(page, "train.learning_rate", 0.01)
+    try:
+        wait_for_text(page, "#config-problems", r"train\.learning_rate must be a positive number")  # as typed
+        page.locator("#start-run").click()
+        wait_for_text(page, "#setup-msg", r"Error[\s\S]*train\.learning_rate must be a positive number")
+        under_the_button(page, "#start-run", "#setup-msg")
+        assert not (ws / "runs").exists()  # nothing was started
+    finally:  # the next test starts from this form
+        set_field(page, "train.learning_rate", 0.01)
     wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
 
     # The time estimate, measured here with this model, before starting.
     page.locator("#estimate-time").click()
-    estimate = wait_for_text(page, "#time-estimate", r"Estimate: about .* for 2 iteration", timeout_s=120)
+    estimate = wait_for_text(page, "#time-estimate", r"Estimate: about .* for 2 iteration", timeout_s=300)
     assert all(stage in estimate for stage in ("generate", "score", "train", "evaluate"))
     cli = wait_for_text(page, "#cli-preview", r"spin-lite run")
     assert "data.max_examples=8" in cli and "run_dir=runs/web" in cli
@@ -202,9 +224,9 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
 
     # Run: start it, wait for the end; the plots show the numbers of its files.
     page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web/app-launch.yaml")
+    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web/app-launch.yaml", timeout_s=120)
     page.get_by_role("tab", name="Run").click()
-    wait_for_text(page, "#run-status", r"runs/web: finished — 2 of 2", timeout_s=180)
+    wait_for_text(page, "#run-status", r"runs/web: finished — 2 of 2", timeout_s=600)
     run = ws / "runs" / "web"
     steps = {t: [json.loads(line) for line in (run / f"iter-0{t}" / "train_log.jsonl").read_text().splitlines()]
              for t in (0, 1)}
@@ -267,7 +289,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.locator("#chat-send").click()
     for chat, text in expected.items():
         letters = re.sub(r"\W", "", text)[:12] or "notext"  # the letters: markdown may change the rest
-        bot = wait_for_text(page, f"#{chat} [data-testid=bot]", r"\W*".join(map(re.escape, letters)), timeout_s=60)
+        bot = wait_for_text(page, f"#{chat} [data-testid=bot]", r"\W*".join(map(re.escape, letters)), timeout_s=180)
         assert "Error" not in bot and "Why is the sky blue?" in page.locator(f"#{chat}").inner_text()
     shot(page, "compare")
 
@@ -275,10 +297,10 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.get_by_role("tab", name="Export").click()
     wait_for_text(page, "#export-which", "iter 1")
     page.locator("#export-adapter").click()
-    wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=120)
+    wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=300)
     assert (ws / "exports" / "web-iter-01-adapter.zip").exists()
     page.locator("#export-gguf").click()  # one GGUF file, of the default type (q8_0)
-    wait_for_text(page, "#export-msg", r"web-iter-01-gguf-q8_0/\S+\.gguf", timeout_s=120)
+    wait_for_text(page, "#export-msg", r"web-iter-01-gguf-q8_0/\S+\.gguf", timeout_s=300)
     assert list((ws / "exports" / "web-iter-01-gguf-q8_0").glob("*.gguf"))
     shot(page, "export")
 
@@ -286,6 +308,8 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
 def test_abort_a_second_run_and_continue_it(app, page):
     url, ws = app
     page.get_by_role("tab", name="Setup").click()
+    set_field(page, "train.learning_rate", 0.01)  # whatever the test before left in the form
+    wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
     textbox(page, "cfg-run_dir").fill("runs/web2")
     wait_for_text(page, "#yaml-preview", r"run_dir: runs/web2")
     page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))  # an uploaded file this time
@@ -294,26 +318,25 @@ def test_abort_a_second_run_and_continue_it(app, page):
     wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
     assert (ws / "uploads" / DEMO.name).exists()
     page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")
+    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml", timeout_s=120)
     page.locator("#start-run").click()  # the same run directory again, while it runs
     wait_for_text(page, "#setup-msg", r"runs/web2 is already running")
-    button, message = page.locator("#start-run").bounding_box(), page.locator("#setup-msg").bounding_box()
-    assert 0 <= message["y"] - (button["y"] + button["height"]) < 80  # the refusal right under its button
-    assert 0 <= message["y"] and message["y"] + message["height"] <= page.viewport_size["height"]  # (viewport)
+    under_the_button(page, "#start-run", "#setup-msg")  # the refusal right under its button
 
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web2: running")
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
         time.sleep(0.1)
+    assert (ws / "runs" / "web2" / "iter-00").exists(), h.run_log(ws, "runs/web2")
     page.locator("#abort-run").click()
     wait_for_text(page, "#run-msg", r"aborted runs/web2")
     wait_for_text(page, "#run-status", r"runs/web2: aborted")
     shot(page, "run-aborted")
 
     page.locator("#continue-run").click()
-    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/config.yaml")
-    wait_for_text(page, "#run-status", r"runs/web2: finished — 2 of 2 iterations complete", timeout_s=180)
+    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/config.yaml", timeout_s=120)
+    wait_for_text(page, "#run-status", r"runs/web2: finished — 2 of 2 iterations complete", timeout_s=600)
     log = wait_for_text(page, "#run-log", r"SPIN results for runs/web2")
     assert (ws / "runs" / "web2" / "iter-01" / "summary.json").exists()
     assert "aborted from the app" in (ws / "runs" / "web2" / "run.log").read_text() and log

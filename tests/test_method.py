@@ -104,7 +104,8 @@ def test_compare_by_hand():
 def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     """Measured on this tiny model and seed: iteration 0 is accepted (validation logp/token -10.82 -> -10.69);
     iteration 1 raises the likelihood again (-10.51) but every validation answer starts looping (repetition
-    0 -> 1), so the rule rejects it and the third iteration never runs."""
+    0 -> 1), so the rule rejects it and the third iteration does not run, until the run is continued with
+    train.stop_patience=2."""
     cfg = tiny_config(iterations=3, **{"train.stop_when": "no_gain"})
     run = SpinRun(cfg, log=lambda *a: None)
     run.run()
@@ -119,8 +120,9 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert json.loads((rd.root / "state.json").read_text())["best_iteration"] == 0
     rows = rd.results_table()
     assert [r["best"] for r in rows] == [False, True, False]
-    table = format_table(rd)
-    assert "chosen on the validation rows: iteration 0" in table and "run stopped" in table
+    table = format_table(rd, cfg.train)
+    assert "chosen on the validation rows: iteration 0" in table and "iter 1: not better" in table
+    assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
     # the verdict read only validation metrics: recomputing it from them gives the same answer
     start_val = json.loads((rd.root / "eval-start.json").read_text())["val"]
     assert compare(s0["val"], start_val) == [] and compare(s1["val"], s0["val"]) == s1["selection"]["reasons"]
@@ -143,16 +145,29 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     again.run()
     again._lock.close()
     assert rd.completed() == 2
+    # the app says the same: finished by the stop rule; Continue refuses to launch a run that would do nothing
+    from spin_lite.app import handlers as h
+    status = h.run_status(rd.root.parent, rd.root.name)
+    assert status["status"] == "finished" and status["stopped_by_rule"] and status["best_iteration"] == 0
+    with pytest.raises(h.AppError, match="stop rule ended run after iteration 1 .1 not better in a row"):
+        h.continue_run(rd.root.parent, rd.root.name)
     # with train.stop_patience=2 the same run goes on: iteration 2 is trained on iteration 1's samples and
     # judged against the best model before it (iteration 0), not against the rejected iteration 1
     patient = tiny_config(iterations=3, **{"train.stop_when": "no_gain", "train.stop_patience": 2})
     assert not rd.stopped(patient.train) and rd.changed_settings(patient.to_dict()) == []
-    SpinRun(patient, log=lambda *a: None).run()
+    log = []
+    patient_run = SpinRun(patient, log=log.append)
+    patient_run.run()
+    patient_run._lock.close()
     assert rd.completed() == 3
-    s2 = rd.summaries()[2]["selection"]
-    assert s2["compared_with"] == "iteration 0"
-    assert s2["stop"] == (not s2["accepted"]) and s2["rejected_in_a_row"] == (0 if s2["accepted"] else 2)
-    assert rd.best_iteration() == (2 if s2["accepted"] else 0)
+    s2 = rd.summaries()[2]["selection"]  # measured: iteration 2 loops too, the second rejection in a row
+    assert s2["compared_with"] == "iteration 0" and not s2["accepted"]
+    assert s2["rejected_in_a_row"] == 2 and s2["stop"] and rd.stopped(patient.train)
+    assert rd.best_iteration() == 0
+    table = format_table(rd, patient.train)  # "run stopped" moved from iteration 1's note to iteration 2's
+    assert "iter 1: not better than iteration 0 on validation (validation repetition_rate got worse (0.00 -> 1.00))\n" in table
+    assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
+    assert any("Stopping (train.stop_when=no_gain)" in line for line in log)
 
 
 def test_validation_and_test_rows_are_apart_and_only_validation_chooses(tiny_config):

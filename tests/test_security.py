@@ -198,7 +198,7 @@ def test_escapes_through_the_http_api(api, ws, outside):
         values[keys.index("run_dir")] = pattern.format(outside=str(outside).lstrip("/"))
         setup_msg, run_msg, _ = api.predict(*values, api_name="/start")
         assert "Error" in setup_msg and "run directory name" in setup_msg
-        message = api.predict(values[keys.index("run_dir")], 0, api_name="/continue_run")  # Continue
+        message = api.predict(values[keys.index("run_dir")], 0, 0, api_name="/continue_run")  # Continue
         assert "Error" in message
     values = h.form_values(tiny_config("runs/api", **{"data.path": str(outside / "secret.jsonl")}))
     setup_msg, *_ = api.predict(*values, api_name="/start")
@@ -213,7 +213,7 @@ def test_escapes_through_the_http_api(api, ws, outside):
     (ws / "configs" / "planted.yaml").write_text(yaml.safe_dump(planted))
     loaded = api.predict("configs/planted.yaml", api_name="/load")
     assert "outside the workspace" in loaded[0]
-    message = api.predict("../", 0, api_name="/continue_run")
+    message = api.predict("../", 0, 0, api_name="/continue_run")
     assert "outside the workspace" in message or "run directory name" in message
     assert "Error" in api.predict("runs/listy", api_name="/abort_run")  # Abort of a run the app did not start
     assert untouched(outside)

@@ -419,9 +419,11 @@ def run_status(workspace, run_dir: str) -> dict:
     config = read_yaml(root / "config.yaml") or read_yaml(root / LAUNCH_CONFIG) or {}
     running = _alive(proc.get("pid")) or rd.is_locked()
     done, planned = rd.completed(), config.get("iterations")
+    train = rd.train_settings() if state.get("status") == "finished" else None
+    ended_by_rule = train is not None and rd.stopped(train)
     if running:
         status = "running"
-    elif state.get("status") == "finished" and planned is not None and done >= planned:
+    elif state.get("status") == "finished" and (ended_by_rule or (planned is not None and done >= planned)):
         status = "finished"
     elif proc.get("aborted"):
         status = "aborted"
@@ -434,7 +436,7 @@ def run_status(workspace, run_dir: str) -> dict:
     out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
            "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None,
-           "best_iteration": rd.best_iteration()}
+           "best_iteration": rd.best_iteration(), "stopped_by_rule": ended_by_rule and not running}
     if status == "failed":
         out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
     return out
@@ -510,8 +512,9 @@ def start_run(workspace, cfg: SpinConfig) -> str:
         lock.close()  # the run's process holds its own copy
 
 
-def continue_run(workspace, run_dir: str, iterations: int | None = None) -> str:
-    """Launch the run again on its own config (the engine skips what is on disk); `iterations` raises the total."""
+def continue_run(workspace, run_dir: str, iterations: int | None = None, stop_patience: int | None = None) -> str:
+    """Launch the run again on its own config (the engine skips what is on disk); `iterations` raises the total,
+    `stop_patience` lets a run the stop rule ended go on."""
     from ..preflight import check_model
 
     rel = run_name(workspace, run_dir)
@@ -520,8 +523,14 @@ def continue_run(workspace, run_dir: str, iterations: int | None = None) -> str:
     config = root / "config.yaml" if (root / "config.yaml").exists() else root / LAUNCH_CONFIG
     if not config.exists():
         raise AppError(f"{run_dir} is not a run directory (no config.yaml); start a run with the Setup settings")
-    overrides = [f"run_dir={rel}"] + ([f"iterations={int(iterations)}"] if iterations else [])
+    overrides = ([f"run_dir={rel}"] + ([f"iterations={int(iterations)}"] if iterations else [])
+                 + ([f"train.stop_patience={int(stop_patience)}"] if stop_patience else []))
     cfg = load_config(config, overrides)  # a broken config file is reported here, not in the log
+    rd = RunDir(root)
+    if rd.stopped(cfg.train):
+        raise AppError(f"the stop rule ended {run_dir} after iteration {rd.completed() - 1} "
+                       f"({rd.rejected_in_a_row()} not better in a row, train.stop_patience={cfg.train.stop_patience}): "
+                       "set a higher stop patience for Continue to go on")
     check_model(resolved(workspace, cfg))  # its paths confined like a new run's (a config may have been saved)
     refuse_links(workspace, root)
     lock = _take(root, rel)
@@ -685,7 +694,8 @@ def step_metrics(workspace, run_dir: str) -> list[dict]:
 def iteration_metrics(workspace, run_dir: str) -> list[dict]:
     """RunDir.results_table: one row for the starting model, one per complete iteration (test metrics, val_*
     validation metrics, train_loss, train_accuracy, best, selection), for the plots."""
-    return RunDir(inside(workspace, run_dir)).results_table()
+    rd = RunDir(inside(workspace, run_dir))
+    return rd.results_table(rd.train_settings())
 
 
 def results_rows(workspace, run_dir: str) -> list[dict]:
@@ -703,7 +713,7 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
         s = r.get("selection") or {}
         line["validation"] = ("" if s.get("accepted") is not False else f"rejected: not better than "
                               f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
-                              + ("; run stopped" if s.get("stop") and r is rows[-1] else ""))
+                              + ("; run stopped" if r.get("stopped") else ""))
         table.append(line)
     return table
 

@@ -253,6 +253,8 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
             continue_btn = gr.Button("Continue the selected run", elem_id="continue-run")
             more_iters = gr.Number(0, precision=0, label="Total iterations for Continue (0: as configured)",
                                    elem_id="continue-iterations")
+            patience = gr.Number(0, precision=0, label="Stop patience for Continue (0: as configured)",
+                                 elem_id="continue-patience")
             abort_btn = gr.Button("Abort the selected run", variant="stop", elem_id="abort-run")
         msg = gr.Markdown(elem_id="run-msg")
         status = gr.HTML(elem_id="run-status")
@@ -287,8 +289,8 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
         except Exception as e:
             return error_md(e)
 
-    continue_btn.click(lambda r, n: act(h.continue_run, r, n), [run_dd, more_iters], msg, trigger_mode="multiple",
-                       api_name="continue_run")
+    continue_btn.click(lambda r, n, k: act(h.continue_run, r, n, k), [run_dd, more_iters, patience], msg,
+                       trigger_mode="multiple", api_name="continue_run")
     abort_btn.click(lambda r: act(h.abort_run, r), run_dd, msg, api_name="abort_run").then(show, [run_dd, seen], view)
     timer.tick(show, [run_dd, seen], view, show_progress="hidden", trigger_mode="always_last")
     return SimpleNamespace(msg=msg, view=view, show=show)
@@ -342,6 +344,9 @@ def status_html(status: dict, progress: dict | None) -> str:
     html = (f"<p><b>{status['run_dir']}</b>: {status['status']} — {status['iterations_done']} of "
             f"{status['iterations'] or '?'} iterations complete{'; ' + where if where else ''}"
             f"{' (process ' + str(status['pid']) + ')' if status.get('pid') else ''}</p>")
+    if status.get("stopped_by_rule"):
+        html += (f"<p class='spin-stop-rule'>the stop rule ended the run after iteration {status['iterations_done'] - 1}"
+                 " (not better on the validation rows); Continue with a higher stop patience to go on</p>")
     best = status.get("best_iteration")
     if best is not None:
         chosen = "the starting model" if best < 0 else f"iteration {best}"
