@@ -221,6 +221,41 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
+def stop_rule_audit(out: Path, results: list[dict]) -> list[dict]:
+    """Every SPIN iteration of every seed: is it below the SFT model on the test rows (a lower task metric or a
+    lower logp/token), and did the stop rule (which read only the validation rows) accept it? An iteration below
+    the start that was accepted is a miss; one that is not below but was rejected, a false alarm."""
+    rows = []
+    for res in results:
+        test = {r["model"]: r for r in res["rows"]}
+        for s in RunDir(out / f"seed-{res['seed']}" / "spin").summaries():
+            it, sft = test[f"spin iter {s['iteration']}"], test["sft"]
+            below = it["task"] < sft["task"] or it["logp_per_token"] < sft["logp_per_token"]
+            accepted = bool((s.get("selection") or {}).get("accepted"))
+            verdict = {(True, False): "caught", (True, True): "MISSED", (False, True): "kept",
+                       (False, False): "false alarm"}[(below, accepted)]
+            rows.append({"seed": res["seed"], "iteration": s["iteration"], "below_start_on_test": below,
+                         "accepted": accepted, "verdict": verdict, "task": it["task"], "sft_task": sft["task"],
+                         "logp_per_token": it["logp_per_token"], "sft_logp_per_token": sft["logp_per_token"],
+                         "reasons": (s.get("selection") or {}).get("reasons", [])})
+    return rows
+
+
+def audit_table(audit: list[dict]) -> str:
+    lines = ["| seed | iteration | test task metric (SFT model) | test logp/token (SFT model) | below the SFT model | "
+             "stop rule (validation rows) | verdict |", "|---|---|---|---|---|---|---|"]
+    for a in audit:
+        rule = "accepted" if a["accepted"] else "rejected: " + "; ".join(a["reasons"])
+        lines.append(f"| {a['seed']} | {a['iteration']} | {a['task']:.2f} ({a['sft_task']:.2f}) | "
+                     f"{a['logp_per_token']:.3f} ({a['sft_logp_per_token']:.3f}) | "
+                     f"{'yes' if a['below_start_on_test'] else 'no'} | {rule} | {a['verdict']} |")
+    counts = Counter(a["verdict"] for a in audit)
+    below = counts["caught"] + counts["MISSED"]
+    return ("\n".join(lines) + f"\n\nIterations below the SFT model on the test rows: {below} of {len(audit)}; "
+            f"the stop rule caught {counts['caught']} of them and missed {counts['MISSED']}; it rejected "
+            f"{counts['false alarm']} iteration(s) that were not below.\n")
+
+
 def markdown_table(summary: list[dict], seeds: list[int]) -> str:
     head = ["model", "steps after SFT"] + [m[1] for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -274,11 +309,12 @@ def report(args) -> str:
         raise SystemExit(f"no results in {out} for seeds {args.seeds}")
     seeds = [r["seed"] for r in results]
     summary = summarize(results)
+    audit = stop_rule_audit(out, results)
     atomic_write_json(out / "summary.json", {"seeds": seeds, "wall_s": {r["seed"]: r["wall_s"] for r in results},
                                              "spin_settings": results[0]["spin_settings"],
                                              "chosen_iterations": {r["seed"]: r["chosen_iteration"] for r in results},
-                                             "models": summary})
-    table = markdown_table(summary, seeds)
+                                             "models": summary, "stop_rule_audit": audit})
+    table = markdown_table(summary, seeds) + "\nThe stop rule, iteration by iteration:\n\n" + audit_table(audit)
     atomic_write_text(out / "results.md", table)
     plot(summary, seeds, out / "spin_vs_sft.png")
     return table
