@@ -241,6 +241,23 @@ def stop_rule_audit(out: Path, results: list[dict]) -> list[dict]:
     return rows
 
 
+def with_first_rejection_stop(out: Path, res: dict) -> dict:
+    """`res` with a row "spin chosen, patience 1": the model the default stop rule (stop_when: no_gain,
+    stop_patience: 1) would have returned, read off the recorded verdicts: the latest iteration accepted before the
+    first rejected one (the SFT model when iteration 0 was rejected). The runs themselves run every iteration."""
+    chosen = -1
+    for s in RunDir(out / f"seed-{res['seed']}" / "spin").summaries():
+        if not (s.get("selection") or {}).get("accepted"):
+            break
+        chosen = s["iteration"]
+    rows = {r["model"]: r for r in res["rows"]}
+    picked = rows["sft"] if chosen < 0 else rows[f"spin iter {chosen}"]
+    extra = picked | {"model": "spin chosen, patience 1", "family": "spin-chosen", "chosen_iteration": chosen,
+                      "steps_after_sft": None}  # differs between seeds: "-" in the table
+    at = [r["model"] for r in res["rows"]].index("spin chosen") + 1
+    return res | {"rows": res["rows"][:at] + [extra] + res["rows"][at:]}
+
+
 def audit_table(audit: list[dict]) -> str:
     lines = ["| seed | iteration | test task metric (SFT model) | test logp/token (SFT model) | below the SFT model | "
              "stop rule (validation rows) | verdict |", "|---|---|---|---|---|---|---|"]
@@ -308,11 +325,16 @@ def report(args) -> str:
     if not results:
         raise SystemExit(f"no results in {out} for seeds {args.seeds}")
     seeds = [r["seed"] for r in results]
+    results = [with_first_rejection_stop(out, r) for r in results]
     summary = summarize(results)
     audit = stop_rule_audit(out, results)
     atomic_write_json(out / "summary.json", {"seeds": seeds, "wall_s": {r["seed"]: r["wall_s"] for r in results},
                                              "spin_settings": results[0]["spin_settings"],
                                              "chosen_iterations": {r["seed"]: r["chosen_iteration"] for r in results},
+                                             "chosen_iterations_patience_1": {
+                                                 r["seed"]: next(x["chosen_iteration"] for x in r["rows"]
+                                                                 if x["model"] == "spin chosen, patience 1")
+                                                 for r in results},
                                              "models": summary, "stop_rule_audit": audit})
     table = markdown_table(summary, seeds) + "\nThe stop rule, iteration by iteration:\n\n" + audit_table(audit)
     atomic_write_text(out / "results.md", table)
