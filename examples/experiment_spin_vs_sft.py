@@ -211,7 +211,8 @@ def summarize(results: list[dict]) -> list[dict]:
     out = []
     for name in [r["model"] for r in results[0]["rows"]]:
         per_seed = [next(r for r in res["rows"] if r["model"] == name) for res in results]
-        entry = {"model": name, "family": per_seed[0]["family"], "steps_after_sft": per_seed[0]["steps_after_sft"]}
+        steps = {r["steps_after_sft"] for r in per_seed}  # the chosen models' differ between seeds: "-"
+        entry = {"model": name, "family": per_seed[0]["family"], "steps_after_sft": steps.pop() if len(steps) == 1 else None}
         for key in [m[0] for m in METRICS] + ["margin_acc_own_opponent"]:
             values = [r[key] for r in per_seed if r.get(key) is not None]
             if values:
