@@ -86,11 +86,13 @@ class SpinRun:
     def run(self) -> list[dict]:
         if self.tokenizer is None:
             self.prepare()
-        for t in range(self.dir.completed(), self.cfg.iterations):
+        first = self.dir.completed()
+        for t in range(first, self.cfg.iterations):
             if self.dir.stopped(self.cfg.train):
-                self.log(f"the stop rule ended this run after iteration {t - 1} ({self.dir.rejected_in_a_row()} "
-                         f"not better in a row, train.stop_patience={self.cfg.train.stop_patience}); to go on, run "
-                         "it again with a higher train.stop_patience or train.stop_when=never")
+                if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
+                    self.log(f"the stop rule ended this run after iteration {t - 1} ({self.dir.rejected_in_a_row()} "
+                             f"not better in a row, train.stop_patience={self.cfg.train.stop_patience}); to go on, "
+                             "run it again with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
         if self.rank == 0:

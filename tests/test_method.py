@@ -141,10 +141,13 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert summary1.read_text() == saved
     # running the command again does nothing more
     run._lock.close()
-    again = SpinRun(cfg, log=lambda *a: None)
+    said = []
+    again = SpinRun(cfg, log=said.append)
     again.run()
     again._lock.close()
     assert rd.completed() == 2
+    assert any(line.startswith("the stop rule ended this run after iteration 1 (1 not better in a row, "
+                               "train.stop_patience=1); to go on") for line in said)
     # the app says the same: finished by the stop rule; Continue refuses to launch a run that would do nothing
     from spin_lite.app import handlers as h
     status = h.run_status(rd.root.parent, rd.root.name)
