@@ -230,6 +230,8 @@ def stop_rule_audit(out: Path, results: list[dict]) -> list[dict]:
     for res in results:
         test = {r["model"]: r for r in res["rows"]}
         for s in RunDir(out / f"seed-{res['seed']}" / "spin").summaries():
+            if s.get("selection") is None:  # no validation rows: no verdict to audit
+                continue
             it, sft = test[f"spin iter {s['iteration']}"], test["sft"]
             below = it["task"] < sft["task"] or it["logp_per_token"] < sft["logp_per_token"]
             accepted = bool((s.get("selection") or {}).get("accepted"))

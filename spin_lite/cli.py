@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir is not None and not run_dir.config_path.exists():
             raise RunError(f"{args.run_dir} is not a run directory (no config.yaml); start one with spin-lite run")
         if args.command == "table":
-            print(format_table(run_dir, run_dir.train_settings()))
+            print(format_table(run_dir, run_dir.settings()))
         elif args.command == "export":
             from .export import main as export_main
             return export_main(args)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             t = run_dir.completed()
             if t >= cfg.iterations:
                 raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
-            if run_dir.stopped(cfg.train):
+            if run_dir.stopped(cfg):
                 raise RunError(f"the stop rule ended {args.run_dir} after iteration {t - 1} ({run_dir.rejected_in_a_row()} "
                                f"not better in a row, train.stop_patience={cfg.train.stop_patience}); to go on, run "
                                f"`spin-lite run {run_dir.config_path} train.stop_patience=N` with a higher N "

@@ -88,7 +88,7 @@ class SpinRun:
             self.prepare()
         first = self.dir.completed()
         for t in range(first, self.cfg.iterations):
-            if self.dir.stopped(self.cfg.train):
+            if self.dir.stopped(self.cfg):
                 if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
                     self.log(f"the stop rule ended this run after iteration {t - 1} ({self.dir.rejected_in_a_row()} "
                              f"not better in a row, train.stop_patience={self.cfg.train.stop_patience}); to go on, "
@@ -97,7 +97,7 @@ class SpinRun:
             self.iteration(t)
         if self.rank == 0:
             self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration())
-            self.log(format_table(self.dir, self.cfg.train))
+            self.log(format_table(self.dir, self.cfg))
         self._barrier()
         return self.dir.summaries()
 
@@ -128,7 +128,7 @@ class SpinRun:
                 self._set_state(status="failed", error=str(e))
                 raise
         if self.dir.is_complete(t):
-            done = self.dir.stopped(self.cfg.train) or t + 1 >= self.cfg.iterations
+            done = self.dir.stopped(self.cfg) or t + 1 >= self.cfg.iterations
             self._set_state(iteration=t + 1, stage="done", status="finished" if done else "running",
                             best_iteration=self.dir.best_iteration())
         else:
@@ -185,10 +185,11 @@ class SpinRun:
         self.write_summary(t, pairs, test, val, time.time() - began)
         s = read_json(out / "summary.json")["selection"]
         if s and s["accepted"] is False:
+            patience = (f" ({s['rejected_in_a_row']} in a row, train.stop_patience={self.cfg.train.stop_patience})"
+                        if self.cfg.train.stop_when == "no_gain" else "")
             self.log(f"iteration {t} is not better than {s['compared_with']} on the validation rows: "
                      + "; ".join(s["reasons"]) + (". Stopping (train.stop_when=no_gain)." if s["stop"] else
-                                                  f" ({s['rejected_in_a_row']} in a row, "
-                                                  f"train.stop_patience={self.cfg.train.stop_patience})."))
+                                                  patience + "."))
 
     def write_summary(self, t: int, pairs: list[dict], test: dict | None, val: dict | None, wall_s: float):
         out = self.dir.iteration(t)
@@ -320,9 +321,9 @@ class SpinRun:
             dist.barrier()
 
 
-def results_table(run_dir: RunDir, train=None) -> list[dict]:
+def results_table(run_dir: RunDir, cfg=None) -> list[dict]:
     """One row for the starting model, one per complete iteration (RunDir.results_table)."""
-    return run_dir.results_table(train)
+    return run_dir.results_table(cfg)
 
 
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
@@ -334,10 +335,10 @@ TABLE_COLUMNS = [("model", "model", "{}"), ("train_loss", "train loss", "{:.4f}"
                  ("sample_tokens", "answer tokens", "{:.1f}")]
 
 
-def format_table(run_dir: RunDir, train=None) -> str:
-    """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `train` (the
-    run's train settings) says whether the stop rule ended the run."""
-    rows = results_table(run_dir, train)
+def format_table(run_dir: RunDir, cfg=None) -> str:
+    """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `cfg` (the
+    run's settings) says whether the stop rule ended the run."""
+    rows = results_table(run_dir, cfg)
     columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     cells = [[c[1] for c in columns] + ["chosen"]] + [
         [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]

@@ -179,25 +179,26 @@ class RunDir:
             count += 1
         return count
 
-    def train_settings(self):
-        """The train settings of this run's config.yaml (for the stop rule's reading); None when it cannot be
-        read."""
+    def settings(self):
+        """This run's config.yaml as a SpinConfig (for the stop rule's reading); None when it cannot be read."""
         from .config import ConfigError, load_config
         try:
-            return load_config(self.config_path, [f"run_dir={self.root}"]).train
+            return load_config(self.config_path)
         except (ConfigError, OSError):
             return None
 
-    def stopped(self, train) -> bool:
-        """Whether the stop rule ends the run here: under train.stop_when=no_gain, its latest train.stop_patience
-        complete iterations were not accepted. Read with the run's current settings (`train`), so raising
-        stop_patience (or stop_when=never) lets a stopped run go on."""
-        return train.stop_when == "no_gain" and self.rejected_in_a_row() >= train.stop_patience
+    def stopped(self, cfg) -> bool:
+        """Whether the stop rule ends the run before its `iterations`: under train.stop_when=no_gain, its latest
+        train.stop_patience complete iterations were not accepted. Read with the run's current settings (`cfg`),
+        so raising stop_patience (or stop_when=never) lets a stopped run go on."""
+        t = cfg.train
+        return (t.stop_when == "no_gain" and self.completed() < cfg.iterations
+                and self.rejected_in_a_row() >= t.stop_patience)
 
-    def results_table(self, train=None) -> list[dict]:
+    def results_table(self, cfg=None) -> list[dict]:
         """One row for the starting model, one per complete iteration: test metrics (held-out), validation
         metrics prefixed val_, train loss and accuracy, `best` on the iteration the stop rule chose, and, given
-        the run's train settings, `stopped` on the last iteration when the stop rule ends the run there."""
+        the run's settings, `stopped` on the last iteration when the stop rule ends the run there."""
         rows = []
         best = self.best_iteration()
         start = read_json(self.root / "eval-start.json")
@@ -208,7 +209,7 @@ class RunDir:
             row.update(train_loss=s["train"]["loss"], train_accuracy=s["train"]["accuracy"],
                        best=s["iteration"] == best, selection=s.get("selection"), stopped=False)
             rows.append(row)
-        if train is not None and len(rows) > bool(start) and self.stopped(train):
+        if cfg is not None and len(rows) > bool(start) and self.stopped(cfg):
             rows[-1]["stopped"] = True
         return rows
 

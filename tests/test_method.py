@@ -116,11 +116,11 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert not s1["selection"]["accepted"] and s1["selection"]["stop"]
     assert any("repetition_rate got worse" in r for r in s1["selection"]["reasons"])
     assert s1["val"]["logp_per_token"] > s0["val"]["logp_per_token"]  # likelihood alone would have kept it
-    assert rd.best_iteration() == 0 and rd.stopped(cfg.train) and s1["selection"]["rejected_in_a_row"] == 1
+    assert rd.best_iteration() == 0 and rd.stopped(cfg) and s1["selection"]["rejected_in_a_row"] == 1
     assert json.loads((rd.root / "state.json").read_text())["best_iteration"] == 0
     rows = rd.results_table()
     assert [r["best"] for r in rows] == [False, True, False]
-    table = format_table(rd, cfg.train)
+    table = format_table(rd, cfg)
     assert "chosen on the validation rows: iteration 0" in table and "iter 1: not better" in table
     assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
     # the verdict read only validation metrics: recomputing it from them gives the same answer
@@ -156,8 +156,8 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
         h.continue_run(rd.root.parent, rd.root.name)
     # with train.stop_patience=2 the same run goes on: iteration 2 is trained on iteration 1's samples and
     # judged against the best model before it (iteration 0), not against the rejected iteration 1
-    patient = tiny_config(iterations=3, **{"train.stop_when": "no_gain", "train.stop_patience": 2})
-    assert not rd.stopped(patient.train) and rd.changed_settings(patient.to_dict()) == []
+    patient = tiny_config(iterations=4, **{"train.stop_when": "no_gain", "train.stop_patience": 2})
+    assert not rd.stopped(patient) and rd.changed_settings(patient.to_dict()) == []
     log = []
     patient_run = SpinRun(patient, log=log.append)
     patient_run.run()
@@ -165,12 +165,15 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert rd.completed() == 3
     s2 = rd.summaries()[2]["selection"]  # measured: iteration 2 loops too, the second rejection in a row
     assert s2["compared_with"] == "iteration 0" and not s2["accepted"]
-    assert s2["rejected_in_a_row"] == 2 and s2["stop"] and rd.stopped(patient.train)
+    assert s2["rejected_in_a_row"] == 2 and s2["stop"] and rd.stopped(patient)
     assert rd.best_iteration() == 0
-    table = format_table(rd, patient.train)  # "run stopped" moved from iteration 1's note to iteration 2's
+    table = format_table(rd, patient)  # "run stopped" moved from iteration 1's note to iteration 2's
     assert "iter 1: not better than iteration 0 on validation (validation repetition_rate got worse (0.00 -> 1.00))\n" in table
     assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
     assert any("Stopping (train.stop_when=no_gain)" in line for line in log)
+    # with all planned iterations done the run is finished, not stopped by the rule: no note, nothing to continue
+    done = tiny_config(iterations=3, **{"train.stop_when": "no_gain", "train.stop_patience": 2})
+    assert not rd.stopped(done) and "run stopped" not in format_table(rd, done)
 
 
 def test_validation_and_test_rows_are_apart_and_only_validation_chooses(tiny_config):

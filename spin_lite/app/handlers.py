@@ -419,8 +419,8 @@ def run_status(workspace, run_dir: str) -> dict:
     config = read_yaml(root / "config.yaml") or read_yaml(root / LAUNCH_CONFIG) or {}
     running = _alive(proc.get("pid")) or rd.is_locked()
     done, planned = rd.completed(), config.get("iterations")
-    train = rd.train_settings() if state.get("status") == "finished" else None
-    ended_by_rule = train is not None and rd.stopped(train)
+    cfg = rd.settings() if state.get("status") == "finished" and done < (planned or 0) else None
+    ended_by_rule = cfg is not None and rd.stopped(cfg)
     if running:
         status = "running"
     elif state.get("status") == "finished" and (ended_by_rule or (planned is not None and done >= planned)):
@@ -527,7 +527,7 @@ def continue_run(workspace, run_dir: str, iterations: int | None = None, stop_pa
                  + ([f"train.stop_patience={int(stop_patience)}"] if stop_patience else []))
     cfg = load_config(config, overrides)  # a broken config file is reported here, not in the log
     rd = RunDir(root)
-    if rd.stopped(cfg.train):
+    if rd.stopped(cfg):
         raise AppError(f"the stop rule ended {run_dir} after iteration {rd.completed() - 1} "
                        f"({rd.rejected_in_a_row()} not better in a row, train.stop_patience={cfg.train.stop_patience}): "
                        "set a higher stop patience for Continue to go on")
@@ -695,7 +695,7 @@ def iteration_metrics(workspace, run_dir: str) -> list[dict]:
     """RunDir.results_table: one row for the starting model, one per complete iteration (test metrics, val_*
     validation metrics, train_loss, train_accuracy, best, selection), for the plots."""
     rd = RunDir(inside(workspace, run_dir))
-    return rd.results_table(rd.train_settings())
+    return rd.results_table(rd.settings())
 
 
 def results_rows(workspace, run_dir: str) -> list[dict]:
@@ -721,7 +721,8 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
 def metrics_signature(workspace, run_dir: str) -> str:
     """Changes whenever the files behind step_metrics and iteration_metrics change (names, sizes, times)."""
     root = inside(workspace, run_dir)
-    files = [root / "eval-start.json", *sorted(root.glob("iter-[0-9][0-9]/train_log.jsonl")),
+    files = [root / "eval-start.json", root / "config.yaml",  # (its stop settings decide the "run stopped" note)
+             *sorted(root.glob("iter-[0-9][0-9]/train_log.jsonl")),
              *sorted(root.glob("iter-[0-9][0-9]/summary.json"))]
     return str(root) + "".join(f"|{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                for p in files if p.exists())
