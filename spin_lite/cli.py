@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             if t >= cfg.iterations:
                 raise RunError(f"all {cfg.iterations} iterations of {args.run_dir} are complete")
             if run_dir.stopped(cfg):
-                raise RunError(f"the stop rule ended {args.run_dir} after iteration {t - 1} ({run_dir.rejected_in_a_row()} "
-                               f"not better in a row, train.stop_patience={cfg.train.stop_patience}); to go on, run "
+                raise RunError(f"the stop rule ended {args.run_dir} {run_dir.stop_reason(cfg)}; to go on, run "
                                f"`spin-lite run {run_dir.config_path} train.stop_patience=N` with a higher N "
                                "(or train.stop_when=never)")
             SpinRun(cfg).prepare().iteration(t, only=args.command)

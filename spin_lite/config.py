@@ -164,6 +164,11 @@ class TrainSettings:
     report_to: ReportTo = "none"
     """Also log steps to: none, tensorboard or wandb (JSONL is always written)."""
 
+    def stops_after(self, rejected_in_a_row: int) -> bool:
+        """The stop rule's decision: under stop_when=no_gain, stop_patience iterations in a row that were not better
+        end the run."""
+        return self.stop_when == "no_gain" and rejected_in_a_row >= self.stop_patience
+
     @property
     def rows_per_step(self) -> int:
         """Rows (pairs, or SFT rows) one optimizer step takes."""

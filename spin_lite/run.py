@@ -90,9 +90,8 @@ class SpinRun:
         for t in range(first, self.cfg.iterations):
             if self.dir.stopped(self.cfg):
                 if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
-                    self.log(f"the stop rule ended this run after iteration {t - 1} ({self.dir.rejected_in_a_row()} "
-                             f"not better in a row, train.stop_patience={self.cfg.train.stop_patience}); to go on, "
-                             "run it again with a higher train.stop_patience or train.stop_when=never")
+                    self.log(f"the stop rule ended this run {self.dir.stop_reason(self.cfg)}; to go on, run it again "
+                             "with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
         if self.rank == 0:
@@ -218,9 +217,8 @@ class SpinRun:
             before, name = read_json(self.dir.iteration(best) / "summary.json")["val"], f"iteration {best}"
         reasons = compare(val, before) if before else []
         rejected = 1 + self.dir.rejected_in_a_row(before=t) if reasons else 0  # in a row, this one included
-        train = self.cfg.train
         return {"compared_with": name, "accepted": not reasons, "reasons": reasons, "rejected_in_a_row": rejected,
-                "stop": train.stop_when == "no_gain" and rejected >= train.stop_patience}
+                "stop": self.cfg.train.stops_after(rejected)}
 
     def opponent_description(self, t: int) -> str:
         start = f"base {self.cfg.model.name}" + (f" + adapter {self.cfg.model.adapter}" if self.cfg.model.adapter else "")

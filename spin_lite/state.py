@@ -191,9 +191,12 @@ class RunDir:
         """Whether the stop rule ends the run before its `iterations`: under train.stop_when=no_gain, its latest
         train.stop_patience complete iterations were not accepted. Read with the run's current settings (`cfg`),
         so raising stop_patience (or stop_when=never) lets a stopped run go on."""
-        t = cfg.train
-        return (t.stop_when == "no_gain" and self.completed() < cfg.iterations
-                and self.rejected_in_a_row() >= t.stop_patience)
+        return self.completed() < cfg.iterations and cfg.train.stops_after(self.rejected_in_a_row())
+
+    def stop_reason(self, cfg) -> str:
+        """Where and why the stop rule ended the run (see `stopped`), for the messages that say so."""
+        return (f"after iteration {self.completed() - 1} ({self.rejected_in_a_row()} not better in a row, "
+                f"train.stop_patience={cfg.train.stop_patience})")
 
     def results_table(self, cfg=None) -> list[dict]:
         """One row for the starting model, one per complete iteration: test metrics (held-out), validation

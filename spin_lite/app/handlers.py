@@ -528,9 +528,8 @@ def continue_run(workspace, run_dir: str, iterations: int | None = None, stop_pa
     cfg = load_config(config, overrides)  # a broken config file is reported here, not in the log
     rd = RunDir(root)
     if rd.stopped(cfg):
-        raise AppError(f"the stop rule ended {run_dir} after iteration {rd.completed() - 1} "
-                       f"({rd.rejected_in_a_row()} not better in a row, train.stop_patience={cfg.train.stop_patience}): "
-                       "set a higher stop patience for Continue to go on")
+        raise AppError(f"the stop rule ended {run_dir} {rd.stop_reason(cfg)}: set a higher stop patience for "
+                       "Continue to go on")
     check_model(resolved(workspace, cfg))  # its paths confined like a new run's (a config may have been saved)
     refuse_links(workspace, root)
     lock = _take(root, rel)
