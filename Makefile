@@ -39,13 +39,13 @@ test: install
 clean:
 	rm -rf runs/demo .pytest_cache
 
-# Everything that needs a GPU in one run (bench/gpu_check.py, < 5 min on an H100): on the GPU machine
-# `bash bench/gpu_check.sh .whl/core`; here `make gpu-check ARGS=--tiny` rehearses it at a tiny size.
+# Everything that needs a GPU in one run (bench/gpu_check.py, about 5 min): on the GPU machine
+# `bash bench/gpu_check.sh .whl` (WHEELS=.whl); here `make gpu-check ARGS=--tiny` rehearses it at a tiny size.
 # docs/PERFORMANCE.md, "How to run the GPU check", gives the device calls.
 .PHONY: gpu-check gpu-wheels
 gpu-check:
 	bash bench/gpu_check.sh $(WHEELS) $(ARGS)
 
-# The wheels that the GPU machine lacks, into .whl/core and .whl/unsloth (each < 64 MiB: one device call).
+# The wheels that the GPU machine lacks, into .whl/core and .whl/unsloth (58 MiB together: one device call).
 gpu-wheels: install
 	bash bench/gpu_wheels.sh

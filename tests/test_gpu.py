@@ -53,12 +53,14 @@ def test_resume_on_cuda(tiny_model_dir, tmp_path):
 
 # -- the static decoding engine: the step recorded in a CUDA graph ------------------------------------------
 def _sharp_tiny_model(tiny_model_dir, dtype):
-    """The tiny model on CUDA with its (tied) embeddings scaled up, so greedy choices are decided by wide
-    margins and kernel-order rounding cannot flip them."""
+    """The tiny model on CUDA with its output layer untied and scaled up, so greedy choices are decided by wide
+    margins and kernel-order rounding cannot flip them, while they still depend on the context (scaling the tied
+    embeddings instead makes a model that repeats its last token, which any decoder gets right)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).cuda().eval()
-    model.get_input_embeddings().weight.data *= 30
-    return model
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone() * 30)
+    return model.cuda().eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -78,6 +80,7 @@ def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, mo
                                     stops, pad, seed=0) for e in ("eager", "static")}
     assert recorded and "without a CUDA graph" not in capsys.readouterr().out
     assert greedy["static"] == greedy["eager"]
+    assert len({tuple(ids) for ids, _ in greedy["eager"]}) > 1  # the context matters: rows differ
     sampled = [gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=40, engine="static"), stops, pad,
                                   seed=3) for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -85,23 +88,54 @@ def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, mo
 
 
 def test_unsloth_backend_end_to_end(tmp_path, tokenizer):
-    """One SPIN iteration with model.backend=unsloth on a small random-init Llama in 4 bits (a fresh process,
-    so unsloth patches transformers before anything else imports it); skipped where unsloth is not installed."""
+    """One SPIN iteration with model.backend=unsloth on a small random-init Llama in 4 bits, then what comes out:
+    the iteration's table is sane, and greedy tokens from the Unsloth backend agree with the hf backend's on the
+    same trained adapter (fresh processes, so unsloth patches transformers before anything else imports it).
+    Skipped where unsloth is not installed (make gpu-check puts it on the path of this test alone)."""
     pytest.importorskip("unsloth")
-    from conftest import DEMO_DATA
+    import subprocess
+    import sys
+    from conftest import DEMO_DATA, REPO
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    # sharp logits (greedy choices by wide margins, not by kernel rounding) that still depend on the context: an
+    # untied output layer scaled up (scaling tied embeddings makes a model that repeats its last token)
+    model.get_output_embeddings().weight.data *= 30
     model_dir = tmp_path / "small-llama"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     run_dir = tmp_path / "run"
     out = cli("run", *tiny_settings(model_dir, run_dir, iterations=1, **{
         "model.backend": "unsloth", "model.load_in_4bit": "true", "data.path": DEMO_DATA}))
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert "backend: unsloth" in out.stdout
+
+    # the iteration's table: pairs generated, a loss that starts at log 2 and stays finite, metrics in range
     log = [json.loads(l) for l in (run_dir / "iter-00" / "train_log.jsonl").read_text().splitlines()]
     assert log and log[0]["loss"] == pytest.approx(math.log(2), abs=5e-3)
-    assert (run_dir / "iter-00" / "adapter" / "adapter_model.safetensors").exists()
+    assert all(math.isfinite(r["loss"]) for r in log)
+    summary = json.loads((run_dir / "iter-00" / "summary.json").read_text())
+    assert summary["pairs"]["current"] > 0 and 0 < summary["pairs"]["generated_mean_tokens"] <= 8
+    assert math.isfinite(summary["eval"]["logp_per_token"]) and 0 <= summary["eval"]["margin_accuracy"] <= 1
+    gens = [json.loads(l) for l in (run_dir / "iter-00" / "generations.jsonl").read_text().splitlines()]
+    assert gens and all(g["ids"] for g in gens)
+
+    # greedy tokens through each backend, on the trained adapter
+    adapter = run_dir / "iter-00" / "adapter"
+    tokens = {}
+    for backend in ("hf", "unsloth"):
+        probe = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "greedy_probe.py"), str(model_dir),
+                                str(adapter), backend, "24"], capture_output=True, text=True, timeout=600,
+                               cwd=REPO)
+        assert probe.returncode == 0, (backend, probe.stderr[-3000:])
+        tokens[backend] = json.loads(probe.stdout.strip().splitlines()[-1])["tokens"]
+    hf, fast = tokens["hf"], tokens["unsloth"]
+    assert all(len(a) > 4 for a in hf) and len({t for a in hf for t in a}) > 2, hf  # not one repeated token
+    assert all(a[:4] == b[:4] for a, b in zip(hf, fast)), (hf, fast)  # the context is there from step 2 on
+    same = sum(x == y for a, b in zip(hf, fast) for x, y in zip(a, b))
+    assert same >= 0.8 * sum(len(a) for a in hf), (same, hf, fast)  # kernels may differ late in a sequence
