@@ -23,7 +23,7 @@ install() {  # wheel folder, target
 }
 for a in "$@"; do
     # a folder with wheels in it or one level down (not `tests`, a step's name that is also a folder here)
-    if [ -d "$a" ] && ls "$a"/*.whl "$a"/*/*.whl >/dev/null 2>&1; then
+    if [ -d "$a" ] && [ -n "$(find "$a" -maxdepth 2 -name '*.whl' -print -quit)" ]; then
         for d in "$a" "$a"/*/; do
             d=${d%/}
             if ls "$d"/*.whl >/dev/null 2>&1; then

@@ -8,7 +8,7 @@
     spin-lite table runs/demo
     spin-lite estimate examples/configs/demo.yaml            # each stage's time on this machine, before a run
     spin-lite sft examples/configs/experiment_sft.yaml      # LoRA SFT: a starting model (model.adapter) for SPIN
-    spin-lite export runs/demo --out exports/demo --merged     # the last iteration as one model
+    spin-lite export runs/demo --out exports/demo --merged     # the chosen model (stop rule) as one model
 """
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_arguments as export_arguments
     export_arguments(sub.add_parser(
         "export", help="export an iteration's adapter, or the merged model (--merged), optionally to the Hub",
-        description="Export the model after an iteration: its LoRA adapter (PEFT layout), or with --merged the "
-                    "base with the adapter(s) merged in, in 16/32 bits; --push-to-hub also uploads it."))
+        description="Export the model after an iteration (by default the one the stop rule chose on the validation "
+                    "rows; it says which): its LoRA adapter (PEFT layout), or with --merged the base with the "
+                    "adapter(s) merged in, in 16/32 bits; --push-to-hub also uploads it."))
     sub.add_parser("app", add_help=False, help="open the web app (spin_lite.app: spin-lite app --help for its options)")
     return parser
 

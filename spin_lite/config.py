@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 Mode = Literal["stack", "merge"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["auto", "hf", "unsloth"]
-LossType = Literal["logistic", "hinge"]
+LossType = Literal["logistic", "hinge", "apo_zero", "dpop"]
 LrScheduler = Literal["linear", "cosine", "constant"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 StopWhen = Literal["no_gain", "never"]
@@ -67,9 +67,13 @@ class DataConfig:
     eval_size: int = 16
     """Held-out test rows: the first `eval_size` of `eval_path`, or drawn from `path` with the run's seed. They are
     reported on and never read by anything that chooses (the stop rule, the best iteration): see val_size."""
-    val_size: int = 16
+    val_size: int = 64
     """Validation rows, apart from the test rows: the first `val_size` of `val_path`, or drawn from `path` with
-    the run's seed after the test rows. The stop rule and the best iteration are chosen on these alone."""
+    the run's seed after the test rows. The stop rule and the best iteration are chosen on these alone. 64: the
+    stop rule's paired test (train.stop_confidence 0.9) then sees a 0.05 nats/token change of val logp/tok 4 times
+    in 5 while the rows' differences spread with a standard deviation up to 0.16 (rows needed: (2.49 x sd / 0.05)^2;
+    seen on the demo data: 0.05-0.10 between SFT snapshots 2 steps apart, 0.20 over 6 steps), and a rate that moves
+    on 3 rows of 64 (0.05) one way; on 16 rows only changes 2x (likelihood) and 4x (rates) as large count."""
     val_path: str | None = None
     """Optional file of validation rows (else they are drawn from `path`)."""
     max_examples: int | None = None
@@ -123,12 +127,28 @@ class GenerationSettings:
 @dataclass
 class TrainSettings:
     loss_type: LossType = "logistic"
-    """SPIN loss: logistic, l(u) = log(1 + exp(-u)) (paper's choice), or hinge, l(u) = max(0, 1 - u)."""
+    """SPIN loss of the margin u = beta x (log-ratio of the real response - that of the generated one): logistic,
+    log(1 + exp(-u)) (paper's choice), or hinge, max(0, 1 - u); or one that keeps the real responses' likelihood:
+    apo_zero, (1 - sigmoid(beta x real log-ratio)) + sigmoid(beta x generated log-ratio) (APO-zero, TRL's
+    "apo_zero"), or dpop, the logistic loss with a penalty dpop_lambda x max(0, -real log-ratio) inside u (DPOP,
+    "Smaug"). Formulas and sources: spin_lite/loss.py."""
+    dpop_lambda: float = 50.0
+    """With loss_type=dpop: weight of the penalty on a real response whose log-prob fell below the opponent's
+    (in nats, summed over its tokens). Pal et al. 2024 use 50; 0 makes dpop the logistic loss."""
     beta: Any = 0.1
     """Regularisation strength; a number, or a list with one value per iteration (last repeats). Paper: 0.1."""
     learning_rate: Any = 5e-5
     """Peak learning rate; a number or a per-iteration list. Paper's 5e-7 is for full fine-tuning; LoRA needs
-    about 100x more (LoRA DPO recipes in TRL/zephyr use 5e-6 to 5e-5)."""
+    about 100x more (LoRA DPO recipes in TRL/zephyr use 5e-6 to 5e-5). With lr_ratio_to_sft set, leave it out:
+    it becomes lr_ratio_to_sft x sft_learning_rate (given both, they must agree)."""
+    lr_ratio_to_sft: Any = None
+    """Optional: the SPIN learning rate as a fraction of sft_learning_rate, a number or a per-iteration list (e.g.
+    0.025, the paper's 5e-7 / 2e-5, or [0.25, 0.25, 0.05]); null: learning_rate is used as given. Keeping SPIN's rate
+    below the SFT rate is the paper's recipe; README, "Learning rate", says what the project measured."""
+    sft_learning_rate: float | None = None
+    """The peak learning rate the starting model's SFT was trained at (e.g. spin-lite sft's train.learning_rate), the
+    rate lr_ratio_to_sft is a fraction of; null with sft.enabled: the SFT stage's sft.learning_rate. Unused without
+    lr_ratio_to_sft."""
     epochs: int = 2
     """Passes over the iteration's pairs (paper: 2)."""
     micro_batch_size: int = 4
@@ -149,11 +169,18 @@ class TrainSettings:
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
     added to each pair's SPIN loss (iterative RPO; TRL's loss_type=["sigmoid", "sft"]). 0 turns it off."""
     stop_when: StopWhen = "no_gain"
-    """Stop rule, checked on the validation rows after each iteration: no_gain stops when an iteration is not
-    better than the model before it (see spin_lite.evaluate.compare); never runs all `iterations`."""
+    """Stop rule, checked on the validation rows after each iteration against the best model before it, by a paired
+    test over the rows (spin_lite.evaluate.judge): an iteration worse on some metric with stop_confidence is
+    rejected, and no_gain stops the run there; one better with that confidence (val logp/tok higher, nothing worse)
+    becomes the chosen model; one with no clear difference is not chosen, and the run goes on. never runs all
+    `iterations`."""
     stop_patience: int = 1
-    """With stop_when=no_gain: how many iterations in a row may be not better before the run stops (1: stop at
+    """With stop_when=no_gain: how many iterations in a row may be rejected before the run stops (1: stop at
     the first). The next iteration's opponent is the latest model either way; the chosen one stays the best."""
+    stop_confidence: float = 0.9
+    """Confidence of the stop rule's paired test: a metric is worse (better) when the central stop_confidence
+    interval of its paired-bootstrap difference over the validation rows lies wholly below (above) 0, a one-sided
+    test at (1 + stop_confidence) / 2. Higher: fewer false alarms and fewer gains recognised."""
     max_loss: float = 1e4
     """Divergence guard: a step whose loss or gradient norm is not finite, or whose loss exceeds this bound,
     stops training with an error; the last checkpoint and the earlier iterations stay as they were."""
@@ -165,8 +192,8 @@ class TrainSettings:
     """Also log steps to: none, tensorboard or wandb (JSONL is always written)."""
 
     def stops_after(self, rejected_in_a_row: int) -> bool:
-        """The stop rule's decision: under stop_when=no_gain, stop_patience iterations in a row that were not better
-        end the run."""
+        """The stop rule's decision: under stop_when=no_gain, stop_patience iterations in a row that were rejected
+        (worse than the best model before them, see stop_when) end the run."""
         return self.stop_when == "no_gain" and rejected_in_a_row >= self.stop_patience
 
     @property
@@ -193,14 +220,38 @@ class EvalSettings:
 
 
 @dataclass
+class SftSettings:
+    """The paper's pipeline in one run: an SFT stage before iteration 0, and the "SFT continued" control arm. Both
+    are LoRA SFT on the run's training rows (spin_lite.sft.train_sft, the one training loop), with the train
+    section's batch sizes, schedule and checkpoints."""
+    enabled: bool = False
+    """Run an SFT stage before iteration 0 (run_dir/sft/): LoRA SFT from the base (+ model.adapter when set); its
+    adapter is SPIN's starting model, and the table shows the model before it as "base". Off: SPIN starts from the
+    base + model.adapter (e.g. an SFT model made elsewhere)."""
+    epochs: int = 3
+    """Passes over the training rows in the SFT stage (docs/RESULTS.md round 2: 3 epochs at 2e-4)."""
+    steps: int | None = None
+    """Optimizer steps of the SFT stage instead of `epochs` (null: `epochs` passes)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of the SFT stage and of the control arm (LoRA SFT's usual 2e-4: QLoRA paper, RESULTS.md)."""
+    control: bool = False
+    """The control arm, "SFT continued": after each SPIN iteration t, the starting model trained by SFT on the same
+    training rows for as many optimizer steps as iterations 0..t took together (continuing the control of t-1), and
+    evaluated on the same validation and test rows (run_dir/control-NN/). The chosen model is then picked among the
+    start, the SPIN iterations and the control, on the validation rows (RunDir.chosen_model)."""
+
+
+@dataclass
 class SpinConfig:
     run_dir: str = "runs/demo"
     """Folder holding the run's state; running the same command again continues it."""
     iterations: int = 3
     """Most SPIN iterations to run (paper: 3-4); train.stop_when may stop earlier."""
     mode: Mode = "stack"
-    """stack: adapter t+1 starts as a copy of adapter t. merge: adapter t is merged into the base (16-bit, then
-    re-quantized for a 4-bit base) and adapter t+1 starts fresh."""
+    """stack: adapter t+1 starts as a copy of adapter t. merge: adapters 0..t stay on the base as frozen, active
+    LoRA layers (never merged into a 4-bit base and re-quantized) and adapter t+1 starts fresh over them; they are
+    merged into 16/32-bit weights only at export. (Backend unsloth holds one adapter a model: it merges them into a
+    16-bit copy of the base, re-quantized for a 4-bit base.)"""
     seed: int = 42
     """Seed for the data split, sampling and data order."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +260,7 @@ class SpinConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    sft: SftSettings = field(default_factory=SftSettings)
 
     # -- per-iteration values -------------------------------------------------------------------
     def beta_at(self, iteration: int) -> float:
@@ -294,6 +346,23 @@ class SpinConfig:
             except re.error as e:
                 errors.append(f"eval.match_regex is not a valid regex: {e}")
         errors += self._method_problems()
+        errors += self._sft_problems()
+        return errors
+
+    def _sft_problems(self) -> list[str]:
+        """Checks of the SFT stage and the control arm (the sft section)."""
+        s, errors = self.sft, []
+        if not (isinstance(s.epochs, int) and s.epochs >= 1):
+            errors.append(f"sft.epochs must be an integer >= 1, got {s.epochs!r}")
+        if not (s.steps is None or (isinstance(s.steps, int) and s.steps >= 1)):
+            errors.append(f"sft.steps must be an integer >= 1 or null (sft.epochs passes), got {s.steps!r}")
+        if not (isinstance(s.learning_rate, (int, float)) and 0 < s.learning_rate < math.inf):
+            errors.append(f"sft.learning_rate must be a finite number > 0, got {s.learning_rate!r}")
+        declared = getattr(self.train, "sft_learning_rate", None)  # the rate SPIN's rate is set relative to
+        if s.enabled and declared is not None and declared != s.learning_rate:
+            errors.append(f"train.sft_learning_rate ({declared!r}) names the rate the starting model's SFT was "
+                          f"trained at, which with sft.enabled is sft.learning_rate ({s.learning_rate!r}): set them "
+                          "equal, or leave train.sft_learning_rate out")
         return errors
 
     def _method_problems(self) -> list[str]:
@@ -308,10 +377,16 @@ class SpinConfig:
                           "(or train.stop_when=never)")
         if not (isinstance(t.stop_patience, int) and not isinstance(t.stop_patience, bool) and t.stop_patience >= 1):
             errors.append(f"train.stop_patience must be an integer >= 1, got {t.stop_patience!r}")
+        if not (isinstance(t.stop_confidence, (int, float)) and 0 < t.stop_confidence < 1):
+            errors.append(f"train.stop_confidence must be a number between 0 and 1 (e.g. 0.9), "
+                          f"got {t.stop_confidence!r}")
         if not (isinstance(t.sft_weight, (int, float)) and math.isfinite(t.sft_weight) and t.sft_weight >= 0):
             errors.append(f"train.sft_weight must be a finite number >= 0, got {t.sft_weight!r}")
         if not (isinstance(t.max_loss, (int, float)) and t.max_loss > 0):
             errors.append(f"train.max_loss must be a number > 0, got {t.max_loss!r}")
+        if not (isinstance(t.dpop_lambda, (int, float)) and math.isfinite(t.dpop_lambda) and t.dpop_lambda >= 0):
+            errors.append(f"train.dpop_lambda must be a finite number >= 0, got {t.dpop_lambda!r}")
+        errors += _relative_lr_problems(self)
         if self.eval.answer_regex is not None:
             try:
                 if re.compile(self.eval.answer_regex).groups < 1:
@@ -332,6 +407,9 @@ class SpinConfig:
         """Build and check a config from nested dicts; type and value errors are all reported together."""
         errors = []
         top = _build(cls, data or {}, "", errors)
+        train = (data or {}).get("train")
+        if _relative_lr(top) is not None and not (isinstance(train, dict) and "learning_rate" in train):
+            top.train.learning_rate = _relative_lr(top)  # so the saved config.yaml holds the rate trained at
         errors += top.problems()
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
@@ -344,8 +422,54 @@ def _per_iteration(value, iteration: int):
     return value
 
 
+def _positive_numbers(value) -> bool:
+    """A positive finite number, or a non-empty list of them (a per-iteration setting)."""
+    values = value if isinstance(value, list) else [value]
+    return len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+                                   for v in values)
+
+
+def _sft_reference_lr(cfg: SpinConfig):
+    """The SFT rate that train.lr_ratio_to_sft is a fraction of: train.sft_learning_rate, else the SFT stage's rate
+    when the run has one (sft.enabled), else None."""
+    if cfg.train.sft_learning_rate is not None:
+        return cfg.train.sft_learning_rate
+    return cfg.sft.learning_rate if cfg.sft.enabled else None
+
+
+def _relative_lr(cfg: SpinConfig):
+    """The SPIN learning rate(s) that train.lr_ratio_to_sft asks for: ratio x the SFT rate, a number or a
+    per-iteration list like the ratio; None when no ratio is set or the two are not valid numbers."""
+    ratio, sft = cfg.train.lr_ratio_to_sft, _sft_reference_lr(cfg)
+    if ratio is None or not _positive_numbers(ratio) or not _positive_numbers(sft):
+        return None
+    rate = lambda r: float(f"{r * sft:.12g}")  # 5e-07 in the saved config, not 0.025 x 2e-05 = 5.000000000000001e-07
+    return [rate(r) for r in ratio] if isinstance(ratio, list) else rate(ratio)
+
+
+def _relative_lr_problems(cfg: SpinConfig) -> list[str]:
+    """Checks of lr_ratio_to_sft and sft_learning_rate, and that learning_rate agrees with them when both are set."""
+    t, errors = cfg.train, []
+    if t.lr_ratio_to_sft is not None and not _positive_numbers(t.lr_ratio_to_sft):
+        errors.append(f"train.lr_ratio_to_sft must be null, a positive number or a non-empty list of them (finite), "
+                      f"got {t.lr_ratio_to_sft!r}")
+    if isinstance(t.sft_learning_rate, (int, float)) and t.sft_learning_rate <= 0:  # (not finite: problems says so)
+        errors.append(f"train.sft_learning_rate must be null or a number > 0, got {t.sft_learning_rate!r}")
+    if t.lr_ratio_to_sft is not None and _sft_reference_lr(cfg) is None:
+        errors.append("train.lr_ratio_to_sft needs the rate the starting model's SFT was trained at: "
+                      "train.sft_learning_rate (e.g. train.sft_learning_rate=2e-4), or the run's SFT stage (sft.enabled)")
+    wanted = _relative_lr(cfg)
+    as_list = lambda v: v if isinstance(v, list) else [v]
+    if wanted is not None and _positive_numbers(t.learning_rate) and not (
+            len(as_list(t.learning_rate)) == len(as_list(wanted))
+            and all(math.isclose(g, w, rel_tol=1e-9) for g, w in zip(as_list(t.learning_rate), as_list(wanted)))):
+        errors.append(f"train.learning_rate ({t.learning_rate!r}) disagrees with train.lr_ratio_to_sft x the SFT "
+                      f"rate ({wanted!r}): set one of learning_rate and lr_ratio_to_sft, not both")
+    return errors
+
+
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "generation": GenerationSettings,
-             "train": TrainSettings, "eval": EvalSettings}
+             "train": TrainSettings, "eval": EvalSettings, "sft": SftSettings}
 
 
 def _build(cls, data: dict, prefix: str, errors: list):

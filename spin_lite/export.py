@@ -1,7 +1,7 @@
 """Export the model after an iteration: its LoRA adapter, a merged 16/32-bit model, or a GGUF file for llama.cpp
 and Ollama; optionally push it to the Hub.
 
-    spin-lite export runs/demo --out exports/demo-adapter                       # adapter of the last iteration
+    spin-lite export runs/demo --out exports/demo-adapter          # the adapter of the model the stop rule chose
     spin-lite export runs/demo --iteration 1 --out exports/demo --merged --dtype bfloat16
     spin-lite export runs/demo --out exports/demo-gguf --gguf q8_0              # or f16, f32 (spin_lite.gguf_export)
     spin-lite export runs/demo --out exports/demo --merged --push-to-hub USER/NAME   # needs HF_TOKEN or --token
@@ -23,9 +23,11 @@ de-quantized Q4_1 GGUF); only a local base folder is named by its absolute path.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,33 +56,67 @@ def _run(run_dir):
 
 
 def _check_iteration(rd, cfg, iteration: int | str | None) -> int:
-    """The iteration to export: a number, "best" (the one chosen on the validation rows), or None (the last)."""
+    """The iteration to export, -1 for the starting model: a number, "start", or "best" and None (the default): the
+    model the stop rule chose (RunDir.resolve_model, the one place that answers this)."""
     done = rd.trained_iterations()
-    if not done:
+    if not done and iteration != "start":
         raise ExportError(f"run {rd.root} has no trained adapter yet; run (or continue) it with spin-lite run")
-    if iteration is None:
-        return done[-1]
-    if iteration == "best":
-        best = rd.best_iteration()
-        if best is None:
-            raise ExportError(f"run {rd.root} chose no iteration: it has no validation rows (data.val_size=0) or no "
-                              "complete iteration yet; give --iteration N")
-        if best < 0:
-            raise ExportError(f"no iteration of run {rd.root} was better than the starting model on the validation "
-                              "rows, so there is nothing to export beyond the model you started from")
-        return best
-    iteration = int(iteration)
-    if iteration not in done:
-        raise ExportError(f"iteration {iteration} of run {rd.root} has no trained adapter "
+    n = rd.resolve_model(iteration)
+    if isinstance(n, str):  # "control N": SFT continued, the control arm (sft.control)
+        if _control(n) not in rd.trained_controls():
+            raise ExportError(f"{n} of run {rd.root} has no trained adapter (the control arm runs with sft.control: "
+                              f"true; controls with one: {', '.join(map(str, rd.trained_controls())) or 'none'})")
+        return n
+    if n >= 0 and n not in done:
+        raise ExportError(f"iteration {n} of run {rd.root} has no trained adapter "
                           f"(iterations with one: {', '.join(map(str, done))})")
-    return iteration
+    if n < 0 and not rd.start_adapter(cfg):  # the base itself: this run trained nothing that is part of it
+        chosen = ("the model the stop rule chose on the validation rows is the starting model: no iteration of "
+                  f"run {rd.root} was better, and " if iteration in (None, "best") else "")
+        raise ExportError(
+            f"{chosen}the starting model is the base {portable_base(cfg)} with no adapter, so there is nothing "
+            f"trained to export: use the base as it is (AutoModelForCausalLM.from_pretrained({portable_base(cfg)!r})"
+            "), or export an iteration anyway with --iteration N"
+            + (f" ({', '.join(rd.model_label(t) for t in done)})" if done else ""))
+    return n
 
 
-def adapters_to_merge(run_dir, iteration: int) -> list[str]:
+def chosen_message(rd, cfg, which: int | str | None, n: int) -> str:
+    """Which model an export took (n, from _check_iteration for `which`), as the CLI says it."""
+    if isinstance(n, str):
+        return (f"export: {n}, SFT continued (the control arm)" + (
+            ", the model chosen on the validation rows: it beat SPIN's choice; --iteration N exports an iteration"
+            if which in (None, "best") else ""))
+    if n < 0:
+        what = f"the starting model (the base with the starting adapter {rd.start_adapter(cfg)})"
+    else:
+        what = f"iteration {n}"
+    if which not in (None, "best"):
+        return f"export: {what}"
+    if rd.best_iteration() is None:
+        return f"export: {what}, the last trained one (the run chose none: it has no validation rows or no " \
+               "evaluated iteration); --iteration N exports another"
+    return (f"export: {what}, the model the stop rule chose on the validation rows"
+            + (" (no iteration was better)" if n < 0 else "") + "; --iteration N exports another")
+
+
+def _control(key: str) -> int:
+    """N of "control N" (RunDir.resolve_model's name of the control matched to iteration N)."""
+    return int(key.split()[-1])
+
+
+def _label(iteration: int | str) -> str:
+    """The model as RunDir.chosen_model names it: "start", "iter N" or "control N"."""
+    return iteration if isinstance(iteration, str) else "start" if iteration < 0 else f"iter {iteration}"
+
+
+def adapters_to_merge(run_dir, iteration: int | str) -> list[str]:
     """The adapters that, merged into the base in this order, give the model after `iteration`
     (the run directory's answer: RunDir.adapters_after)."""
     rd, cfg = _run(run_dir)
-    return rd.adapters_after(iteration, cfg.mode, cfg.model.adapter)
+    if isinstance(iteration, str):  # a control's adapter stands alone (it continues the starting adapter itself)
+        return [str(rd.control(_control(iteration)) / "adapter")]
+    return rd.adapters_after(iteration, cfg.mode, rd.start_adapter(cfg))
 
 
 def base_reference(cfg) -> str:
@@ -158,12 +194,29 @@ def _model_card(info: dict, base: str, merged: bool, gguf_file: str | None = Non
                  f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
                  "model = PeftModel.from_pretrained(base, PATH_OR_REPO)\n"
                  "tokenizer = AutoTokenizer.from_pretrained(PATH_OR_REPO)\n```")
+    if isinstance(info["iteration"], str):  # "control N"
+        title, trained = f"SFT continued ({info['iteration']}) of a SPIN run", (
+            f"The control arm of a spin_lite SPIN run: its starting model trained by LoRA SFT for as many optimizer "
+            f"steps as the SPIN iterations up to {info['iteration'].replace('control', 'iteration')}"
+            + (", the model chosen on the validation rows: it beat SPIN's choice." if info.get("chosen") else "."))
+    elif info["iteration"] < 0:  # the starting adapter, which the stop rule preferred to every iteration
+        title, trained = "The starting model of a SPIN run", (
+            f"The starting adapter ({info['starting_adapter']}) of a spin_lite SPIN run (Self-Play Fine-Tuning, arXiv "
+            "2401.01335), exported as the run's model" + (": the stop rule chose it on the validation rows, no "
+                                                          "iteration was better." if info.get("chosen") else "."))
+    else:
+        title, trained = f"SPIN iteration {info['iteration']}", (
+            f"Trained with spin_lite: SPIN (Self-Play Fine-Tuning, arXiv 2401.01335), {info['mode']} mode, iteration "
+            f"{info['iteration']}{' on a 4-bit (QLoRA) base' if info['trained_in_4bit'] else ''}"
+            + (", the model the stop rule chose on the validation rows." if info.get("chosen") else "."))
+    warning = (f"**Warning: {info['rejected']}.**" + (" Export that one with `spin-lite export RUN_DIR --out DIR`."
+                                                      if info.get("chosen_exportable") else "") + "\n\n"
+               if info.get("rejected") else "")
     return "\n".join(front) + f"""
 
-# SPIN iteration {info['iteration']}
+# {title}
 
-{what} Trained with spin_lite: SPIN (Self-Play Fine-Tuning, arXiv 2401.01335), {info['mode']} mode,
-iteration {info['iteration']}{' on a 4-bit (QLoRA) base' if info['trained_in_4bit'] else ''}.
+{warning}{what} {trained}
 
 {usage}
 """
@@ -173,13 +226,24 @@ def _info(cfg, rd, iteration: int, kind: str, **extra) -> dict:
     from .model import EMBEDDED
 
     return {"kind": kind, "run_dir": str(Path(rd.root).resolve()), "iteration": iteration, "mode": cfg.mode,
-            "base": portable_base(cfg), "embedded": cfg.model.name == EMBEDDED, "starting_adapter": cfg.model.adapter,
-            "trained_in_4bit": cfg.model.load_in_4bit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+            "base": portable_base(cfg), "embedded": cfg.model.name == EMBEDDED,
+            "starting_adapter": rd.start_adapter(cfg),
+            "trained_in_4bit": cfg.model.load_in_4bit, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "chosen": _label(iteration) == rd.chosen_model(),
+            "rejected": rd.rejection(iteration) if isinstance(iteration, int) else None,
+            "chosen_exportable": _chosen_exportable(rd, cfg), **extra}
+
+
+def _chosen_exportable(rd, cfg) -> bool:
+    """Whether the model the stop rule chose is something to export (not the base with no adapter)."""
+    chosen = rd.chosen_model()
+    return chosen is not None and (chosen != "start" or bool(rd.start_adapter(cfg)))
 
 
 # -- the two exports ------------------------------------------------------------------------------------------
 def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
-    """The adapter of `iteration` (default: the last trained one) in the standard PEFT layout, with the tokenizer.
+    """The adapter of `iteration` (default: the chosen model, RunDir.resolve_model) in the standard PEFT layout, with
+    the tokenizer; iteration -1 (or "start") is the starting adapter, model.adapter.
 
     `PeftModel.from_pretrained(base, out_dir)` on the original base gives the run's model after that
     iteration. Only stack-mode runs (and merge mode's iteration 0 without a starting adapter) have such an
@@ -189,8 +253,9 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
 
     rd, cfg = _run(run_dir)
     iteration = _check_iteration(rd, cfg, iteration)
-    if cfg.mode == "merge" and (iteration > 0 or cfg.model.adapter):
-        earlier = ([f"the starting adapter {cfg.model.adapter}"] if cfg.model.adapter else []) + (
+    start = rd.start_adapter(cfg)
+    if cfg.mode == "merge" and isinstance(iteration, int) and iteration >= 0 and (iteration > 0 or start):
+        earlier = ([f"the starting adapter {start}"] if start else []) + (
             [] if iteration == 0 else ["the adapter of iteration 0"] if iteration == 1 else
             [f"the adapters of iterations 0..{iteration - 1}"])
         earlier = " and ".join(earlier)
@@ -201,7 +266,12 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
     out_dir = Path(out_dir)
     tmp = _start(out_dir)
     try:
-        src = rd.iteration(iteration) / "adapter"
+        src = (rd.control(_control(iteration)) / "adapter" if isinstance(iteration, str) else
+               rd.iteration(iteration) / "adapter" if iteration >= 0 else Path(start))
+        if not (src / "adapter_config.json").is_file():  # a starting adapter named by its hub id
+            raise ExportError(f"the starting adapter {start} is not a local folder: use it as it is, "
+                              f"or export the merged model: spin-lite export {rd.root} --iteration start --out DIR "
+                              "--merged")
         base = portable_base(cfg)
         adapter_config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
         adapter_config["base_model_name_or_path"] = base
@@ -220,7 +290,7 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
 
 
 def merged_model(run_dir, iteration: int | None, dtype: str = "float32", base: str | None = None, log=print):
-    """(model, cfg, rd, iteration, adapters): the model after `iteration` (default: the last trained one) as one
+    """(model, cfg, rd, iteration, adapters): the model after `iteration` (default: the chosen one) as one
     plain transformers model in `dtype`.
 
     The base is loaded in `dtype` (never in 4 bits, even if the run trained on a 4-bit base) and the run's
@@ -239,7 +309,9 @@ def merged_model(run_dir, iteration: int | None, dtype: str = "float32", base: s
     model_cfg = dataclasses.replace(cfg.model, load_in_4bit=False, dtype=dtype, name=base or cfg.model.name)
     log(f"export: loading {model_cfg.name} in {dtype}" + (" (the run trained on it in 4 bits)"
                                                            if cfg.model.load_in_4bit else ""))
-    model = load_base(model_cfg, load_in_4bit=False)
+    # always transformers + peft, whatever backend the run trained on: an Unsloth model carries one adapter
+    # (build_model refuses more), and the merge needs plain weights
+    model = load_base(model_cfg, load_in_4bit=False, backend="hf")
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
         raise ExportError(f"the base model {model_cfg.name} is stored quantized; merging needs 16/32-bit weights. "
                           "Pass a 16-bit copy of the same model as base (--base), or export the adapter instead")
@@ -293,7 +365,8 @@ def export_gguf(run_dir, iteration: int | None, out_dir, qtype: str = "q8_0", ba
     _check_out(out_dir)
     model, cfg, rd, iteration, adapters = merged_model(run_dir, iteration, "float32", base, log)
     info = _merged_info(cfg, rd, iteration, "gguf", adapters, base, dtype=qtype)
-    name = f"{Path(info['base']).name}-spin-iter{iteration}"
+    name = f"{Path(info['base']).name}-" + (f"sft-continued-{_control(iteration)}" if isinstance(iteration, str) else
+                                            f"spin-iter{iteration}" if iteration >= 0 else "spin-start")
     tmp = _start(out_dir)
     try:
         path = tmp / f"{name}-{qtype}.gguf"
@@ -350,9 +423,12 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
 def add_arguments(p):
     """The options of `spin-lite export` (the subcommand itself is declared in spin_lite.cli)."""
     p.add_argument("run_dir", help="run directory made by `spin-lite run`")
-    p.add_argument("--iteration", default=None, type=lambda v: v if v == "best" else int(v),
-                   help="iteration to export: a number, or best (the one chosen on the validation rows); "
-                        "default: the last trained")
+    p.add_argument("--iteration", default=None, type=iteration_arg, metavar="{N,best,start,control,control-N}",
+                   help="the model to export: iteration N, best (the one chosen on the validation rows: the stop "
+                        "rule's iteration, or SFT continued when it beat that; when none was chosen, the last trained "
+                        "iteration), start (the starting adapter: the SFT stage's, or model.adapter), control (SFT "
+                        "continued: the control arm's choice, else its last) or control-N (the control matched to "
+                        "iteration N); default: best")
     p.add_argument("--out", required=True, help="folder to write (an earlier export there is replaced)")
     p.add_argument("--merged", action="store_true",
                    help="write the base with the adapter(s) merged in, instead of the adapter alone")
@@ -367,6 +443,20 @@ def add_arguments(p):
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
 
 
+def iteration_arg(value: str) -> int | str:
+    """--iteration: "best", "start", an iteration number, or "control" / "control-N" (SFT continued)."""
+    if value in ("best", "start", "control"):
+        return value
+    control = re.fullmatch(r"control[- ]?(\d+)", value)
+    if control:
+        return f"control {int(control[1])}"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an iteration number, best, start, control or control-N"
+                                         ) from None
+
+
 def main(args) -> int:
     """Run `spin-lite export` with parsed arguments; user mistakes print `error: ...` and return 2."""
     import sys
@@ -375,6 +465,12 @@ def main(args) -> int:
         if args.push_to_hub and not hub_token(args.token):  # say so before the export's work, not after
             raise ExportError(f"pushing to the Hub repository {args.push_to_hub} needs a token: set HF_TOKEN, "
                               "pass --token, or log in with `hf auth login`")
+        rd, cfg = _run(args.run_dir)  # which model: said before the export's work, and a rejected one warned of
+        which, args.iteration = args.iteration, _check_iteration(rd, cfg, args.iteration)
+        print(chosen_message(rd, cfg, which, args.iteration))
+        if rd.rejection(args.iteration):
+            hint = f" (`spin-lite export {args.run_dir} --out DIR` exports that one)" if _chosen_exportable(rd, cfg) else ""
+            print(f"warning: {rd.rejection(args.iteration)}{hint}", file=sys.stderr)
         if args.gguf:
             if args.merged:
                 raise ExportError("--gguf writes a merged model already; give --merged or --gguf, not both")

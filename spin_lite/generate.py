@@ -153,7 +153,7 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     opponent = merged_copy(model, reserve) or model
     rows = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
     stops = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
-    engine = engine_for(settings.engine, opponent)
+    engine = engine_for(settings.engine, opponent, rows)
     decoder = _decoder(engine)
     if rank == 0:
         print(f"{desc}: {engine} engine, {rows} rows a pass, stop ids {stops}", flush=True)
@@ -202,16 +202,27 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
 
 
 # -- the decoding loop -------------------------------------------------------------------------------
-def engine_for(engine: str, model) -> str:
+# Above this many rows a pass, auto decodes with the eager engine even where the static one could run. Measured on
+# an H200 (bench.gen, Llama-3.2-1B shape, bf16, 128 + 256 tokens, bench/results/nvidia-h200.json): static 7,236
+# vs eager 5,034 tok/s at 64 rows, but static 12,009 vs eager 27,662 at 512 rows. Where between the two the
+# lines cross is not measured yet.
+STATIC_MAX_ROWS = 64
+
+
+def engine_for(engine: str, model, rows: int | None = None) -> str:
     """"eager" or "static" for decoding from `model`. auto: static on CUDA for a plain model (the merged copy
     generate_all decodes from), eager elsewhere: on a CPU (no launch overhead to save, and the eager engine
-    drops finished rows) and for a PEFT or 4-bit model on CUDA (not tried in a CUDA graph yet)."""
+    drops finished rows) and for a PEFT or 4-bit model on CUDA (not tried in a CUDA graph yet). Never static
+    for a model loaded by the Unsloth backend (spin_lite.model marks it `_spin_lite_unsloth`; a merged copy keeps
+    the mark): its forward returns a new KV cache instead of filling the static one in place. Nor for passes of
+    more than STATIC_MAX_ROWS rows, where the eager engine measured faster."""
     if engine != "auto":
         return engine
-    # a plain model: no LoRA layers (named lora_A, lora_B), no bitsandbytes layers
+    # a plain model: no LoRA layers (named lora_A, lora_B), no bitsandbytes layers, not Unsloth's
     plain = not any(hasattr(m, "lora_A") or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
-                    for m in model.modules())
-    return "static" if _device(model).type == "cuda" and plain else "eager"
+                    or getattr(m, "_spin_lite_unsloth", False) for m in model.modules())
+    small = rows is None or rows <= STATIC_MAX_ROWS  # (rows: the rows decoded together; None: not known)
+    return "static" if _device(model).type == "cuda" and plain and small else "eager"
 
 
 def _decoder(engine: str):
@@ -224,7 +235,9 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
     """The eager engine. Continue every prompt until a stop id or `max_new_tokens`; `on_finished(i, new_ids,
     truncated)` is called as row i finishes. `pick` (a `Sampling`, or a function
     `pick(scores [n, V] float32, rows [n] row numbers, active [n] bool)`) chooses the next tokens.
-    A dynamic KV cache; finished rows leave the batch (and the cache) once a quarter of it has finished."""
+    A dynamic KV cache; finished rows leave the batch (and the cache) once a quarter of it has finished. Each step
+    continues with the cache the model returned (`_forward`): the one passed in, filled in place, for a transformers
+    model; a new one (a legacy tuple) for Unsloth's fast forward."""
     from transformers import DynamicCache
 
     if isinstance(pick, Sampling):
@@ -234,8 +247,7 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
     ids, mask = _left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate makes them
-    cache = DynamicCache()
-    logits = _forward(model, ids, mask, positions, cache, last_only=True)
+    logits, cache = _forward(model, ids, mask, positions, DynamicCache(), last_only=True)
     rows = list(range(len(prompts)))  # row number of each line of the batch
     active = [True] * len(rows)  # still generating (a finished row stays until the batch is compacted)
     next_position = positions[:, -1] + 1
@@ -252,17 +264,27 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
         running = sum(active)
         if running == 0:
             break
-        if (len(rows) - running) * 4 >= len(rows) and hasattr(cache, "batch_select_indices"):
+        can_drop = isinstance(cache, (tuple, list)) or hasattr(cache, "batch_select_indices")
+        if (len(rows) - running) * 4 >= len(rows) and can_drop:
             keep = [n for n in range(len(rows)) if active[n]]
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            cache = _keep_rows(cache, index)
             tokens, mask, next_position = tokens[index], mask[index], next_position[index]
             rows, active = [rows[n] for n in keep], [True] * len(keep)
         else:
             tokens = tokens.masked_fill(~torch.tensor(active, device=device), pad_id)
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        logits = _forward(model, tokens[:, None], mask, next_position[:, None], cache)
+        logits, cache = _forward(model, tokens[:, None], mask, next_position[:, None], cache)
         next_position = next_position + 1
+
+
+def _keep_rows(cache, index: torch.Tensor):
+    """`cache` reduced to the batch lines `index`: in place for a transformers Cache; a new legacy tuple
+    ((keys, values) a layer, batch first) for a legacy one, the form its model returned and reads back."""
+    if isinstance(cache, (tuple, list)):
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+    cache.batch_select_indices(index)
+    return cache
 
 
 @torch.no_grad()
@@ -277,7 +299,9 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
     them in place: forward of the last tokens, their slot of the mask set, sampling (`Sampling.choose`),
     the tokens written to column t of the output table. On CUDA (`graphs` None: on CUDA) that step is
     recorded once in a CUDA graph after two eager warm-up steps and replayed for every later token: one
-    launch a token instead of a few hundred. Where recording fails the steps run eagerly, with a note.
+    launch a token instead of a few hundred. Where recording fails, or would replay wrong tokens (a sliding
+    window shorter than the answer: `_no_graph_reason`), the steps run eagerly, with a note. A model that
+    returns a new KV cache instead of filling the static one (Unsloth's) is decoded by `decode`, with a note.
     The host reads the new tokens every `STATIC_CHECK_EVERY` steps on CUDA (every step on a CPU) to call
     `on_finished` and stop once every row has ended; finished rows stay in the batch (static shapes) and
     their later tokens are dropped. Greedy tokens equal `decode`'s (tests/test_static_engine.py).
@@ -297,7 +321,15 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
     positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1).to(device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     cache = StaticCache(config=config, max_cache_len=width + max_new_tokens)
-    logits = _forward(model, ids.to(device), mask, positions, cache, last_only=True)
+    logits, returned = _forward(model, ids.to(device), mask, positions, cache, last_only=True)
+    if returned is not cache:  # Unsloth's forward: the steps would not see the prompt (no sampling drawn yet)
+        print(f"generate: eager engine instead of static: the model returned a new KV cache "
+              f"({type(returned).__name__}) instead of filling the static one", flush=True)
+        return decode(model, prompts, stop_ids, pad_id, max_new_tokens, sampling, on_finished)
+    why = _no_graph_reason(cache, width + max_new_tokens) if graphs else None
+    if why:
+        print(f"generate: static engine without a CUDA graph ({why})", flush=True)
+        graphs = False
     u = sampling.uniforms(max_new_tokens, device)
     out = torch.empty((n, max_new_tokens), dtype=torch.long, device=device)
     out[:, 0] = sampling.choose(logits[:, -1].float(), u[0])
@@ -308,7 +340,7 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
 
     def step():
         mask.index_fill_(1, t + width - 1, 1)
-        scores = _forward(model, last, mask, position, cache)[:, -1].float()
+        scores = _forward(model, last, mask, position, cache)[0][:, -1].float()
         tokens = sampling.choose(scores, u.index_select(0, t).squeeze(0))
         out.index_copy_(1, t, tokens[:, None])
         last.copy_(tokens[:, None])
@@ -350,6 +382,24 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
             on_finished(i, new[i], True)
 
 
+def _no_graph_reason(cache, length: int) -> str | None:
+    """Why a decoding step over the StaticCache `cache`, holding `length` tokens at most, must not be recorded in
+    a CUDA graph; None where it may be.
+
+    A sliding-window layer (transformers' StaticSlidingWindowLayer: Mistral-7B-v0.1, Phi-3, Gemma-2/3, Qwen2 with
+    use_sliding_window; StaticCache makes one for every sliding or chunked layer of the config) whose window is
+    shorter than `length` keeps the tokens it holds in a Python int (`cumulative_length_int`) that chooses its update
+    branch and the attention mask's offset: a graph would replay the step with the value it had when recorded, and
+    give wrong tokens. Within the window that int changes neither, so the step records safely."""
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    for layer in cache.layers:
+        window = getattr(layer, "max_cache_len", 0)  # its slots: min(window, length)
+        if isinstance(layer, StaticSlidingWindowLayer) and window < length:
+            return f"a sliding-window layer holds {window} tokens, fewer than the {length} of prompt and answer"
+    return None
+
+
 def _record(step):
     """`step` recorded in a CUDA graph, as a function replaying it; None where it cannot be recorded.
     Recording runs nothing, so the step's in-place updates happen only at each replay."""
@@ -364,15 +414,28 @@ def _record(step):
     return graph.replay
 
 
-def _forward(model, ids, mask, positions, cache, last_only: bool = False) -> torch.Tensor:
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    kwargs[_cache_argument(model)] = cache
+def _forward(model, ids, mask, positions, cache, last_only: bool = False) -> tuple[torch.Tensor, object]:
+    """(logits, the KV cache to continue with). A transformers model fills `cache` in place and returns it;
+    Unsloth's fast forward drops an empty cache, builds its own and returns that (a legacy tuple), so the
+    returned cache is the one to pass next (`cache` where the model returns none)."""
+    name = _cache_argument(model)
+    # return_dict: Unsloth's one-token decoding branch returns a bare tuple unless it is asked (seen on an H200,
+    # unsloth 2026.10.9: "'tuple' object has no attribute 'logits'")
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, return_dict=True,
+                  **{name: cache})
+    out = None
     if last_only:
         try:  # the logits of the last position only: [B, 1, V], not [B, T, V]
-            return model(**kwargs, logits_to_keep=1).logits
+            out = model(**kwargs, logits_to_keep=1)
         except TypeError:  # a model whose forward has no logits_to_keep
             pass
-    return model(**kwargs).logits
+    if out is None:
+        out = model(**kwargs)
+    if isinstance(out, tuple):  # (logits, cache, ...) from a forward that ignores return_dict
+        logits, returned = out[0], (out[1] if len(out) > 1 else None)
+    else:
+        logits, returned = out.logits, getattr(out, name, None)  # the output field is named as the argument
+    return logits, cache if returned is None else returned
 
 
 def _cache_argument(model) -> str:

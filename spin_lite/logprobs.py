@@ -111,7 +111,8 @@ def _body_and_head(model):
 
 
 def _logprobs_from_full_logits(model, batch: Batch, mask: torch.Tensor, chunk: int):
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   return_dict=True).logits
     logits, targets = logits[:, :-1], batch.input_ids[:, 1:]
     pieces = []
     for start in range(0, logits.shape[1], chunk):

@@ -1,15 +1,24 @@
 """The SPIN loss, a pure function over per-sequence log-probabilities.
 
 For a pair (x, y real, y' generated), with the policy p being trained and the frozen opponent p_t:
-    reward_real = beta * (log p(y|x)  - log p_t(y|x))
-    reward_gen  = beta * (log p(y'|x) - log p_t(y'|x))
+    logratio_real = log p(y|x)  - log p_t(y|x)       (nats; below 0: the real response lost likelihood)
+    logratio_gen  = log p(y'|x) - log p_t(y'|x)
+    reward_real = beta * logratio_real,  reward_gen = beta * logratio_gen
     u = reward_real - reward_gen                         (the margin)
     loss = log(1 + exp(-u))  (logistic)   or   max(0, 1 - u)  (hinge)
-    loss += sft_weight * nll_real,  nll_real = -log p(y|x) / |y|   (optional likelihood anchor; iterative RPO,
-                                                                   TRL's loss_type=["sigmoid", "sft"])
+Two objectives that keep the real responses' likelihood ("likelihood displacement": a DPO-style margin can grow
+while log p(y|x) of the real response falls, as the project's runs saw):
+    apo_zero:  loss = (1 - sigmoid(reward_real)) + sigmoid(reward_gen)
+        (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7; TRL's loss_type="apo_zero", for data
+        whose answers are better than the model's, SPIN's case): the real response's likelihood is pushed up and the
+        generated one's down, each on its own, so a growing margin cannot come from lowering both.
+    dpop:      loss = log(1 + exp(-beta * (logratio_real - logratio_gen - dpop_lambda * max(0, -logratio_real))))
+        (Pal et al. 2024, "Smaug", DPO-Positive; lambda 50 there): the logistic loss with a penalty wherever the
+        real response's log-prob fell below the opponent's.
+Any of them can take the likelihood anchor:
+    loss += sft_weight * nll_real,  nll_real = -log p(y|x) / |y|   (iterative RPO, TRL's loss_type=["sigmoid", "sft"])
 Log-probabilities are sums over the response tokens (spin_lite.logprobs.sequence_logprobs); |y| is the number
-of those tokens. The anchor counters "likelihood displacement": a DPO-style margin can grow while log p(y|x)
-of the real response falls.
+of those tokens.
 """
 from __future__ import annotations
 
@@ -34,6 +43,10 @@ class SpinLossOutput:
     """Same for the generated response, [B], detached."""
     nll_real: torch.Tensor
     """Negative log-likelihood per token of the real response, -log p(y|x) / |y|, [B], detached (nats)."""
+    logratio_real: torch.Tensor
+    """log p(y|x) - log p_t(y|x) of the real response, [B], detached (nats; reward_real without beta)."""
+    logratio_gen: torch.Tensor
+    """Same for the generated response, [B], detached."""
 
     @property
     def margin(self) -> torch.Tensor:
@@ -47,9 +60,10 @@ class SpinLossOutput:
 
 def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, opponent_real: torch.Tensor,
               opponent_gen: torch.Tensor, beta: float, loss_type: str = "logistic", sft_weight: float = 0.0,
-              real_tokens: torch.Tensor | None = None) -> SpinLossOutput:
+              real_tokens: torch.Tensor | None = None, dpop_lambda: float = 50.0) -> SpinLossOutput:
     """SPIN loss per pair. All log-prob inputs are summed response log-probs of shape [B] (nats);
-    real_tokens [B] counts the real responses' tokens (needed for the anchor; default 1 each)."""
+    real_tokens [B] counts the real responses' tokens (needed for the anchor; default 1 each); dpop_lambda is
+    the weight of the dpop penalty (used by loss_type "dpop" only; Pal et al. use 50)."""
     real_ratio = policy_real - opponent_real
     gen_ratio = policy_gen - opponent_gen
     u = beta * (real_ratio - gen_ratio)
@@ -57,9 +71,14 @@ def spin_loss(policy_real: torch.Tensor, policy_gen: torch.Tensor, opponent_real
         losses = F.softplus(-u)  # log(1 + exp(-u)), stable for large |u|
     elif loss_type == "hinge":
         losses = torch.relu(1 - u)
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(beta * real_ratio)) + torch.sigmoid(beta * gen_ratio)
+    elif loss_type == "dpop":  # the penalty inside the logistic, scaled by beta, as Pal et al. write it
+        losses = F.softplus(-(u - beta * dpop_lambda * torch.relu(-real_ratio)))
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     nll_real = -policy_real / (real_tokens if real_tokens is not None else 1.0)
     if sft_weight:
         losses = losses + sft_weight * nll_real
-    return SpinLossOutput(losses, (beta * real_ratio).detach(), (beta * gen_ratio).detach(), nll_real.detach())
+    return SpinLossOutput(losses, (beta * real_ratio).detach(), (beta * gen_ratio).detach(), nll_real.detach(),
+                          real_ratio.detach(), gen_ratio.detach())

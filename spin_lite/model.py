@@ -233,26 +233,38 @@ def load_adapter_weights(model, folder: str | Path):
 def merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path | None = None):
     """The base with `adapters` merged in order, in 16/32 bits; re-quantized to 4 bits when the config asks.
 
-    Used by merge mode on the unsloth backend only (one adapter a model there): re-quantizing a 4-bit base
-    makes an opponent that only approximates the trained model (see the module docstring). The merged 16-bit
-    weights are written to `out_dir` and loaded from there, so nothing is merged into quantized weights.
+    What merge mode on the unsloth backend loads (one adapter a model there; spin_lite.run does the same in two
+    steps, so that one process writes): re-quantizing a 4-bit base makes an opponent that only approximates the
+    trained model (see the module docstring). The merged 16-bit weights are written to `out_dir` and loaded from
+    there, so nothing is merged into quantized weights.
     """
-    from peft import PeftModel
-
-    model = load_base(cfg, load_in_4bit=False, backend="hf")
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if not cfg.load_in_4bit and resolve_backend(cfg) == "hf":
-        return model
+        return _merge(cfg, adapters)
     if out_dir is None:
         raise ValueError("reloading a merged base needs a folder for the 16-bit weights")
+    save_merged_base(cfg, adapters, out_dir)
+    return load_base(cfg, path=str(out_dir))
+
+
+def save_merged_base(cfg: ModelConfig, adapters: list[str], out_dir: Path):
+    """Write the base with `adapters` merged in, in 16/32 bits, to `out_dir` (replaced whole). One process writes
+    it; in a data-parallel run the others load it after a barrier (spin_lite.run)."""
+    model = _merge(cfg, adapters)
     tmp = Path(str(out_dir) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     del model
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return load_base(cfg, path=str(out_dir))
+
+
+def _merge(cfg: ModelConfig, adapters: list[str]):
+    from peft import PeftModel
+
+    model = load_base(cfg, load_in_4bit=False, backend="hf")
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
 
 
 def disable_cpu_4bit_repacking(model):
@@ -281,8 +293,10 @@ def disable_cpu_4bit_repacking(model):
 def _load_unsloth(cfg: ModelConfig, path: str, load_in_4bit: bool):
     from unsloth import FastLanguageModel
 
+    # device_map: this process's GPU; Unsloth's default ("sequential") fills cuda:0 first, in every process of a
+    # data-parallel run
     model, _ = FastLanguageModel.from_pretrained(model_name=path, dtype=resolve_dtype(cfg),
-                                                 load_in_4bit=load_in_4bit,
+                                                 load_in_4bit=load_in_4bit, device_map={"": device()},
                                                  trust_remote_code=cfg.trust_remote_code)
     model._spin_lite_unsloth = True
     return model

@@ -1,4 +1,6 @@
 """Supervised fine-tuning (SFT) of one LoRA adapter: SPIN's starting model, and the "SFT continued" baseline.
+(A SPIN run does both itself with the `sft` settings: sft.enabled, an SFT stage before iteration 0, and
+sft.control, the "SFT continued" control arm; both call train_sft. This command makes them on their own.)
 
     spin-lite sft examples/configs/experiment_sft.yaml                        # base model -> run_dir/adapter
     spin-lite sft examples/configs/experiment_sft.yaml model.adapter=runs/sft/adapter run_dir=runs/sft-more --steps 30
@@ -92,12 +94,14 @@ def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] 
 
 
 def train_sft(model, rows: list[Encoded], cfg: SpinConfig, pad_id: int, out_dir: Path, steps: int | None = None,
-              save_at: tuple[int, ...] = ()) -> list[dict]:
+              save_at: tuple[int, ...] = (), *, lr: float | None = None, order_key: int = 0, desc: str = "sft",
+              progress=None) -> list[dict]:
     """Fit the model's trainable (LoRA) parameters to the rows' responses (spin_lite.train.fit with the SFT
-    objective); returns the step records."""
-    return fit(model, rows, sft_objective(pad_id), cfg.train, Path(out_dir), lr=cfg.lr_at(0), seed=cfg.seed,
-               steps=steps, save_at=save_at, rank=int(os.environ.get("RANK", 0)),
-               world_size=int(os.environ.get("WORLD_SIZE", 1)), desc="sft")
+    objective); returns the step records. lr: the peak rate (default: train.learning_rate's first value);
+    order_key: picks the data orders (a run's SFT stage and each of its controls use their own)."""
+    return fit(model, rows, sft_objective(pad_id), cfg.train, Path(out_dir), lr=cfg.lr_at(0) if lr is None else lr,
+               seed=cfg.seed, order_key=order_key, steps=steps, save_at=save_at, rank=int(os.environ.get("RANK", 0)),
+               world_size=int(os.environ.get("WORLD_SIZE", 1)), progress=progress, desc=desc)
 
 
 def heldout_logp_per_token(model, rows: list[Encoded], pad_id: int, batch_size: int) -> float | None:

@@ -4,23 +4,40 @@
       config.yaml            the resolved config of the run
       state.json             where the run is (iteration, stage, status) and its best iteration; for display
       progress.json          the running stage's progress: {iteration, stage, done, total, rate}
-      eval-start.json        validation and test metrics of the starting model
+      summary.json           the run's results table and its chosen model, written when a run ends
+      sft/                   the SFT stage (sft.enabled), before iteration 0: checkpoint/, train_log.jsonl,
+        adapter/             the SFT adapter: SPIN's starting model (RunDir.start_adapter)
+        summary.json         written last: the stage is done                                     <- sft done
+      eval-base.json         with the SFT stage: validation and test metrics of the model before it
+      eval-start.json        validation and test metrics of the starting model, and its per-row scores (val_rows,
+                             test_rows: spin_lite.evaluate.row_scores), which the stop rule's paired test reads
       iter-00/
         generations.jsonl    the opponent's responses, appended one finished batch at a time
         pairs.jsonl          (prompt, real, generated) token ids with the opponent's log-probs   <- generate done
         checkpoint/          last training checkpoint (adapter, optimizer, scheduler, RNG); removed when done
         train_log.jsonl      one line per optimizer step
         adapter/             the trained adapter, standard PEFT layout                          <- train done
-        eval.json            validation and test metrics of the new model
+        eval.json            validation and test metrics of the new model, and its per-row scores (as eval-start)
         samples.jsonl        test prompt, real, opponent and new model responses side by side
         summary.json         written last: the iteration is complete; says whether the stop rule accepted it
                                                                                                 <- evaluate done
+      control-00/            the control arm (sft.control), "SFT continued": the starting model trained by SFT on
+                             the training rows for the optimizer steps of iterations 0..t together
+        checkpoint/, train_log.jsonl, adapter/                                                  <- train done
+        eval.json, samples.jsonl
+        summary.json         written last: steps, metrics, its verdicts (`selection`: better than the best
+                             control before it; `versus`: the final comparison with SPIN)       <- evaluate done
 Every file a resume trusts is written to a temporary name and renamed into place, so a kill at any moment
 leaves either the old file or the new one, never half of one.
 
 Which adapters make the model after iteration n (RunDir.adapters_after), for the run, the export and the app:
   stack mode: the adapter of iteration n alone (each iteration's adapter starts as a copy of the one before);
   merge mode: the starting adapter and the adapters of iterations 0..n, all active over the same base.
+The starting adapter is the SFT stage's when there is one, else model.adapter (RunDir.start_adapter). A control's
+adapter stands alone in either mode (it continues the starting adapter itself).
+
+Which model was chosen, among the start, the SPIN iterations and the control: RunDir.chosen_model, read by the
+table, the export, the app and the notebook.
 """
 from __future__ import annotations
 
@@ -90,15 +107,18 @@ def recover_dir(target: Path):
 
 # The stages of an iteration, in order, and the file whose presence marks each one done.
 STAGES = (("generate", "pairs.jsonl"), ("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
+# The stages of a control (control-NN/), likewise.
+CONTROL_STAGES = (("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
 
 # Settings that may change between invocations of the same run directory without changing its results.
 RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled",
-                     "train.stop_when", "train.stop_patience"}
+                     "train.stop_when", "train.stop_patience", "train.stop_confidence",
+                     "sft.control"}  # the control arm adds a model beside SPIN's and changes none of them
 
 # Settings added after runs were made without them, with the value that reproduces such a run: a run
 # directory whose config.yaml lacks one continues with this value.
 LEGACY_VALUES = {"data.val_size": 0, "data.val_path": None, "train.sft_weight": 0.0, "train.stop_when": "never",
-                 "eval.answer_regex": None}
+                 "eval.answer_regex": None, "sft.enabled": False}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -159,15 +179,140 @@ class RunDir:
         chain = ([start_adapter] if start_adapter else []) + [str(self.iteration(k) / "adapter") for k in range(n + 1)]
         return chain[-1:] if mode == "stack" else chain
 
+    def start_adapter(self, cfg) -> str | None:
+        """The adapter of SPIN's starting model: the SFT stage's (sft.enabled), else model.adapter (or None)."""
+        return str(self.sft_dir / "adapter") if cfg.sft.enabled else cfg.model.adapter
+
+    # -- the SFT stage and the control arm ---------------------------------------------------------------
+    @property
+    def sft_dir(self) -> Path:
+        return self.root / "sft"
+
+    def sft_done(self) -> bool:
+        return (self.sft_dir / "summary.json").exists()
+
+    def control(self, t: int) -> Path:
+        """The folder of the control matched to iteration t."""
+        return self.root / f"control-{t:02d}"
+
+    def control_stage_done(self, t: int, stage: str) -> bool:
+        return (self.control(t) / dict(CONTROL_STAGES)[stage]).exists()
+
+    def completed_controls(self) -> int:
+        """Number of leading complete controls."""
+        t = 0
+        while self.control_stage_done(t, "evaluate"):
+            t += 1
+        return t
+
+    def trained_controls(self) -> list[int]:
+        """Controls with a trained adapter, complete or not (the unbroken chain from control 0)."""
+        t = 0
+        while self.control_stage_done(t, "train"):
+            t += 1
+        return list(range(t))
+
+    def control_summaries(self) -> list[dict]:
+        return [read_json(self.control(t) / "summary.json") for t in range(self.completed_controls())]
+
     # -- results ----------------------------------------------------------------------------------------
     def best_iteration(self) -> int | None:
-        """The iteration chosen on the validation rows: the latest one the stop rule accepted as better than the
-        best model before it; -1 when none was (the starting model is the best); None without validation rows."""
+        """The iteration chosen on the validation rows: the latest one the stop rule found better than the
+        best model before it (found_better); -1 when none was (the starting model is the best); None without
+        validation rows."""
         best = None
         for s in self.summaries():
             if s.get("selection") is not None:
-                best = s["iteration"] if s["selection"]["accepted"] else (-1 if best is None else best)
+                best = s["iteration"] if found_better(s["selection"]) else (-1 if best is None else best)
         return best
+
+    def val_rows(self, t: int) -> dict | None:
+        """The per-row validation scores of the model after iteration t (-1: the starting model), by row key, as
+        the stop rule's paired test reads them; None for a run made before they were stored."""
+        path = self.root / "eval-start.json" if t < 0 else self.iteration(t) / "eval.json"
+        return (read_json(path) or {}).get("val_rows")
+
+    def best_control(self) -> int | None:
+        """The control arm's own choice, by the stop rule's reading applied to its checkpoints: the latest control
+        that was better on the validation rows than the best model before it (the start, or an earlier control);
+        -1 when none was; None without verdicts (no control, or no validation rows)."""
+        best = None
+        for s in self.control_summaries():
+            if s.get("selection") is not None:
+                best = s["control"] if found_better(s["selection"]) else (-1 if best is None else best)
+        return best
+
+    def final_comparison(self) -> dict | None:
+        """The comparison of SPIN's choice with the control arm's, made when the latest control was evaluated
+        (its summary's `versus`: spin, control, winner, reasons, line), while it still stands: None before a
+        control was evaluated, and when SPIN's choice moved since (an iteration accepted whose control is not
+        done yet)."""
+        controls = self.control_summaries()
+        versus = controls[-1].get("versus") if controls else None
+        if not versus:
+            return None
+        best = self.best_iteration()
+        return versus if versus["spin"] == ("start" if best is None or best < 0 else f"iter {best}") else None
+
+    def chosen_model(self) -> str | None:
+        """The one answer to "which model did this run choose?", among the start, the SPIN iterations and the
+        control, on the validation rows: "start", "iter N" or "control N" (the control matched to iteration N);
+        None when nothing was chosen (no validation rows, or nothing evaluated yet). SPIN's choice is the stop rule's
+        (best_iteration); a control replaces it only when the final comparison says it is better."""
+        versus = self.final_comparison()
+        if versus:
+            return versus["winner"]
+        best = self.best_iteration()
+        return None if best is None else "start" if best < 0 else f"iter {best}"
+
+    def resolve_model(self, which: int | str | None = "best") -> int | str:
+        """The one answer to "which model?" for the export, the app and the notebook: the iteration whose model
+        `which` names, -1 for the starting model, or "control N" for the control matched to iteration N. `which`:
+        an iteration number, "start", "control" (the control arm's own choice, best_control, else its last
+        checkpoint), "control N", or "best" (and None, the default everywhere): the model chosen on the validation
+        rows (chosen_model: the control when it won the final comparison, else the stop rule's iteration), or when
+        none was chosen (no validation rows, nothing evaluated yet) the last trained iteration, else the start.
+        Whether iteration N has an adapter is the caller's check (its message names what it was asked for)."""
+        if isinstance(which, str) and which.startswith("control"):
+            number = which[len("control"):].strip(" -")  # "control 2", "control-2", or "control": the arm's choice
+            if not number:
+                best, trained = self.best_control(), self.trained_controls()
+                number = best if best is not None and best >= 0 else trained[-1] if trained else 0
+            return f"control {int(number)}"
+        if which in (None, "best"):
+            chosen = self.chosen_model()
+            if chosen is not None and chosen.startswith("control"):
+                return chosen
+            best = self.best_iteration()
+            trained = self.trained_iterations()
+            return best if best is not None else trained[-1] if trained else -1
+        return -1 if which == "start" else int(which)
+
+    def model_label(self, n: int) -> str:
+        """The model after iteration n (-1: the start) as menus and messages name it, with the stop rule's word on
+        it: "iter 1 (chosen)", "start (chosen)", "iter 3 (rejected by the stop rule)", "iter 4 (not evaluated)"."""
+        if isinstance(n, str):  # "control N"
+            return f"{n} (chosen)" if n == self.chosen_model() else n
+        name = "start" if n < 0 else f"iter {n}"
+        if name == self.chosen_model():
+            return f"{name} (chosen)"
+        if n >= 0 and not self.is_complete(n):
+            return f"{name} (not evaluated)"
+        if n >= 0 and self.rejection(n):
+            return f"{name} (rejected by the stop rule)"
+        return name
+
+    def rejection(self, n: int) -> str | None:
+        """Why the stop rule rejected iteration n, as a sentence, or None when it did not (accepted, not judged)."""
+        if isinstance(n, str):  # "control N": the stop rule judges iterations only
+            return None
+        s = (read_json(self.iteration(n) / "summary.json") or {}).get("selection") if n >= 0 else None
+        if not s or s.get("accepted") is not False:
+            return None
+        best = self.best_iteration()
+        chosen = "the starting model" if best is None or best < 0 else f"iteration {best}"
+        return (f"the stop rule rejected iteration {n}: not better than {s['compared_with']} on the validation rows "
+                f"({'; '.join(s['reasons'])}); the model it chose is {chosen}")
 
     def rejected_in_a_row(self, before: int | None = None) -> int:
         """How many of the latest complete iterations (those before iteration `before`) the stop rule did not
@@ -199,21 +344,31 @@ class RunDir:
                 f"train.stop_patience={cfg.train.stop_patience})")
 
     def results_table(self, cfg=None) -> list[dict]:
-        """One row for the starting model, one per complete iteration: test metrics (held-out), validation
-        metrics prefixed val_, train loss and accuracy, `best` on the iteration the stop rule chose, and, given
-        the run's settings, `stopped` on the last iteration when the stop rule ends the run there."""
+        """One row for the starting model (with an SFT stage: "base", the model before it, then "sft", the start),
+        one per complete iteration, one per complete control: test metrics (held-out), validation metrics prefixed
+        val_, `steps` (optimizer steps since the start), train loss and accuracy, `best` on the chosen model
+        (chosen_model), and, given the run's settings, `stopped` on the last iteration when the stop rule ends the
+        run there."""
         rows = []
-        best = self.best_iteration()
-        start = read_json(self.root / "eval-start.json")
+        chosen = self.chosen_model()
+        base, start = read_json(self.root / "eval-base.json"), read_json(self.root / "eval-start.json")
+        if base and self.sft_done():
+            rows.append({"model": "base", **base["metrics"], **_prefixed(base.get("val")), "best": False})
         if start:
-            rows.append({"model": "start", **start["metrics"], **_prefixed(start.get("val")), "best": best == -1})
+            rows.append({"model": "sft" if self.sft_done() else "start", **start["metrics"],
+                         **_prefixed(start.get("val")), "best": chosen == "start"})
+        steps = 0
         for s in self.summaries():
+            steps += s["train"].get("steps") or 0
             row = {"model": f"iter {s['iteration']}", **(s.get("eval") or {}), **_prefixed(s.get("val"))}
-            row.update(train_loss=s["train"]["loss"], train_accuracy=s["train"]["accuracy"],
-                       best=s["iteration"] == best, selection=s.get("selection"), stopped=False)
+            row.update(steps=steps, train_loss=s["train"]["loss"], train_accuracy=s["train"]["accuracy"],
+                       best=chosen == f"iter {s['iteration']}", selection=s.get("selection"), stopped=False)
             rows.append(row)
-        if cfg is not None and len(rows) > bool(start) and self.stopped(cfg):
+        if cfg is not None and self.completed() and self.stopped(cfg):
             rows[-1]["stopped"] = True
+        for s in self.control_summaries():  # (its training loss is SFT's, not SPIN's: not in the loss column)
+            rows.append({"model": f"control {s['control']}", **(s.get("eval") or {}), **_prefixed(s.get("val")),
+                         "steps": s["cumulative_steps"], "best": chosen == f"control {s['control']}"})
         return rows
 
     # -- progress ---------------------------------------------------------------------------------------
@@ -313,6 +468,13 @@ def _inherited_lock(path: Path) -> int | None:
     except OSError:
         return None
     return int(fd)
+
+
+def found_better(selection: dict) -> bool:
+    """Whether a stop-rule verdict (summary.json's `selection`) found the model better than the one it was compared
+    with, and so chosen. The paired rule records `better` apart from `accepted` (not worse: the run goes on); a
+    verdict of the aggregate rule, or of a run made before the paired one, has only `accepted`, which meant both."""
+    return selection.get("better", selection["accepted"])
 
 
 def _prefixed(metrics: dict | None) -> dict:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import SpinConfig, TrainSettings
 from .logprobs import Batch, collate, sequence_logprobs
 from .loss import spin_loss
-from .state import fault_point, recover_dir, replace_dir
+from .state import atomic_write_text, fault_point, recover_dir, replace_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,8 +116,10 @@ def spin_objective(beta: float, settings: TrainSettings, pad_id: int) -> Objecti
         n = len(pairs)
         opponent = lambda key: torch.tensor([p[key] for p in pairs], dtype=logps.dtype, device=logps.device)
         out = spin_loss(logps[:n], logps[n:], opponent("opponent_real"), opponent("opponent_gen"), beta,
-                        settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype))
+                        settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype), settings.dpop_lambda)
+        # logratio_real below 0 is likelihood displacement: the real responses lost likelihood to the opponent
         return out.losses, {"loss": out.losses.detach(), "reward_real": out.reward_real, "reward_gen": out.reward_gen,
+                            "logratio_real": out.logratio_real, "logratio_gen": out.logratio_gen,
                             "margin": out.margin, "accuracy": out.accuracy, "nll_real": out.nll_real,
                             "logp_real": logps[:n].detach(), "logp_gen": logps[n:].detach()}
 
@@ -253,7 +255,9 @@ def _resume(model, optimizer, scheduler, scaler, ckpt: Path, log_path: Path, ran
         dist.barrier()
     start = 0
     if (ckpt / "trainer_state.pt").exists():
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        # on the CPU first: the tensors were saved from rank 0's device, perhaps on another machine;
+        # load_state_dict moves the optimizer's state to each parameter's device
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -262,8 +266,8 @@ def _resume(model, optimizer, scheduler, scaler, ckpt: Path, log_path: Path, ran
         torch.set_rng_state(state["rng"])
         start = state["step"]
     records = [r for r in map(json.loads, _read_lines(log_path)) if r["step"] <= start]
-    if rank == 0:
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if rank == 0:  # replaced whole: the other ranks may be reading it, and any whole version gives them `records`
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
     return start, records
 
 
@@ -317,8 +321,9 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                   progress=progress, desc=f"train iter {iteration}", log_extra={"beta": cfg.beta_at(iteration)},
                   tracker=_tracker(cfg, out_dir, iteration) if rank == 0 else None)
     last_epoch = records[-cfg.train.steps_per_epoch(len(pairs)):]
-    keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "nll_real")
-            if all(k in r for r in last_epoch)]  # nll_real is missing from logs of runs before it existed
+    keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "logratio_real", "logratio_gen",
+                        "nll_real")
+            if all(k in r for r in last_epoch)]  # logs of runs made before a metric existed lack it
     skipped = {"skipped_steps": sum(r["skipped"] for r in records)} if records and "skipped" in records[-1] else {}
     return {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} | {"steps": len(records)} | skipped
 

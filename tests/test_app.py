@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spin_lite.app import handlers as h
 from spin_lite.config import ConfigError, SpinConfig, load_config
@@ -350,6 +351,62 @@ def test_export_adapter_zip_and_merged_folder(ws, finished_run):
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(h.AppError, match="iteration 5"):
         h.export(ws, finished_run, 5, kind="adapter")
+
+
+def fake_run(root: Path, accepted: list[bool], untrained_after: bool = False) -> Path:
+    """A run directory written by hand, no model: the stop rule's verdicts on its iterations (`accepted`), each
+    with an adapter folder, samples and a summary; `untrained_after`: one more iteration trained, not evaluated."""
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(str(root)).to_dict()))
+    (root / "eval-start.json").write_text(json.dumps({"metrics": {}, "val": {}, "samples": []}))
+    best = "the starting model"
+    for t, ok in enumerate(accepted + [None] * untrained_after):
+        folder = root / f"iter-{t:02d}"
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "adapter" / "adapter_config.json").write_text("{}")
+        if ok is None:
+            continue
+        (folder / "samples.jsonl").write_text("")
+        reasons = [] if ok else ["val repetitive got worse (0.00 -> 0.50)"]
+        (folder / "summary.json").write_text(json.dumps({"iteration": t, "selection": {
+            "compared_with": best, "accepted": ok, "reasons": reasons, "rejected_in_a_row": int(not ok), "stop": False}}))
+        best = f"iteration {t}" if ok else best
+    return root
+
+
+def test_menus_open_on_the_chosen_model_and_mark_the_rejected(tmp_path):
+    """Inspect, Compare and Export open on the model the stop rule chose and name every model with its verdict;
+    Export offers "best" and warns of a rejected iteration; a chosen starting model is said plainly."""
+    fake_run(tmp_path / "runs" / "r", [True, True, False], untrained_after=True)  # iteration 1 chosen
+    menus = h.model_menus(tmp_path, "runs/r")
+    rejected = ("iter 2 (rejected by the stop rule)", "iter 2")
+    assert menus["inspect"] == ([("start", "start"), ("iter 0", "iter 0"), ("iter 1 (chosen)", "iter 1"), rejected],
+                                "iter 1")
+    assert menus["compare"] == ([("start", "start"), ("iter 0", "iter 0"), ("iter 1 (chosen)", "iter 1"), rejected,
+                                 ("iter 3 (not evaluated)", "iter 3")], "iter 1")
+    assert menus["export"] == ([("best = iter 1 (chosen)", "best"), *menus["compare"][0][1:]], "best")
+    assert h.model_number(tmp_path, "runs/r", "best") == 1 and h.export_note(tmp_path, "runs/r", "best") == ""
+    assert h.export_note(tmp_path, "runs/r", "iter 2") == (
+        "**Warning: the stop rule rejected iteration 2: not better than iteration 1 on the validation rows (val "
+        "repetitive got worse (0.00 -> 0.50)); the model it chose is iteration 1.**")
+    with pytest.raises(h.AppError, match="unknown model 'iter x'"):
+        h.export_note(tmp_path, "runs/r", "iter x")
+
+    fake_run(tmp_path / "runs" / "s", [False, False])  # no iteration better: the starting model is chosen
+    menus = h.model_menus(tmp_path, "runs/s")
+    assert menus["inspect"][1] == menus["compare"][1] == "start" and menus["compare"][0][0] == ("start (chosen)", "start")
+    assert menus["export"][0][:2] == [("best = start (chosen)", "best"), ("start (chosen)", "start")]
+    note = h.export_note(tmp_path, "runs/s", "best")
+    assert note.startswith("The stop rule chose the starting model: no iteration was better on the validation rows.")
+    assert "nothing trained to export" in note
+    with pytest.raises(h.AppError, match="is the starting model: no iteration of run runs/s was better.*nothing "
+                                         "trained to export"):
+        h.export(tmp_path, "runs/s", "best")  # the CLI's refusal, in the page
+    assert not (tmp_path / "exports" / "s-start-adapter").exists()
+
+    fake_run(tmp_path / "runs" / "none", [])  # nothing trained yet: empty menus
+    assert h.model_menus(tmp_path, "runs/none") == {"inspect": ([("start", "start")], "start"),
+                                                    "compare": ([], None), "export": ([], None)}
 
 
 def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tmp_path):

@@ -169,6 +169,21 @@ def field(page, key: str):
     return page.locator(f"#cfg-{key.replace('.', '-')}").locator("input, textarea").first
 
 
+def choose(page, elem_id: str, label: str):
+    """Pick an option of a dropdown by its label."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=label, exact=True).click()
+
+
+def opens_on_the_chosen_model(page, ws, tab: str, elem_id: str, then: str):
+    """The tab's model menu shows the model the run chose (h.model_menus); then pick the model `then` ("iter 1")."""
+    choices, value = h.model_menus(ws, "runs/web")[tab]
+    label = dict((v, l) for l, v in choices)
+    wait_for_text(page, f"#{elem_id}", f"(?m)^{re.escape(label[value])}$")  # the input's value: the whole line
+    choose(page, elem_id, label[then])
+    wait_for_text(page, f"#{elem_id}", f"(?m)^{re.escape(label[then])}$")
+
+
 def set_field(page, key: str, value):
     box = field(page, key)
     box.fill(str(value))
@@ -254,7 +269,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     # Inspect: the held-out samples of the last iteration, side by side, and a search.
     samples = [json.loads(line) for line in (run / "iter-01" / "samples.jsonl").read_text().splitlines()]
     page.get_by_role("tab", name="Inspect").click()
-    wait_for_text(page, "#inspect-which", "iter 1")
+    opens_on_the_chosen_model(page, ws, "inspect", "inspect-which", then="iter 1")
     table = wait_for_text(page, "#inspect-table", re.escape(samples[0]["real"][:40]))
     for s in samples:
         assert s["real"][:40] in table and s["opponent"].split()[0] in table
@@ -282,7 +297,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     finally:
         torch.set_num_threads(threads)
     page.get_by_role("tab", name="Compare").click()
-    wait_for_text(page, "#compare-which", "iter 1")
+    opens_on_the_chosen_model(page, ws, "compare", "compare-which", then="iter 1")
     page.locator("#compare-max-new input[type=number]").fill("16")
     page.locator("#compare-max-new input[type=number]").press("Enter")
     textbox(page, "chat-input").fill("Why is the sky blue?")
@@ -295,7 +310,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
 
     # Export: the adapter as a zip.
     page.get_by_role("tab", name="Export").click()
-    wait_for_text(page, "#export-which", "iter 1")
+    opens_on_the_chosen_model(page, ws, "export", "export-which", then="iter 1")  # "best = ...", then iteration 1
     page.locator("#export-adapter").click()
     wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=300)
     assert (ws / "exports" / "web-iter-01-adapter.zip").exists()

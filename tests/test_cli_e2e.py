@@ -55,3 +55,7 @@ def test_help_explains_every_setting():
     for section in ("model", "data", "lora", "generation", "train", "eval"):
         for f in dataclasses.fields(type(getattr(SpinConfig(), section))):
             assert f"{section}.{f.name} (default" in out.stdout
+    # merge mode as the code does it (spin_lite.model): earlier adapters stay as LoRA layers, merged only at export
+    mode = " ".join(out.stdout.split("  mode (default")[1].split("\n  seed (default")[0].split())
+    assert "never merged into a 4-bit base and re-quantized" in mode and "only at export" in mode
+    assert "16-bit, then re-quantized for a 4-bit base" not in out.stdout

@@ -111,3 +111,58 @@ def test_adapter_matches_one_process(runs):
     for r1, r2 in zip(log1, log2):  # the log of two processes covers all of each step's pairs
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
         assert r2["margin"] == pytest.approx(r1["margin"], rel=1e-3, abs=1e-5)
+
+
+# -- what a GPU run needs of the process group, checked on the CPU with the calls recorded -------------------------
+@pytest.mark.parametrize("cuda", [True, False])
+def test_each_process_joins_on_its_own_gpu_with_a_long_timeout(monkeypatch, tmp_path, cuda):
+    """On GPUs, cuda:LOCAL_RANK becomes the current device before the NCCL group starts: NCCL and all_gather_object
+    run on the current device, cuda:0 in every process otherwise. The group waits longer than NCCL's default 10
+    minutes, since ranks > 0 wait in a barrier while rank 0 evaluates alone. Here: rank 3 of 2 machines x 2 GPUs."""
+    import datetime
+
+    from spin_lite import run as run_module
+    from spin_lite.config import load_config
+    from spin_lite.model import device
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(run_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(run_module.dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init_process_group", backend, kw.get("timeout"))))
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    run_module.SpinRun(load_config(None, [f"run_dir={tmp_path / 'run'}"]))
+    joined = ("init_process_group", "nccl" if cuda else "gloo", run_module.COLLECTIVE_TIMEOUT)
+    assert calls == ([("set_device", 1)] if cuda else []) + [joined]
+    assert run_module.COLLECTIVE_TIMEOUT >= datetime.timedelta(hours=1)
+    assert device() == (torch.device("cuda", 1) if cuda else torch.device("cpu"))  # where load_base puts the model
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_merged_base_is_written_by_rank_0_and_read_after_a_barrier(monkeypatch, tmp_path, rank):
+    """Merge mode on Unsloth loads a base with the earlier adapters merged in, from run_dir/merged-base: rank 0
+    alone writes it, every process loads it after the barrier that follows, and only rank 0 deletes it (another
+    rank deleting it late could remove the next iteration's, being written)."""
+    from spin_lite import run as run_module
+    from spin_lite.config import load_config
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(run_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(run_module.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(run_module, "save_merged_base", lambda cfg, adapters, folder: calls.append(
+        ("write", [Path(a).parent.name for a in adapters], folder)))
+    monkeypatch.setattr(run_module, "load_base", lambda cfg, path=None: calls.append(("load", path)) or "base")
+    monkeypatch.setattr(run_module, "build_model", lambda base, *args, **kwargs: base)
+    run = run_module.SpinRun(load_config(None, [f"run_dir={tmp_path}", "mode=merge"]))
+    run.backend = "unsloth"
+    assert run.model_for(2) == "base"  # iteration 2: the adapters of iterations 0 and 1 merged
+    folder = tmp_path / "merged-base"
+    written = [("write", ["iter-00", "iter-01"], folder)] if rank == 0 else []
+    assert calls == written + ["barrier", ("load", str(folder))]
+    folder.mkdir()
+    run._release(object())
+    assert folder.exists() == (rank != 0)

@@ -271,6 +271,55 @@ def test_cli_export(stack_run, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+def _set_verdicts(run: Path, accepted: list[bool]):
+    """Write the stop rule's verdicts into a run's summaries by hand (the stack run has no validation rows)."""
+    best = "the starting model"
+    for t, ok in enumerate(accepted):
+        path = run / f"iter-{t:02d}" / "summary.json"
+        reasons = [] if ok else ["val repetitive got worse (0.00 -> 0.50)"]
+        path.write_text(json.dumps({**json.loads(path.read_text()), "selection": {
+            "compared_with": best, "accepted": ok, "reasons": reasons, "rejected_in_a_row": int(not ok), "stop": False}}))
+        best = f"iteration {t}" if ok else best
+
+
+def test_cli_export_takes_the_chosen_model_and_warns_of_a_rejected_one(stack_run, merge_run, tmp_path, capsys):
+    from spin_lite.cli import main
+    from spin_lite.export import MARKER, export_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(stack_run.run_dir, run)
+    _set_verdicts(run, [True, False])  # iteration 0 chosen, iteration 1 rejected
+    assert main(["export", str(run), "--out", str(tmp_path / "chosen")]) == 0
+    said = capsys.readouterr()
+    assert "export: iteration 0, the model the stop rule chose on the validation rows" in said.out
+    assert "warning" not in said.err
+    assert json.loads((tmp_path / "chosen" / MARKER).read_text())["iteration"] == 0
+    card = (tmp_path / "chosen" / "README.md").read_text()
+    assert "the model the stop rule chose on the validation rows" in card and "Warning" not in card
+
+    assert main(["export", str(run), "--iteration", "1", "--out", str(tmp_path / "rejected")]) == 0
+    warning = ("the stop rule rejected iteration 1: not better than iteration 0 on the validation rows (val "
+               "repetitive got worse (0.00 -> 0.50)); the model it chose is iteration 0")
+    assert f"warning: {warning} (`spin-lite export {run} --out DIR` exports that one)" in capsys.readouterr().err
+    card = (tmp_path / "rejected" / "README.md").read_text()
+    assert f"**Warning: {warning}.** Export that one with `spin-lite export RUN_DIR --out DIR`." in card
+
+    _set_verdicts(run, [False, False])  # the starting model chosen: said plainly, nothing trained to export
+    assert main(["export", str(run), "--out", str(tmp_path / "start")]) == 2
+    err = capsys.readouterr().err
+    assert ("the model the stop rule chose on the validation rows is the starting model: no iteration of run "
+            f"{run} was better, and the starting model is the base {stack_run.model.name} with no adapter, so there "
+            "is nothing trained to export") in err
+    assert "--iteration N (iter 0 (rejected by the stop rule), iter 1 (rejected by the stop rule))" in err
+    assert not (tmp_path / "start").exists()
+    # a run with a starting adapter: "start" is that adapter, and the card says what it is
+    out = export_adapter(merge_run.run_dir, "start", tmp_path / "start-adapter")
+    assert json.loads((out / MARKER).read_text())["iteration"] == -1
+    start = Path(merge_run.model.adapter)
+    assert (out / "adapter_model.safetensors").read_bytes() == (start / "adapter_model.safetensors").read_bytes()
+    assert "# The starting model of a SPIN run" in (out / "README.md").read_text()
+
+
 def test_push_to_hub_needs_a_token(stack_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
@@ -294,3 +343,49 @@ def test_push_to_hub_failure_is_reported(stack_run, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ExportError, match="could not push .* export itself is complete"):
         push_to_hub(out, "me/spin", token="hf_not_a_real_token")
+
+
+# -- whatever backend a run trained on, export and chat load through transformers + peft ---------------------------
+def test_export_and_chat_of_an_unsloth_run_load_through_hf(stack_run, export_tokenizer, tmp_path_factory, tmp_path,
+                                                           monkeypatch):
+    """A run trained on Unsloth (model.backend unsloth, or auto on a machine with Unsloth and CUDA) exports and chats
+    with transformers + peft: an Unsloth model carries one adapter (build_model refuses more), and merging needs
+    plain weights. Here the run's config says unsloth and resolve_backend answers unsloth, as on such a machine;
+    any load through Unsloth fails the test. The merged export is the hf run's, to the bit."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from spin_lite import model as model_module
+    from spin_lite.app import handlers as h
+    from spin_lite.export import export_merged
+
+    quiet = lambda *a: None
+    reference = export_merged(stack_run.run_dir, 1, tmp_path / "reference", dtype="float32", log=quiet)
+    run = tmp_path / "unsloth-run"
+    shutil.copytree(stack_run.run_dir, run)
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    settings["model"]["backend"] = "unsloth"
+    # the app refuses files outside its workspace (below: the tests' temporary folder)
+    settings["data"]["path"] = shutil.copy(REPO / "examples" / "data" / "demo_sft.jsonl", tmp_path)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+
+    def no_unsloth(*args, **kwargs):
+        raise AssertionError("loaded through Unsloth")
+
+    monkeypatch.setattr(model_module, "resolve_backend", lambda cfg: "unsloth")
+    monkeypatch.setattr(model_module, "_load_unsloth", no_unsloth)
+
+    merged = export_merged(run, 1, tmp_path / "merged", dtype="float32", log=quiet)
+    expected, got = load_file(reference / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    workspace = tmp_path_factory.getbasetemp()  # holds the run's model and the copied run
+    h._load_chat_model.cache_clear()
+    try:
+        model, _ = h.chat_model(workspace, str(run.relative_to(workspace)), "iter 1")
+    finally:
+        h._load_chat_model.cache_clear()
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert _diff(_logits(model, export_tokenizer), _logits(merged_model, export_tokenizer)) <= F32_ATOL

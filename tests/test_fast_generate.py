@@ -100,6 +100,51 @@ def test_greedy_equals_transformers_generate(tiny, tok, prompts, early, engine):
         assert any(not t and len(ids) < max_new for ids, t in got) and any(t for _, t in got)
 
 
+class NewCacheEachCall(torch.nn.Module):
+    """Unsloth's fast forward as the decoders see it (unsloth/models/llama.py): an empty cache it is given is
+    dropped (None: the model builds its own), and the cache it returns is a new object, a legacy tuple
+    ((keys, values) a layer), the only form it reads back on the next call. Nothing is filled in place. And, as
+    its one-token decoding branch does, it returns a bare tuple (logits, cache) unless asked for return_dict."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
+                logits_to_keep=0, return_dict=None):
+        from types import SimpleNamespace
+
+        from transformers import DynamicCache
+        if isinstance(past_key_values, tuple):
+            past_key_values = DynamicCache(past_key_values)
+        else:
+            assert past_key_values.get_seq_length() == 0, "a transformers Cache is only ever passed empty"
+            past_key_values = None
+        name = gen._cache_argument(self.inner)
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=logits_to_keep, **{name: past_key_values})
+        legacy = tuple((layer.keys, layer.values) for layer in getattr(out, name).layers)
+        if past_key_values is not None and input_ids.shape[1] == 1 and not return_dict:
+            return out.logits, legacy
+        return SimpleNamespace(logits=out.logits, past_key_values=legacy)
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_model_returning_a_new_cache_decodes_the_same_greedy_tokens(tiny, tok, prompts, engine, capsys):
+    """A model that builds its own KV cache and returns it (Unsloth's) gets transformers' greedy tokens: the eager
+    engine continues with the returned cache (rows leaving the batch: the legacy tuple is cut down); the static
+    engine, which needs its own cache filled in place, sees that at the prompt and hands over to the eager one."""
+    max_new, pad = 12, tok.pad_token_id
+    eos = early_eos(hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new), max_new)
+    expected = hf_greedy(tiny, prompts, eos, pad, max_new)
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, engine=engine)
+    got = gen.generate_batch(NewCacheEachCall(tiny), prompts, settings, eos, pad, seed=0)
+    assert got == expected
+    assert any(not t and len(ids) < max_new for ids, t in got) and any(t for _, t in got)
+    handed_over = "eager engine instead of static: the model returned a new KV cache (tuple)" in capsys.readouterr().out
+    assert handed_over == (engine == "static")
+
+
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_generate_all_decodes_the_merged_adapter(peft_model, tok, prompts, tmp_path, monkeypatch, engine):
     """generate_all decodes from a merged copy, several planned batches at once: greedy tokens equal

@@ -97,3 +97,83 @@ def test_likelihood_anchor_gradient():
                                torch.tensor([-11.0, -1.0], dtype=torch.float64), 0.3, sft_weight=0.7,
                                real_tokens=torch.tensor([4.0, 2.0], dtype=torch.float64)).losses
     assert torch.autograd.gradcheck(f, (x, y))
+
+
+# -- the objectives that keep the real responses' likelihood: apo_zero and dpop --------------------------------
+@pytest.mark.parametrize("loss_type,dpop_lambda,expected_a,expected_b", [
+    ("apo_zero", 50.0, 0.7550813, 1.0748132), ("dpop", 50.0, 0.3132617, 10.3000336), ("dpop", 1.0, 0.3132617, 0.9740770)])
+def test_displacement_resistant_loss_values(loss_type, dpop_lambda, expected_a, expected_b):
+    """Pairs A and B of the module docstring (A: log-ratios real +1, generated -1, beta 0.5; B: real -2, generated
+    +1, beta 0.1).
+    apo_zero = (1 - sigmoid(reward_real)) + sigmoid(reward_gen):
+        A: (1 - sigmoid(0.5)) + sigmoid(-0.5) = 0.3775407 + 0.3775407 = 0.7550813
+        B: (1 - sigmoid(-0.2)) + sigmoid(0.1) = 0.5498340 + 0.5249792 = 1.0748132
+    dpop = log(1 + exp(-beta * (real - gen - lambda * max(0, -real)))), on the log-ratios:
+        A: the real response rose (+1): no penalty, the logistic loss log(1 + e^-1) = 0.3132617
+        B, lambda 50: u = 0.1 * (-2 - 1 - 50 * 2) = -10.3, log(1 + e^10.3) = 10.3 + log(1 + e^-10.3) = 10.3000336
+        B, lambda 1:  u = 0.1 * (-3 - 1 * 2) = -0.5, log(1 + e^0.5) = 0.9740770"""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    a = spin_loss(t(-10), t(-12), t(-11), t(-11), 0.5, loss_type, dpop_lambda=dpop_lambda)
+    b = spin_loss(t(-20), t(-5), t(-18), t(-6), 0.1, loss_type, dpop_lambda=dpop_lambda)
+    assert a.losses.item() == pytest.approx(expected_a, abs=1e-6)
+    assert b.losses.item() == pytest.approx(expected_b, abs=1e-6)
+    # rewards, log-ratios, margin and accuracy are the same for every loss type
+    assert (a.logratio_real.item(), a.logratio_gen.item(), b.logratio_real.item(), b.logratio_gen.item()) == (
+        1.0, -1.0, -2.0, 1.0)
+    assert (b.reward_real.item(), b.reward_gen.item(), b.margin.item(), b.accuracy.item()) == pytest.approx(
+        (-0.2, 0.1, -0.3, 0.0))
+
+
+def test_displacement_resistant_losses_at_the_start_of_an_iteration():
+    """Policy = opponent: log-ratios 0; apo_zero = (1 - 1/2) + 1/2 = 1, dpop = log 2 (no penalty at 0)."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    assert spin_loss(t(-7), t(-9), t(-7), t(-9), 0.1, "apo_zero").losses.item() == pytest.approx(1.0)
+    assert spin_loss(t(-7), t(-9), t(-7), t(-9), 0.1, "dpop").losses.item() == pytest.approx(math.log(2))
+
+
+def test_lowering_both_responses_costs_nothing_only_under_the_logistic_loss():
+    """Pair A with both log-ratios shifted down 2 nats (policy (-12, -14), opponent (-11, -11)): the margin stays
+    1, so the logistic loss stays log(1 + e^-1) = 0.3132617 (the displacement it cannot see), while
+    apo_zero: (1 - sigmoid(-0.5)) + sigmoid(-1.5) = 0.6224593 + 0.1824255 = 0.8048848 (> 0.7550813 unshifted), and
+    dpop (lambda 50): u = 0.5 * (2 - 50 * 1) = -24, log(1 + e^24) = 24.0000000."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    shifted = lambda loss_type: spin_loss(t(-12), t(-14), t(-11), t(-11), 0.5, loss_type).losses.item()
+    assert shifted("logistic") == pytest.approx(0.3132617, abs=1e-6)
+    assert shifted("apo_zero") == pytest.approx(0.8048848, abs=1e-6)
+    assert shifted("dpop") == pytest.approx(24.0, abs=1e-6)
+
+
+def test_displacement_resistant_gradients_by_hand():
+    """apo_zero, pair A: d/d policy_real = -beta * sigmoid'(0.5) = -0.5 * 0.6224593 * 0.3775407 = -0.1175019,
+    d/d policy_gen = +beta * sigmoid'(-0.5) = +0.1175019; the real side's gradient does not depend on the
+    generated response (the two terms are apart), unlike the logistic loss's.
+    dpop, pair B, lambda 1 (real log-ratio -2 < 0, so u = beta * ((1 + lambda) * real - gen) + const):
+    d/d policy_real = -sigmoid(-u) * beta * (1 + lambda) = -sigmoid(0.5) * 0.2 = -0.1244919,
+    d/d policy_gen = +sigmoid(0.5) * 0.1 = +0.0622459."""
+    def grads(pr, pg, orr, og, beta, loss_type, dpop_lambda=50.0):
+        x = torch.tensor([pr], dtype=torch.float64, requires_grad=True)
+        y = torch.tensor([pg], dtype=torch.float64, requires_grad=True)
+        o = lambda v: torch.tensor([v], dtype=torch.float64)
+        spin_loss(x, y, o(orr), o(og), beta, loss_type, dpop_lambda=dpop_lambda).losses.sum().backward()
+        return x.grad.item(), y.grad.item()
+
+    assert grads(-10, -12, -11, -11, 0.5, "apo_zero") == pytest.approx((-0.1175019, 0.1175019), abs=1e-6)
+    # the generated response 8 nats lower: apo_zero's real-side gradient is unchanged; the logistic loss's, with
+    # u = 0.5 * (1 + 9) = 5, falls to -0.5 * sigmoid(-5) = -0.0033464 (a wide margin stops it raising the real one)
+    assert grads(-10, -20, -11, -11, 0.5, "apo_zero")[0] == pytest.approx(-0.1175019, abs=1e-6)
+    assert grads(-10, -20, -11, -11, 0.5, "logistic")[0] == pytest.approx(-0.0033464, abs=1e-6)
+    assert grads(-20, -5, -18, -6, 0.1, "dpop", 1.0) == pytest.approx((-0.1244919, 0.0622459), abs=1e-6)
+    # where the real response rose, dpop is the logistic loss, gradients included
+    assert grads(-10, -12, -11, -11, 0.5, "dpop") == pytest.approx(grads(-10, -12, -11, -11, 0.5, "logistic"))
+
+
+@pytest.mark.parametrize("loss_type", ["apo_zero", "dpop"])
+def test_displacement_resistant_gradcheck_with_the_anchor(loss_type):
+    """Autograd against finite differences (float64), with the likelihood anchor on; the real log-ratios (+1, -1, -3)
+    stay away from dpop's kink at 0."""
+    o = lambda *v: torch.tensor(v, dtype=torch.float64)
+    x = o(-10.0, -3.0, -9.0).requires_grad_()
+    y = o(-12.0, -2.0, -7.0).requires_grad_()
+    f = lambda a, b: spin_loss(a, b, o(-11.0, -2.0, -6.0), o(-11.0, -1.0, -8.0), 0.3, loss_type, sft_weight=0.7,
+                               real_tokens=o(4.0, 2.0, 3.0), dpop_lambda=5.0).losses
+    assert torch.autograd.gradcheck(f, (x, y))

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from spin_lite.config import load_config
-from spin_lite.evaluate import compare, evaluate, is_repetitive
+from spin_lite.evaluate import compare, evaluate, is_repetitive, judge
 from spin_lite.run import SpinRun, format_table
 from spin_lite.state import RunDir, read_jsonl
 from spin_lite.train import TrainingDiverged, lr_schedule
@@ -86,18 +86,18 @@ def test_a_model_that_never_ends_its_answers_ranks_below_the_start(tiny_config, 
     assert ends["ended_rate"] == 1.0 and never["ended_rate"] == 0.0
     never["logp_per_token"] = ends["logp_per_token"] + 1.0  # even with a higher likelihood
     reasons = compare(never, ends)
-    assert reasons and "ended_rate got worse (1.00 -> 0.00)" in reasons[0]
+    assert reasons and "val ended got worse (1.00 -> 0.00)" in reasons[0]
     assert compare(ends, never | {"logp_per_token": ends["logp_per_token"] - 0.1, "ended_rate": 0.0}) == []
 
 
 def test_compare_by_hand():
     old = {"logp_per_token": -2.0, "ended_rate": 0.5, "repetition_rate": 0.25, "match_rate": 0.5}
     assert compare(old | {"logp_per_token": -1.9}, old) == []
-    assert compare(old, old) == ["validation logp/token did not rise (-2.000 -> -2.000)"]
+    assert compare(old, old) == ["val logp/tok did not rise (-2.000 -> -2.000)"]
     assert compare(old | {"logp_per_token": -1.0, "repetition_rate": 0.5}, old) == [
-        "validation repetition_rate got worse (0.25 -> 0.50)"]
+        "val repetitive got worse (0.25 -> 0.50)"]
     assert compare(old | {"logp_per_token": -1.0, "match_rate": 0.25, "task_accuracy": 0.0}, old) == [
-        "validation match_rate got worse (0.50 -> 0.25)"]  # a metric the old model lacks is not compared
+        "val match got worse (0.50 -> 0.25)"]  # a metric the old model lacks is not compared
     assert is_repetitive("a b c a b c a b c") and not is_repetitive("a b c a b c d")
 
 
@@ -114,7 +114,7 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     s0, s1 = rd.summaries()
     assert s0["selection"]["accepted"] and s0["selection"]["compared_with"] == "the starting model"
     assert not s1["selection"]["accepted"] and s1["selection"]["stop"]
-    assert any("repetition_rate got worse" in r for r in s1["selection"]["reasons"])
+    assert any("val repetitive got worse" in r for r in s1["selection"]["reasons"])
     assert s1["val"]["logp_per_token"] > s0["val"]["logp_per_token"]  # likelihood alone would have kept it
     assert rd.best_iteration() == 0 and rd.stopped(cfg) and s1["selection"]["rejected_in_a_row"] == 1
     assert json.loads((rd.root / "state.json").read_text())["best_iteration"] == 0
@@ -122,20 +122,34 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert [r["best"] for r in rows] == [False, True, False]
     table = format_table(rd, cfg)
     assert "chosen on the validation rows: iteration 0" in table and "iter 1: not better" in table
-    assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
-    # the verdict read only validation metrics: recomputing it from them gives the same answer
+    assert table.endswith(  # what to do next: export the chosen model, or go on past the rejected iteration
+        f"run stopped\nchosen on the validation rows: iteration 0\nnext: export the chosen model: spin-lite export "
+        f"{rd.root} --iteration 0 --out exports/run-iter-00  (the adapter; --merged or --gguf q8_0: one model file)\n"
+        f"or let SPIN go on past the rejected iteration(s), with a higher patience: spin-lite run {rd.root}/config.yaml "
+        "train.stop_patience=2")
+    header = table.splitlines()[1]  # every reason names a column the table shows
+    assert all(f" {r.split(' got worse')[0].split(' did not rise')[0]} " in header for r in s1["selection"]["reasons"])
+    # the verdict read only validation scores: the paired test on the stored per-row scores gives it again, and
+    # those rows' aggregates are the validation metrics
     start_val = json.loads((rd.root / "eval-start.json").read_text())["val"]
-    assert compare(s0["val"], start_val) == [] and compare(s1["val"], s0["val"]) == s1["selection"]["reasons"]
+    assert s1["selection"]["rule"] == "paired" and s1["selection"]["rows"] == 4
+    assert judge(s0["val"], start_val, rd.val_rows(0), rd.val_rows(-1)).better
+    assert judge(s1["val"], s0["val"], rd.val_rows(1), rd.val_rows(0)).reasons == s1["selection"]["reasons"]
+    rows1 = rd.val_rows(1)
+    assert len(rows1) == 4 and all(key.startswith("val:") for key in rows1)
+    assert sum(r["logp"] for r in rows1.values()) / sum(r["tokens"] for r in rows1.values()) == pytest.approx(
+        s1["val"]["logp_per_token"])
+    assert sum(r["repetitive"] for r in rows1.values()) / 4 == s1["val"]["repetition_rate"] == 1.0
     # `spin-lite export RUN --iteration best` exports the chosen one
     from spin_lite.export import MARKER, ExportError, export_adapter
     out = export_adapter(rd.root, "best", rd.root.parent / "best")
     assert json.loads((out / MARKER).read_text())["iteration"] == 0
     summary1 = rd.iteration(1) / "summary.json"
     saved = summary1.read_text()
-    s0_rejected = dict(s0, selection=dict(s0["selection"], accepted=False))
+    s0_rejected = dict(s0, selection=dict(s0["selection"], accepted=False, better=False))
     (rd.iteration(0) / "summary.json").write_text(json.dumps(s0_rejected))
     assert rd.best_iteration() == -1
-    with pytest.raises(ExportError, match="better than the starting model"):
+    with pytest.raises(ExportError, match="chose on the validation rows is the starting model: no iteration"):
         export_adapter(rd.root, "best", rd.root.parent / "none")
     (rd.iteration(0) / "summary.json").write_text(json.dumps(s0))
     assert summary1.read_text() == saved
@@ -168,8 +182,10 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert s2["rejected_in_a_row"] == 2 and s2["stop"] and rd.stopped(patient)
     assert rd.best_iteration() == 0
     table = format_table(rd, patient)  # "run stopped" moved from iteration 1's note to iteration 2's
-    assert "iter 1: not better than iteration 0 on validation (validation repetition_rate got worse (0.00 -> 1.00))\n" in table
-    assert table.endswith("run stopped\nchosen on the validation rows: iteration 0")
+    assert ("iter 1: not better than iteration 0 on validation (val repetitive got worse: 0.00 -> 1.00, difference "
+            "+1.00, 90% interval [+1.00, +1.00] over 4 rows)\n") in table
+    assert "run stopped\nchosen on the validation rows: iteration 0\nnext: export" in table
+    assert table.endswith("train.stop_patience=3")
     assert any("Stopping (train.stop_when=no_gain)" in line for line in log)
     # with all planned iterations done the run is finished, not stopped by the rule: no note, nothing to continue
     done = tiny_config(iterations=3, **{"train.stop_when": "no_gain", "train.stop_patience": 2})

@@ -53,9 +53,28 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert "SPIN results for" in "".join(outputs)
     run = tmp_path / "work" / "run"
     assert (run / "iter-00" / "summary.json").exists() and (run / "iter-00" / "train_log.jsonl").exists()
-    assert (tmp_path / "work" / "export" / "adapter" / "adapter_config.json").exists()
-    merged = tmp_path / "work" / "export" / "merged"
-    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    # the chat and the export use the model the stop rule chose, and say which
+    from spin_lite.state import RunDir
+    rd = RunDir(run)
+    chosen = rd.resolve_model()
+    said = "".join(outputs)
+    assert f"the chosen model: {rd.model_label(chosen)}" in said
+    export = tmp_path / "work" / "export"
+    if chosen >= 0:
+        assert json.loads((export / "adapter" / "spin_lite_export.json").read_text())["iteration"] == chosen
+        assert json.loads((export / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    else:  # the starting model (the base) chosen: said plainly, nothing exported
+        assert "the starting model (chosen: no iteration was better)" in said
+        assert "nothing exported: the model the stop rule chose" in said and not export.exists()
+
+
+def test_notebook_uses_the_chosen_model():
+    """The cells after the run read the model the stop rule chose (RunDir.resolve_model, export "best"), never
+    the last iteration."""
+    nbformat = pytest.importorskip("nbformat")
+    code = "\n".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
+    assert "completed() - 1" not in code and "chosen = rd.resolve_model()" in code
+    assert 'export_adapter(cfg.run_dir, "best"' in code and 'export_merged(cfg.run_dir, "best"' in code
 
 
 def _cell_times(nb) -> list[float]:

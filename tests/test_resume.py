@@ -74,3 +74,46 @@ def test_resume_after_the_adapter_was_saved_evaluates_the_trained_adapter(tiny_c
     run.iteration(0)
     assert json.loads((out / "eval.json").read_text()) == expected
     shutil.rmtree(run.dir.root)
+
+
+def test_resume_loads_the_optimizer_on_the_cpu_and_replaces_the_log_whole(tiny_model_dir, tmp_path, monkeypatch):
+    """The checkpoint's optimizer state is loaded onto the CPU (map_location="cpu": it was saved from rank 0's device,
+    perhaps on another machine) and load_state_dict puts it on each parameter's device. The log is cut back to the
+    checkpoint's step by rank 0 alone, replacing the file whole (a new inode): the other ranks read it meanwhile."""
+    from peft import get_peft_model_state_dict
+    from spin_lite import train
+    from spin_lite.config import LoraSettings, ModelConfig
+    from spin_lite.model import load_base, with_adapter
+
+    model = with_adapter(load_base(ModelConfig(name=str(tiny_model_dir))), LoraSettings(), None)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def optimizer_and_schedule():
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        return optimizer, train.lr_schedule(optimizer, "linear", 10, 0.0)
+
+    optimizer, scheduler = optimizer_and_schedule()
+    sum(p.sum() for p in params).backward()  # one step: AdamW has state to save
+    optimizer.step()
+    scheduler.step()
+    ckpt, log = tmp_path / "checkpoint", tmp_path / "train_log.jsonl"
+    train._save_checkpoint(model, optimizer, scheduler, 1, ckpt, get_peft_model_state_dict)
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2)))  # step 2: after it
+    saved = optimizer.state_dict()["state"]
+
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(kwargs) or real_load(*args, **kwargs))
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    for rank in (1, 0):
+        inode = log.stat().st_ino
+        optimizer, scheduler = optimizer_and_schedule()
+        start, records = train._resume(model, optimizer, scheduler, None, ckpt, log, rank, 2)
+        assert (start, [r["step"] for r in records]) == (1, [1])
+        assert loads[-1]["map_location"] == "cpu"
+        state = optimizer.state_dict()["state"]
+        assert len(state) == len(saved) == len(params)
+        for k, p in enumerate(params):
+            assert torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) and state[k]["exp_avg"].device == p.device
+        assert (log.stat().st_ino != inode) == (rank == 0)  # only rank 0 rewrites it, by replacing it
+    assert log.read_text() == json.dumps({"step": 1, "loss": 0.5}) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "train_log.jsonl"]  # no temporary file left

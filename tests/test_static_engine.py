@@ -84,7 +84,14 @@ def test_auto_engine_is_static_only_for_a_plain_model_on_cuda(tiny, peft_model, 
     assert gen.engine_for("static", tiny) == "static" and gen.engine_for("eager", tiny) == "eager"
     monkeypatch.setattr(gen, "_device", lambda model: torch.device("cuda"))
     assert gen.engine_for("auto", gen.merged_copy(peft_model)) == "static"  # what generate_all decodes from
+    # passes of many rows decode eagerly: measured faster there on an H200 (STATIC_MAX_ROWS)
+    assert gen.engine_for("auto", gen.merged_copy(peft_model), rows=gen.STATIC_MAX_ROWS) == "static"
+    assert gen.engine_for("auto", gen.merged_copy(peft_model), rows=gen.STATIC_MAX_ROWS + 1) == "eager"
     assert gen.engine_for("auto", peft_model) == "eager"
+    # the Unsloth backend (spin_lite.model marks its base): its forward returns a new cache, never static
+    unsloth = copy.deepcopy(peft_model)
+    unsloth.get_base_model()._spin_lite_unsloth = True
+    assert gen.engine_for("auto", gen.merged_copy(unsloth)) == "eager"  # the merged copy keeps the mark
 
 
 def test_static_step_reads_no_empty_cache_slot(tiny, tok, prompts):
@@ -95,3 +102,54 @@ def test_static_step_reads_no_empty_cache_slot(tiny, tok, prompts):
     got = gen.generate_batch(tiny, one, GenerationSettings(max_new_tokens=10, do_sample=False, engine="static"),
                              -1, tok.pad_token_id, seed=0)
     assert got == expected
+
+
+# -- sliding-window models: a CUDA graph would freeze the window's offset ------------------------------------
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _graph_refusal(config, length: int = 30):
+    from transformers import StaticCache
+    return gen._no_graph_reason(StaticCache(config=config, max_cache_len=length), length)
+
+
+def test_cuda_graph_is_refused_where_a_sliding_window_is_shorter_than_the_answer():
+    """transformers' StaticSlidingWindowLayer counts its tokens in a Python int, which a recorded graph would
+    replay frozen; a cache of 30 tokens is recorded only where no sliding layer holds fewer than 30."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    assert _graph_refusal(MistralConfig(sliding_window=4, **SMALL)) == \
+        "a sliding-window layer holds 4 tokens, fewer than the 30 of prompt and answer"
+    # Qwen2 with use_sliding_window: layers from max_window_layers on slide (here the second of two)
+    assert _graph_refusal(Qwen2Config(sliding_window=4, use_sliding_window=True, max_window_layers=1, **SMALL))
+    assert _graph_refusal(LlamaConfig(**SMALL)) is None
+    assert _graph_refusal(MistralConfig(sliding_window=None, **SMALL)) is None
+    assert _graph_refusal(MistralConfig(sliding_window=30, **SMALL)) is None  # the window holds it all: never slides
+    assert _graph_refusal(Qwen2Config(sliding_window=4, **SMALL)) is None  # use_sliding_window off, Qwen2.5's default
+
+
+def test_sliding_window_model_decodes_greedy_tokens_without_a_graph(tok, prompts, monkeypatch, capsys):
+    """A Mistral with a 4-token window, prompts of 14-38 tokens, 14 new tokens: the static engine asked to record
+    its step (graphs=True, as on CUDA) declines, says why, and decodes transformers' greedy tokens, as the eager
+    engine does."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        sliding_window=4, vocab_size=len(tok), max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SMALL)).eval()
+    max_new, pad = 14, tok.pad_token_id
+    eos = early_eos(hf_greedy(model, prompts, tok.eos_token_id, pad, max_new), max_new)
+    expected = hf_greedy(model, prompts, eos, pad, max_new)
+    assert any(not t for _, t in expected) and any(t for _, t in expected)  # rows end early, others run to the cap
+
+    def record(step):
+        raise AssertionError("a sliding-window step must not be recorded in a CUDA graph")
+    monkeypatch.setattr(gen, "_record", record)
+    out = {}
+    sampling = gen.Sampling(False, 1.0, 1.0, [0] * len(prompts), [gen._generator(0, torch.device("cpu"))])
+    gen.decode_static(model, prompts, eos, pad, max_new, sampling, lambda i, ids, t: out.__setitem__(i, (ids, t)),
+                      graphs=True)
+    assert [out[i] for i in range(len(prompts))] == expected
+    assert "static engine without a CUDA graph (a sliding-window layer holds 4 tokens" in capsys.readouterr().out
+    eager = gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False,
+                                                                  engine="eager"), eos, pad, seed=0)
+    assert eager == expected

@@ -44,7 +44,7 @@ from ..config import ConfigError, SpinConfig, load_config, settings_info
 from ..config import choices as setting_choices
 from ..data import DataError, encode_example, parse_row, read_rows
 from ..model import EMBEDDED, ModelError
-from ..state import RunDir, RunLockedError, atomic_write_json, read_json, read_jsonl
+from ..state import RunDir, RunLockedError, atomic_write_json, found_better, read_json, read_jsonl
 
 LAUNCH_CONFIG = "app-launch.yaml"
 PROCESS_FILE = "app-run.json"
@@ -436,7 +436,8 @@ def run_status(workspace, run_dir: str) -> dict:
     out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
            "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None,
-           "best_iteration": rd.best_iteration(), "stopped_by_rule": ended_by_rule and not running}
+           "best_iteration": rd.best_iteration(), "chosen": rd.chosen_model(),
+           "stopped_by_rule": ended_by_rule and not running}
     if status == "failed":
         out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
     return out
@@ -700,7 +701,7 @@ def iteration_metrics(workspace, run_dir: str) -> list[dict]:
 def results_rows(workspace, run_dir: str) -> list[dict]:
     """The results table as the page shows it: spin-lite table's columns with their plain names, values rounded
     to 3 decimals, `chosen` on the iteration chosen on the validation rows, and the stop rule's reasons on an
-    iteration it rejected."""
+    iteration it rejected or did not find clearly better."""
     from ..run import TABLE_COLUMNS
 
     rows = iteration_metrics(workspace, run_dir)
@@ -710,8 +711,9 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
         line = {title: (round(r[key], 3) if isinstance(r.get(key), float) else r.get(key)) for key, title in columns}
         line["chosen"] = "best" if r.get("best") else ""
         s = r.get("selection") or {}
-        line["validation"] = ("" if s.get("accepted") is not False else f"rejected: not better than "
-                              f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
+        line["validation"] = ("" if not s or found_better(s) else
+                              ("rejected: not better than " if s["accepted"] is False else "not clearly better than ")
+                              + f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
                               + ("; run stopped" if r.get("stopped") else ""))
         table.append(line)
     return table
@@ -722,7 +724,8 @@ def metrics_signature(workspace, run_dir: str) -> str:
     root = inside(workspace, run_dir)
     files = [root / "eval-start.json", root / "config.yaml",  # (its stop settings decide the "run stopped" note)
              *sorted(root.glob("iter-[0-9][0-9]/train_log.jsonl")),
-             *sorted(root.glob("iter-[0-9][0-9]/summary.json"))]
+             *sorted(root.glob("iter-[0-9][0-9]/summary.json")),
+             root / "eval-base.json", *sorted(root.glob("control-[0-9][0-9]/summary.json"))]  # SFT stage, control arm
     return str(root) + "".join(f"|{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                for p in files if p.exists())
 
@@ -736,7 +739,8 @@ def sample_sets(workspace, run_dir: str) -> list[str]:
     """Held-out sample sets of a run: "start" (the starting model) and "iter N" for each evaluated iteration."""
     root = inside(workspace, run_dir)
     sets = ["start"] if (root / "eval-start.json").exists() else []
-    return sets + [f"iter {int(p.parent.name[5:])}" for p in sorted(root.glob("iter-[0-9][0-9]/samples.jsonl"))]
+    return (sets + [f"iter {int(p.parent.name[5:])}" for p in sorted(root.glob("iter-[0-9][0-9]/samples.jsonl"))]
+            + [f"control {int(p.parent.name[8:])}" for p in sorted(root.glob("control-[0-9][0-9]/samples.jsonl"))])
 
 
 def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
@@ -745,7 +749,7 @@ def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
     if which == "start":
         rows = (read_json(root / "eval-start.json") or {}).get("samples", [])
     else:
-        rows = read_jsonl(RunDir(root).iteration(_iteration(which)) / "samples.jsonl")
+        rows = read_jsonl(_folder(RunDir(root), which) / "samples.jsonl")
     columns = ("prompt", "real", "opponent", "model")
     table = [{c: r.get(c) or "" for c in columns} for r in rows]
     q = query.strip().lower()
@@ -773,16 +777,46 @@ def summary(workspace, run_dir: str, which: str) -> dict:
     root = inside(workspace, run_dir)
     if which == "start":
         return {"model": "start", "eval": (read_json(root / "eval-start.json") or {}).get("metrics")}
-    return read_json(RunDir(root).iteration(_iteration(which)) / "summary.json") or {}
+    return read_json(_folder(RunDir(root), which) / "summary.json") or {}
 
 
 def _iteration(which) -> int:
     return int(str(which).split()[-1])
 
 
+def _folder(rd: RunDir, which: str) -> Path:
+    """The folder of "iter N" or "control N" (SFT continued, the control matched to iteration N)."""
+    return (rd.control if str(which).startswith("control") else rd.iteration)(_iteration(which))
+
+
 def trained_iterations(workspace, run_dir: str) -> list[int]:
     """Iterations of a run with a trained adapter (RunDir.trained_iterations)."""
     return RunDir(inside(workspace, run_dir)).trained_iterations()
+
+
+def model_menus(workspace, run_dir: str) -> dict[str, tuple[list[tuple[str, str]], str | None]]:
+    """The model menus of Inspect, Compare and Export: {"inspect" | "compare" | "export": (choices, value)}. A
+    choice is (label, value): the label as RunDir.model_label names the model ("iter 1 (chosen)", "start (chosen)",
+    "iter 3 (rejected by the stop rule)"), the value "start" or "iter N" as the other handlers read it. Every menu
+    opens on the model the run chose (RunDir.resolve_model); Export opens on "best", which resolves to it."""
+    rd = RunDir(inside(workspace, run_dir))
+    chosen, trained = rd.resolve_model("best"), rd.trained_iterations()
+    value = lambda n: n if isinstance(n, str) else "start" if n < 0 else f"iter {n}"  # (a str: "control N")
+    option = lambda n: (rd.model_label(n), value(n))
+    inspect = [option(s if s.startswith("control") else -1 if s == "start" else _iteration(s))
+               for s in sample_sets(workspace, run_dir)]
+    controls = [option(f"control {t}") for t in rd.trained_controls()]  # SFT continued, beside the iterations
+    compare = [option(-1)] + [option(t) for t in trained] + controls if trained else []
+    cfg = rd.settings()
+    export = [option(t) for t in trained] + controls
+    if trained and (chosen == -1 or (cfg is not None and rd.start_adapter(cfg))):  # (the base alone: nothing to export)
+        export.insert(0, option(-1))
+    if trained:
+        picked = rd.model_label(chosen) + ("" if rd.best_iteration() is not None else ": nothing chosen, the last")
+        export.insert(0, (f"best = {picked}", "best"))
+    opened = lambda options: (options, value(chosen) if value(chosen) in [v for _, v in options]
+                              else options[-1][1] if options else None)
+    return {"inspect": opened(inspect), "compare": opened(compare), "export": (export, "best" if export else None)}
 
 
 # -- compare: chat with the starting model and an iteration's model --------------------------------------------
@@ -800,9 +834,14 @@ def chat_model(workspace, run_dir: str, which: str):
     cfg = run_config(workspace, run_dir)
     rd = RunDir(cfg.run_dir)
     n = -1 if which == "start" else _iteration(which)
-    if n >= 0 and n not in rd.trained_iterations():
+    if str(which).startswith("control"):  # SFT continued: its adapter stands alone
+        if n not in rd.trained_controls():
+            raise AppError(f"control {n} of {run_dir} has no trained adapter")
+        adapters = (str(rd.control(n) / "adapter"),)
+    elif n >= 0 and n not in rd.trained_iterations():
         raise AppError(f"iteration {n} of {run_dir} has no trained adapter")
-    adapters = tuple(rd.adapters_after(n, cfg.mode, cfg.model.adapter))
+    else:
+        adapters = tuple(rd.adapters_after(n, cfg.mode, rd.start_adapter(cfg)))
     stamp = tuple(os.path.getmtime(Path(a) / "adapter_config.json") if Path(a).exists() else 0 for a in adapters)
     with _LOADING:
         return _load_chat_model(dataclasses.astuple(cfg.model), cfg.mode, adapters, stamp)
@@ -819,7 +858,8 @@ def _load_chat_model(model_fields: tuple, mode: str, adapters: tuple, stamp: tup
     from ..model import build_model, load_base, load_tokenizer
 
     model_cfg = ModelConfig(*model_fields)
-    model = build_model(load_base(model_cfg), LoraSettings(), list(adapters), mode, trainable=False,
+    # transformers + peft whatever backend the run trained on: an Unsloth model carries one adapter only
+    model = build_model(load_base(model_cfg, backend="hf"), LoraSettings(), list(adapters), mode, trainable=False,
                         log=lambda *_: None)  # LoraSettings: read only for a trainable adapter
     return model.eval(), load_tokenizer(model_cfg)
 
@@ -863,12 +903,46 @@ def chat_reply(workspace, run_dir: str, which: str, messages: list[dict], max_ne
 EXPORT_KINDS = ("adapter", "merged", "gguf")
 
 
-def export(workspace, run_dir: str, iteration: int, kind: str = "adapter", *, dtype: str = "bfloat16",
+def model_number(workspace, run_dir: str, which) -> int:
+    """The iteration a menu's value names, -1 for the starting model: "best" and "start" as RunDir.resolve_model
+    reads them, "iter N" or N."""
+    text = str(which).strip()
+    if text.startswith("control"):  # "control N": SFT continued (returned as that name)
+        return RunDir(inside(workspace, run_dir)).resolve_model(text)
+    if text in ("best", "start"):
+        return RunDir(inside(workspace, run_dir)).resolve_model(text)
+    found = re.fullmatch(r"(?:iter )?(\d{1,4})", text)
+    if not found:
+        raise AppError(f"unknown model {str(which)[:40]!r}: best, start, or an iteration (iter N)")
+    return int(found[1])
+
+
+def export_note(workspace, run_dir: str, which) -> str:
+    """What the Export page says about exporting `which` before and after: a warning when the stop rule rejected
+    it, and what "the starting model" is when that was chosen; "" otherwise."""
+    rd = RunDir(inside(workspace, run_dir))
+    n = model_number(workspace, run_dir, which)
+    if isinstance(n, str):
+        return (f"{n} is SFT continued, the control arm: the starting model trained by SFT for as many steps as "
+                f"SPIN iterations 0..{_iteration(n)}" + (", chosen on the validation rows over SPIN's choice."
+                                                          if n == rd.chosen_model() else "."))
+    if n >= 0:
+        return f"**Warning: {rd.rejection(n)}.**" if rd.rejection(n) else ""
+    cfg, chosen = rd.settings(), rd.best_iteration() == -1
+    said = "The stop rule chose the starting model: no iteration was better on the validation rows. " if chosen else ""
+    if cfg is not None and cfg.model.adapter:
+        return said + f"It is the base with your starting adapter `{cfg.model.adapter}`, which this exports."
+    return said + ("It is the base model itself, so there is nothing trained to export: use the base as it is, or "
+                   "choose an iteration to export it anyway.")
+
+
+def export(workspace, run_dir: str, iteration: int | str, kind: str = "adapter", *, dtype: str = "bfloat16",
            gguf_type: str = "q8_0", push_repo: str | None = None, token: str | None = None, private: bool = False,
            timeout_s: float = 3600) -> Path:
-    """Export an iteration under WORKSPACE/exports/: the adapter (a zip), the merged model (a folder, weights in
-    `dtype`) or one GGUF file of `gguf_type` (llama.cpp, Ollama); with `push_repo`, also upload it to that Hub
-    model repository (`token`, else HF_TOKEN or the saved login).
+    """Export a model (`iteration`: a menu value, model_number; "best": the chosen one) under WORKSPACE/exports/:
+    the adapter (a zip), the merged model (a folder, weights in `dtype`) or one GGUF file of `gguf_type` (llama.cpp,
+    Ollama); with `push_repo`, also upload it to that Hub model repository (`token`, else HF_TOKEN or the saved
+    login).
 
     Runs `spin-lite export` (spin_lite.export) in a child process in the workspace, like a run: the run's
     relative paths resolve there, and merging a large model does not load it into the app's process. The token
@@ -879,19 +953,25 @@ def export(workspace, run_dir: str, iteration: int, kind: str = "adapter", *, dt
     ws = Path(workspace).resolve()
     run_dir = run_name(workspace, run_dir)
     run_config(workspace, run_dir)  # the model it reads: inside the workspace, like a run's
-    if int(iteration) not in trained_iterations(workspace, run_dir):
-        raise AppError(f"iteration {iteration} of {run_dir} has no trained adapter to export")
+    n = model_number(workspace, run_dir, iteration)
+    control = n if isinstance(n, str) else None  # "control N": SFT continued
+    n = -2 if control else n  # (below: neither the start nor an iteration)
+    if n >= 0 and n not in trained_iterations(workspace, run_dir):
+        raise AppError(f"iteration {n} of {run_dir} has no trained adapter to export")
     push_repo = (push_repo or "").strip() or None
     if push_repo and not re.fullmatch(r"[\w.-]+/[\w.-]+", push_repo):
         raise AppError(f"Hub repository {push_repo!r} is not of the form OWNER/NAME")
     suffix = {"adapter": "adapter", "merged": f"merged-{dtype}", "gguf": f"gguf-{gguf_type}"}[kind]
-    name = f"{Path(run_dir).name}-iter-{int(iteration):02d}-{suffix}"
+    model = f"control-{_iteration(control):02d}" if control else f"iter-{n:02d}" if n >= 0 else "start"
+    name = f"{Path(run_dir).name}-{model}-{suffix}"
     out = inside(workspace, Path(EXPORTS) / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     for written in out.parent.glob(name + "*"):  # the folder, its .tmp-PID/.old siblings and the zip
         if written.is_symlink():
             raise AppError(f"{written.relative_to(ws)} is a symbolic link; the app does not export through links")
-    args = ["export", run_dir, "--iteration", str(int(iteration)), "--out", str(out.relative_to(ws))]
+    asked = ("best" if str(iteration).strip() == "best" else f"control-{_iteration(control)}" if control
+             else str(n) if n >= 0 else "start")  # (the CLI's words on "best")
+    args = ["export", run_dir, "--iteration", asked, "--out", str(out.relative_to(ws))]
     args += {"adapter": [], "merged": ["--merged", "--dtype", dtype], "gguf": ["--gguf", gguf_type]}[kind]
     args += ["--push-to-hub", push_repo] + (["--private"] if private else []) if push_repo else []
     package_parent = str(Path(__file__).resolve().parents[2])  # the folder holding spin_lite/

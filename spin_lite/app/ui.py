@@ -34,10 +34,10 @@ GUIDED = {"model.name": "1. Model: the embedded SmolLM2-135M-Instruct (default),
           "iterations": "3. SPIN iterations", "run_dir": "Run directory (a new folder in the workspace)"}
 SECTIONS = [("Run", ""), ("Model", "model."), ("Data", "data."), ("LoRA / QLoRA", "lora."),
             ("Generation (the opponent's responses)", "generation."), ("SPIN training", "train."),
-            ("Held-out evaluation", "eval.")]
+            ("Held-out evaluation", "eval."), ("SFT stage and the SFT-continued control", "sft.")]
 PREVIEW_COLUMNS = ["row", "raw columns", "prompt", "response", "prompt_tokens", "response_tokens", "problem"]
 # The x axis of the per-iteration plots, in this order (not alphabetical).
-MODEL_ORDER = ["start"] + [f"iter {t}" for t in range(100)]
+MODEL_ORDER = ["base", "start", "sft"] + [f"iter {t}" for t in range(100)] + [f"control {t}" for t in range(100)]
 STEP_PLOTS = {"loss": "SPIN loss per optimizer step", "margin": "reward margin (real - generated) per step",
               "accuracy": "share of pairs ranked right per step"}
 ITERATION_PLOTS = {"logp_per_token": "held-out log-prob per token of the real responses",
@@ -93,14 +93,13 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
 
 
 def iteration_choices(ws, run_dir, sample_dd, chat_dd, export_dd) -> dict:
-    """Inspect's sample sets and the trained iterations (Compare, Export) of the selected run."""
+    """The models of the selected run in Inspect, Compare and Export (h.model_menus), each opened on the chosen one."""
     try:
-        sets = h.sample_sets(ws, run_dir) if run_dir else []
-        iters = [f"iter {t}" for t in h.trained_iterations(ws, run_dir)] if run_dir else []
+        menus = h.model_menus(ws, run_dir) if run_dir else {}
     except Exception:
-        sets, iters = [], []
-    pick = lambda options: gr.update(choices=options, value=options[-1] if options else None)
-    return {sample_dd: pick(sets), chat_dd: pick(iters), export_dd: pick(iters)}
+        menus = {}
+    pick = lambda tab: (lambda choices, value: gr.update(choices=choices, value=value))(*menus.get(tab, ([], None)))
+    return {sample_dd: pick("inspect"), chat_dd: pick("compare"), export_dd: pick("export")}
 
 
 # -- Setup ------------------------------------------------------------------------------------------------------
@@ -347,10 +346,11 @@ def status_html(status: dict, progress: dict | None) -> str:
     if status.get("stopped_by_rule"):
         html += (f"<p class='spin-stop-rule'>the stop rule ended the run after iteration {status['iterations_done'] - 1}"
                  " (not better on the validation rows); Continue with a higher stop patience to go on</p>")
-    best = status.get("best_iteration")
+    best, chosen = status.get("best_iteration"), status.get("chosen")  # (chosen: RunDir.chosen_model)
     if best is not None:
-        chosen = "the starting model" if best < 0 else f"iteration {best}"
-        html += f"<p class='spin-best' data-best='{best}'>best on the validation rows: {chosen}</p>"
+        named = ("the starting model" if not chosen or chosen == "start" else f"iteration {chosen.split()[-1]}"
+                 if chosen.startswith("iter") else f"SFT continued ({chosen})")
+        html += f"<p class='spin-best' data-best='{best}'>best on the validation rows: {named}</p>"
     if status.get("error"):
         html += f"<p class='spin-error'>{status['error']}</p>"
     if progress and status["status"] != "finished":
@@ -374,7 +374,8 @@ def progress_bar(p: dict, running: bool) -> str:
 def inspect_tab(ws: Path, run_dd):
     with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect") as tab:
         with gr.Row():
-            which = gr.Dropdown(label="Held-out samples of", choices=[], elem_id="inspect-which")
+            which = gr.Dropdown(label="Held-out samples of (opens on the chosen model)", choices=[],
+                                elem_id="inspect-which")
             search = gr.Textbox(label="Search (any column)", elem_id="inspect-search")
         table = gr.HTML(elem_id="inspect-table")
         summary = gr.JSON(label="Summary", elem_id="inspect-summary")
@@ -412,12 +413,13 @@ def samples_html(rows: list[dict]) -> str:
 def compare_tab(ws: Path, run_dd):
     with gr.Tab("Compare", id="compare", elem_id="tab-compare") as tab:
         with gr.Row():
-            which = gr.Dropdown(label="Iteration's model", choices=[], elem_id="compare-which")
+            which = gr.Dropdown(label="Model (opens on the one the stop rule chose)", choices=[],
+                                elem_id="compare-which")
             max_new = gr.Slider(8, 512, value=128, step=8, label="New tokens per reply (greedy)",
                                 elem_id="compare-max-new")
         with gr.Row():
             chat_start = gr.Chatbot(label="Starting model", elem_id="chat-start", height=380)
-            chat_iter = gr.Chatbot(label="After the selected iteration", elem_id="chat-iter", height=380)
+            chat_iter = gr.Chatbot(label="The selected model", elem_id="chat-iter", height=380)
         with gr.Row():
             message = gr.Textbox(label="Message", scale=4, elem_id="chat-input")
             send_btn = gr.Button("Send", scale=1, elem_id="chat-send")
@@ -477,7 +479,8 @@ def export_tab(ws: Path, run_dd):
     from ..gguf_export import GGUF_TYPES
 
     with gr.Tab("Export", id="export", elem_id="tab-export") as tab:
-        which = gr.Dropdown(label="Iteration", choices=[], elem_id="export-which")
+        which = gr.Dropdown(label="Model (best: the one the stop rule chose on the validation rows)", choices=[],
+                            elem_id="export-which")
         with gr.Row():
             dtype = gr.Dropdown(list(EXPORT_DTYPES), value="bfloat16", label="Merged model: weight type",
                                 elem_id="export-dtype")
@@ -500,14 +503,24 @@ def export_tab(ws: Path, run_dd):
         try:
             if not run_dir or not iteration:
                 raise h.AppError("choose a run directory and an iteration with a trained adapter")
-            out = h.export(ws, run_dir, int(iteration.split()[-1]), kind=kind, dtype=dtype, gguf_type=gguf_type,
+            out = h.export(ws, run_dir, iteration, kind=kind, dtype=dtype, gguf_type=gguf_type,
                            push_repo=repo, token=token, private=private)
+            note = h.export_note(ws, run_dir, iteration)  # a rejected iteration exported: said again with the result
         except Exception as e:
             return {msg: error_md(e), download: None}
         pushed = f"; pushed to https://huggingface.co/{repo.strip()}" if repo and repo.strip() else ""
+        note = f"\n\n{note}" if note else ""
         if kind == "merged":  # a folder: no single file to download
-            return {msg: f"wrote the merged {dtype} model to `{out}`{pushed}", download: None}
-        return {msg: f"wrote `{out}`{pushed}", download: str(out)}
+            return {msg: f"wrote the merged {dtype} model to `{out}`{pushed}{note}", download: None}
+        return {msg: f"wrote `{out}`{pushed}{note}", download: str(out)}
+
+    def warn(run_dir, iteration):  # before any export: a rejected iteration, or what "the starting model" is here
+        try:
+            return h.export_note(ws, run_dir, iteration) if run_dir and iteration else ""
+        except Exception as e:
+            return error_md(e)
+
+    which.change(warn, [run_dd, which], msg)
 
     inputs = [run_dd, which, dtype, gguf_type, repo, token, private]
     for kind, button in (("adapter", adapter_btn), ("merged", merged_btn), ("gguf", gguf_btn)):

@@ -1,0 +1,167 @@
+"""The paper's pipeline in one run (sft.enabled: an SFT stage before iteration 0) and the "SFT continued" control arm
+(sft.control): the stage runs once and is iteration 0's opponent; each control takes as many optimizer steps as the
+SPIN iterations up to it, continuing the one before; the choice among the start, the iterations and the controls
+can pick a control, and `export --iteration best` follows it."""
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from spin_lite.config import ConfigError
+from spin_lite.evaluate import score
+from spin_lite.export import export_adapter
+from spin_lite.run import SpinRun, format_table, versus_line
+from spin_lite.state import RunDir, read_json, read_jsonl
+from spin_lite.train import epoch_order
+
+from conftest import DEMO_DATA, tree_digest
+
+
+def test_sft_stage_runs_once_and_is_iteration_0s_opponent(tiny_config, tiny_model_dir):
+    # sft.learning_rate 3e-3, apart from the SPIN rate (train.learning_rate 1e-2 in tiny_settings)
+    cfg = tiny_config(iterations=1, **{"sft.enabled": "true", "sft.steps": 3, "sft.learning_rate": 3e-3})
+    logs = []
+    run = SpinRun(cfg, log=logs.append)
+    run.run()
+    rd = RunDir(cfg.run_dir)
+    log = read_jsonl(rd.sft_dir / "train_log.jsonl")
+    assert read_json(rd.sft_dir / "summary.json")["steps"] == len(log) == 3
+    # warmup 10% of 3 steps = 1 step at half the peak, then linear decay from the peak: the SFT stage's rate
+    assert [r["lr"] for r in log] == pytest.approx([1.5e-3, 3e-3, 1.5e-3])
+
+    # Iteration 0 plays against the SFT model: its stored opponent log-probs are the SFT adapter's, not the base's.
+    pairs = read_jsonl(rd.iteration(0) / "pairs.jsonl")
+    prompts, real = [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_logps, _ = score(base, prompts, real, run.tokenizer.pad_token_id, 4)
+    sft_logps, _ = score(PeftModel.from_pretrained(base, rd.sft_dir / "adapter"), prompts, real,
+                         run.tokenizer.pad_token_id, 4)
+    stored = torch.tensor([p["opponent_real"] for p in pairs])
+    del run  # (it holds the run directory's lock)
+    torch.testing.assert_close(stored, torch.tensor(sft_logps), atol=1e-4, rtol=0)
+    assert (stored - torch.tensor(base_logps)).abs().max() > 1e-2
+    assert read_json(rd.iteration(0) / "summary.json")["opponent"].endswith(str(rd.sft_dir / "adapter"))
+
+    # The table: the model before the SFT stage ("base"), then the SFT model, which is the start.
+    rows = rd.results_table(cfg)
+    assert [r["model"] for r in rows] == ["base", "sft", "iter 0"]
+    assert rows[0]["val_logp_per_token"] == read_json(rd.root / "eval-base.json")["val"]["logp_per_token"]
+    assert rows[1]["val_logp_per_token"] == read_json(rd.root / "eval-start.json")["val"]["logp_per_token"]
+    assert rows[1]["val_logp_per_token"] > rows[0]["val_logp_per_token"]  # SFT raised the real answers' likelihood
+
+    # Run again: the stage is done, and nothing of it is redone or rewritten.
+    before = tree_digest(rd.sft_dir) | {"eval-base": (rd.root / "eval-base.json").read_bytes()}
+    logs.clear()
+    SpinRun(cfg, log=logs.append).run()
+    assert tree_digest(rd.sft_dir) | {"eval-base": (rd.root / "eval-base.json").read_bytes()} == before
+    assert not [line for line in logs if line.startswith("sft stage")]
+    # The SFT stage makes the starting model: a run directory may not drop it, nor change it.
+    for change in ({"sft.enabled": "false"}, {"sft.steps": 4}):
+        with pytest.raises(ConfigError, match=next(iter(change))):
+            SpinRun(tiny_config(iterations=1, **{"sft.enabled": "true", "sft.steps": 3, "sft.learning_rate": 3e-3}
+                                | change), log=lambda *a: None).prepare()
+
+
+def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsys):
+    # SPIN at a rate 100x below SFT's: its iterations barely move, and SFT continued is chosen.
+    shutil.copy(DEMO_DATA, tmp_path / "data.jsonl")  # (inside the app's workspace, below)
+    cfg = tiny_config(**{"sft.control": "true", "sft.learning_rate": 1e-2, "train.learning_rate": 1e-4,
+                         "data.path": tmp_path / "data.jsonl"})
+    logs = []
+    run = SpinRun(cfg, log=logs.append)
+    run.run()
+    rd = RunDir(cfg.run_dir)
+
+    # 8 pairs, 4 a step: iteration 0 takes 2 steps, iteration 1 4 (its pairs and iteration 0's, mixed in); each
+    # control takes as many, so that control t has taken as many as iterations 0..t together.
+    assert [s["train"]["steps"] for s in rd.summaries()] == [2, 4]
+    assert [len(read_jsonl(rd.control(t) / "train_log.jsonl")) for t in (0, 1)] == [2, 4]
+    assert [s["cumulative_steps"] for s in rd.control_summaries()] == [2, 6]
+    # at sft.learning_rate, each with the train section's schedule: 1 warmup step at half the peak, then linear
+    # decay, 1 - k/(n - 1) of the peak at the k-th step after the warmup (n steps)
+    lrs = [[r["lr"] for r in read_jsonl(rd.control(t) / "train_log.jsonl")] for t in (0, 1)]
+    assert lrs == [pytest.approx([5e-3, 1e-2]), pytest.approx([5e-3, 1e-2, 1e-2 * 2 / 3, 1e-2 / 3])]
+    # Control 1 continued control 0: its first step's loss is the NLL per token, under control 0's adapter, of the
+    # training rows that step took (control 1's data order: key 1001).
+    rows = run.splits.train
+    first = [rows[i] for i in epoch_order(len(rows), cfg.seed, 1001, 0)[:4]]
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name)
+    control0 = PeftModel.from_pretrained(base, rd.control(0) / "adapter")
+    logps, counts = score(control0, [r.prompt_ids for r in first], [r.response_ids for r in first],
+                          run.tokenizer.pad_token_id, 4)
+    del run  # (it holds the run directory's lock)
+    assert read_jsonl(rd.control(1) / "train_log.jsonl")[0]["loss"] == pytest.approx(-sum(logps) / sum(counts),
+                                                                                     abs=1e-4)
+    # Evaluated on the same validation and test rows as the iterations.
+    evaluated = read_json(rd.control(1) / "eval.json")
+    assert set(evaluated["val_rows"]) == set(read_json(rd.iteration(1) / "eval.json")["val_rows"])
+    assert set(evaluated["test_rows"]) == set(read_json(rd.iteration(1) / "eval.json")["test_rows"])
+
+    # The choice, on the validation rows: SFT continued beat SPIN's choice, and the run's last line says so.
+    assert rd.best_iteration() >= 0  # SPIN's own choice, by the stop rule (its semantics unchanged)
+    assert rd.chosen_model() == "control 0"
+    assert logs[-1].splitlines()[-1].startswith("SFT continued beat every SPIN iteration on your validation rows: "
+                                                "control 0 (2 steps) over SPIN iteration")
+    table = format_table(rd, cfg).splitlines()
+    assert [line.split("|")[0].strip() for line in table[4:8]] == ["iter 0", "iter 1", "control 0", "control 1"]
+    assert table[6].rstrip().endswith("best") and "chosen on the validation rows: SFT continued, control 0" in table
+    assert read_json(rd.root / "summary.json")["chosen"] == "control 0"
+
+    # Export: "best" is the control that won; "control" and "control-N" by name.
+    best = export_adapter(rd.root, "best", tmp_path / "best")
+    assert json.loads((best / "spin_lite_export.json").read_text())["iteration"] == "control 0"
+    control0_weights = load_file(rd.control(0) / "adapter" / "adapter_model.safetensors")
+    for name, tensor in load_file(best / "adapter_model.safetensors").items():
+        assert torch.equal(tensor, control0_weights[name])
+    from spin_lite.cli import main
+    assert main(["export", str(rd.root), "--iteration", "control-1", "--out", str(tmp_path / "c1")]) == 0
+    assert "control 1, SFT continued" in capsys.readouterr().out
+    assert (tmp_path / "c1" / "adapter_model.safetensors").read_bytes() == \
+        (rd.control(1) / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["table", str(rd.root)]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("SFT continued beat every SPIN iteration")
+
+    # The app, in a workspace holding the run and the model: the Run tab's table, the Compare tab's models.
+    from spin_lite.app import handlers as h
+    ws, run_dir = tmp_path.parent, f"{tmp_path.name}/run"
+    assert [r["model"] for r in h.results_rows(ws, run_dir)] == ["start", "iter 0", "iter 1", "control 0", "control 1"]
+    choices, opened = h.model_menus(ws, run_dir)["compare"]
+    assert opened == "control 0" and {("control 0 (chosen)", "control 0"), ("control 1", "control 1")} <= set(choices)
+    model, _ = h.chat_model(ws, run_dir, "control 1")
+    for name, tensor in load_file(rd.control(1) / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(model.get_parameter(name.replace(".weight", ".default.weight")), tensor)
+    assert "control 1" in h.sample_sets(ws, run_dir)
+
+    # A control is a stage like any: one killed after its adapter was saved is only evaluated again.
+    trained = tree_digest(rd.control(1) / "adapter")
+    (rd.control(1) / "summary.json").unlink()
+    (rd.control(1) / "eval.json").unlink()
+    SpinRun(cfg, log=lambda *a: None).run()
+    assert tree_digest(rd.control(1) / "adapter") == trained and rd.chosen_model() == "control 0"
+    assert len(read_jsonl(rd.control(1) / "train_log.jsonl")) == 4
+
+
+def test_without_the_control_spin_is_chosen(tiny_config):
+    """The same run without the control arm chooses among the start and the iterations only."""
+    cfg = tiny_config(**{"sft.control": "false", "sft.learning_rate": 1e-2, "train.learning_rate": 1e-4})
+    SpinRun(cfg, log=lambda *a: None).run()
+    rd = RunDir(cfg.run_dir)
+    assert rd.chosen_model() == f"iter {rd.best_iteration()}" and not rd.control(0).exists()
+
+
+def test_the_last_line_names_the_winner_and_the_gap():
+    val = lambda logp, task: {"logp_per_token": logp, "task_accuracy": task}
+    steps = {"iter 1": 24, "control 1": 24, "control 0": 12}
+    better = type("Verdict", (), {"better": True})
+    assert versus_line("iter 1", "control 1", better, val(-2.00, 0.50), val(-2.04, 0.44), steps) == (
+        "SPIN iteration 1 (24 steps) beat SFT continued (control 1, 24 steps) by +0.040 val logp/tok, "
+        "+0.06 val task acc on your validation rows; it is chosen.")
+    assert versus_line("control 0", "iter 1", better, val(-1.90, 0.5), val(-2.00, 0.5), steps) == (
+        "SFT continued beat every SPIN iteration on your validation rows: control 0 (12 steps) over SPIN iteration 1 "
+        "(24 steps), by +0.100 val logp/tok, +0.00 val task acc.")
+    assert versus_line("start", None, None, val(-2.0, 0.5), None, {}).startswith(
+        "Neither SPIN nor SFT continued beat the starting model")
