@@ -613,6 +613,32 @@ def where(path: str | Path) -> str:
     return f"looked for {Path.cwd() / path}: relative paths are taken from the working directory {Path.cwd()}"
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, line: int):
+        super().__init__(f"{key!r} is set twice (line {first_line} and line {line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, but a key given twice in one mapping is an error: PyYAML keeps the last one, so a
+    `beta:` pasted below an older `beta:` would silently replace it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by explicit keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error below says so
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SpinConfig:
     """Read a YAML config (or start from the defaults), apply overrides, and validate it."""
     data: dict = {}
@@ -628,7 +654,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OSError as e:
             raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"config file {path} sets {e.key!r} twice, at line {e.first_line} and line {e.line} "
+                              "(YAML would keep only the last one); remove one of them") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

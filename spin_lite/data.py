@@ -177,16 +177,12 @@ def parse_row(row, index: int, cfg: DataConfig) -> Example:
         return _parse_chat(row[name], index, name)
     if fmt == "alpaca":
         _require(row, ["instruction", "output"], cfg, "data.format=alpaca reads 'instruction', 'input' and 'output'")
-        _check_text(row["instruction"], "instruction")
-        _check_text(row["output"], "output")
+        _check_fields(row, ["instruction", "output"], optional=["input"])
         extra = row.get("input")
-        if extra is not None:
-            _check_text(extra, "input", allow_empty=True)
         prompt = row["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
         return _single_turn(index, prompt, row["output"], cfg)
     _require(row, [cfg.prompt_field, cfg.response_field], cfg, _mapping_hint(row))
-    _check_text(row[cfg.prompt_field], cfg.prompt_field)
-    _check_text(row[cfg.response_field], cfg.response_field)
+    _check_fields(row, [cfg.prompt_field, cfg.response_field])
     return _single_turn(index, row[cfg.prompt_field], row[cfg.response_field], cfg)
 
 
@@ -198,7 +194,7 @@ def _single_turn(index: int, prompt: str, response: str, cfg: DataConfig) -> Exa
 def _require(row: dict, fields: list[str], cfg: DataConfig, hint: str):
     """Raise the missing-field error; its text depends only on the row's columns, so rows that share the
     problem share the message (and are listed once, with their count)."""
-    missing = [f for f in fields if row.get(f) is None]
+    missing = [f for f in fields if f not in row]  # a column there but null is reported by _text_problem
     if not missing:
         return
     if cfg.format != "auto":
@@ -225,33 +221,53 @@ def _mapping_hint(row: dict) -> str:
 def _parse_chat(messages, index: int, name: str) -> Example:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"field {name!r} must be a non-empty list of messages")
-    turns = []
+    turns, text_keys = [], []
     for k, m in enumerate(messages):
-        if isinstance(m, dict) and "role" not in m and "from" in m:  # ShareGPT: {from: human|gpt|system, value}
-            m = {"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m.get("value")}
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+        sharegpt = isinstance(m, dict) and "role" not in m and "from" in m  # {from: human|gpt|system, value}
+        role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or text_key not in m:
             raise ValueError(f"field {name!r} message {k} must have a 'role' and a 'content' (or 'from' and 'value')")
-        _check_text(m["content"], f"{name}[{k}].content", allow_empty=True)
-        turns.append({"role": m["role"], "content": m["content"]})
+        _check_text(m[text_key], f"{name}[{k}].{text_key}", allow_empty=True)  # the file's own key, in messages
+        turns.append({"role": SHAREGPT_ROLES.get(m["from"], m["from"]) if sharegpt else m["role"],
+                      "content": m[text_key]})
+        text_keys.append(text_key)
     last = max((k for k, m in enumerate(turns) if m["role"] == "assistant"), default=None)
     if last is None:
         raise ValueError(f"field {name!r} has no assistant message to use as the response")
     if not any(m["role"] == "user" for m in turns[:last]):
         raise ValueError(f"field {name!r} has no user message before the last assistant message")
-    _check_text(turns[last]["content"], f"{name}[{last}].content")
+    _check_text(turns[last]["content"], f"{name}[{last}].{text_keys[last]}")
     return Example(index, turns[:last], turns[last]["content"])
 
 
+def _check_fields(row: dict, required: list[str], optional: list[str] = ()):
+    """One ValueError naming every bad text field of a single-turn row (an optional field may be absent or null),
+    so that fixing the first one does not reveal the next."""
+    problems = [_text_problem(row[name], name) for name in required]
+    problems += [_text_problem(row[name], name, allow_empty=True) for name in optional if row.get(name) is not None]
+    if any(problems):
+        raise ValueError("; ".join(p for p in problems if p))
+
+
 def _check_text(value, name: str, allow_empty: bool = False):
+    if problem := _text_problem(value, name, allow_empty):
+        raise ValueError(problem)
+
+
+def _text_problem(value, name: str, allow_empty: bool = False) -> str | None:
+    """What is wrong with a text field, named as the file names it (`output`, `conversations[1].value`)."""
+    if value is None:
+        return f"field {name!r} is null; it must hold text"
     if not isinstance(value, str):
-        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+        return f"field {name!r} must be a string, got {type(value).__name__}"
     if not allow_empty and not value.strip():
-        raise ValueError(f"field {name!r} is empty")
+        return f"field {name!r} is empty"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a JSON escape "\ud800" with no pair
-        raise ValueError(f"field {name!r} is not valid Unicode text: {value[e.start]!r} at character {e.start} "
-                         "is half of a surrogate pair, which no tokenizer can encode") from None
+        return (f"field {name!r} is not valid Unicode text: {value[e.start]!r} at character {e.start} "
+                "is half of a surrogate pair, which no tokenizer can encode")
+    return None
 
 
 # -- tokenizing -------------------------------------------------------------------------------------
@@ -369,8 +385,10 @@ def prepare(rows: list, tokenizer, cfg: DataConfig, source: str) -> tuple[list[E
         listed = listed[:MAX_LISTED_ERRORS] + ([f"... and {len(listed) - MAX_LISTED_ERRORS} more problems"]
                                               if len(listed) > MAX_LISTED_ERRORS else [])
         count = sum(map(len, errors.values()))
-        raise DataError(f"{count} bad row(s) in {source} (set data.skip_bad_rows=true to skip them):\n  - "
-                        + "\n  - ".join(listed))
+        # skipping helps only when some rows are good; when none is, the fix is in the lines below
+        advice = (" (set data.skip_bad_rows=true to skip them)" if count < len(rows) else
+                  ", every row it has (data.skip_bad_rows would leave none; the fix is in the data or its settings)")
+        raise DataError(f"{count} bad row(s) in {source}{advice}:\n  - " + "\n  - ".join(listed))
     if not encoded:
         raise DataError(f"{source} has no usable rows")
     return encoded, report

@@ -42,8 +42,8 @@ from .generate import generate_all, read_generations, stop_token_ids
 from .model import (build_model, load_adapter_weights, load_base, load_tokenizer, resolve_backend, save_merged_base,
                     with_adapter)
 from .preflight import check_model
-from .state import (STAGES, RunDir, atomic_write_json, atomic_write_text, found_better, read_json, read_jsonl,
-                    replace_dir)
+from .state import (STAGES, RunDir, atomic_write_json, atomic_write_text, fault_point, found_better, read_json,
+                    read_jsonl, replace_dir)
 from .sft import train_sft
 from .train import TrainingDiverged, train_adapter
 
@@ -101,7 +101,10 @@ class SpinRun:
         self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
             self._lock = self.dir.lock()
+            for path in self.dir.remove_stale_temporaries():  # a killed run's half-written files (never read)
+                self.log(f"removed {path.relative_to(self.dir.root)}, left by an interrupted write")
             atomic_write_text(self.dir.config_path, self.cfg.to_yaml())
+            fault_point("set_up", 1)  # the end of set-up: locked, config.yaml written, nothing run (no progress.json)
         s = self.splits
         self.log(f"backend: {self.backend} (model.backend={self.cfg.model.backend})")
         self.log(f"data: {len(s.train)} training, {len(s.val)} validation and {len(s.test)} test rows "

@@ -45,11 +45,15 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
+
+
+_TMP_NAME = re.compile(r"\.\d+-\d+\.tmp$")  # atomic_write_text's temporary names
 
 
 def atomic_write_text(path: Path, text: str):
@@ -408,6 +412,15 @@ class RunDir:
     def set_state(self, **fields):
         state = {**self.state(), **fields, "updated": time.time()}
         atomic_write_json(self.state_path, state)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete what a killed writer left of an atomic write (NAME.PID-TID.tmp, atomic_write_text) in the run
+        folder and its stage folders; called by the process that holds the lock, so no live writer owns one."""
+        stale = [p for pattern in ("*.tmp", "*/*.tmp") for p in self.root.glob(pattern)
+                 if p.is_file() and _TMP_NAME.search(p.name)]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def lock(self):
         """Hold the run directory for this process; refuse if another process holds it.

@@ -104,6 +104,24 @@ def test_config_errors_all_reported_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_duplicate_yaml_keys_refused_by_name(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys; a config that sets one twice is refused with the file, the key
+    and both lines. A YAML merge key (`<<: *base`) may still be overridden."""
+    config = tmp_path / "c.yaml"
+    config.write_text("iterations: 1\ntrain:\n  beta: 0.1\n  epochs: 1\n  beta: 5.0\n")
+    assert main(["run", str(config), f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"config file {config} sets 'beta' twice, at line 3 and line 5 (YAML would keep only the last one)"
+            in err) and "Traceback" not in err
+    config.write_text("train:\n  beta: 0.1\ngeneration: {top_p: 1.0}\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ValueError, match="sets 'train' twice, at line 1 and line 4"):
+        load_config(config)
+    config.write_text("sft: &base {epochs: 1, learning_rate: 0.001}\ntrain:\n  <<: *base\n  epochs: 3\n")
+    cfg = load_config(config)
+    assert (cfg.sft.epochs, cfg.train.epochs, cfg.train.learning_rate) == (1, 3, 0.001)
+    assert not (tmp_path / "run").exists()
+
+
 def test_changed_config_refused_on_existing_run(finished_run, capsys):
     root, data, settings = finished_run
     before = tree_digest(root / "run")

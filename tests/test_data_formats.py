@@ -85,7 +85,8 @@ def test_missing_column_reported_once_with_its_count(tokenizer, tmp_path):
     message = str(e.value)
     print(message)
     assert message.count("\n  - ") == 1, "one line for the twelve rows that share the problem"
-    assert f"12 bad row(s) in {data}" in message
+    assert f"12 bad row(s) in {data}, every row it has (data.skip_bad_rows would leave none" in message
+    assert "set data.skip_bad_rows=true" not in message, "skipping every row is no advice"
     assert "rows 0, 1, 2, 3, 4 ... (12 rows)" in message
     assert "'question', 'answer'" in message
     assert "data.prompt_field=question data.response_field=answer" in message
@@ -97,6 +98,35 @@ def test_missing_column_reported_once_with_its_count(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"rows 0, 1, 2 \(3 rows\): missing field 'prompt' \(columns: 'instruction', "
                                         r"'input', 'output'; data.format=auto reads these columns as alpaca"):
         prepare(read_rows(str(alpaca)), tokenizer, DataConfig(format="prompt_response"), str(alpaca))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"conversations": [{"from": "human", "value": USER}, {"from": "gpt", "value": 7}]},
+     "field 'conversations[1].value' must be a string, got int"),
+    ({"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": ASSISTANT}]},
+     "field 'conversations[0].value' is null; it must hold text"),
+    ({"messages": [{"role": "user", "content": USER}, {"role": "assistant", "content": "  "}]},
+     "field 'messages[1].content' is empty"),
+    ({"instruction": USER, "input": "", "output": None}, "field 'output' is null; it must hold text"),
+    ({"instruction": USER, "input": 7, "output": ASSISTANT}, "field 'input' must be a string, got int"),
+    ({"instruction": USER, "input": 7, "output": None},
+     "field 'output' is null; it must hold text; field 'input' must be a string, got int"),
+    ({"prompt": None, "response": ASSISTANT}, "field 'prompt' is null; it must hold text"),
+])
+def test_bad_fields_named_by_the_files_own_keys(row, message):
+    """A ShareGPT turn's text is its `value`, not the `content` it becomes; a null field is null, not missing
+    (its column is there); every bad field of a single-turn row is named at once."""
+    with pytest.raises(ValueError) as e:
+        parse_row(row, 0, DataConfig())
+    assert str(e.value) == message
+
+
+def test_some_bad_rows_suggest_skipping(tokenizer, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [ROWS["alpaca"], {"instruction": USER, "output": None}]))
+    with pytest.raises(DataError, match=rf"^1 bad row\(s\) in {data} \(set data.skip_bad_rows=true to skip them\):\n"
+                                        rf"  - {data} row 1: field 'output' is null; it must hold text$"):
+        prepare(read_rows(str(data)), tokenizer, DataConfig(), str(data))
 
 
 def test_lone_surrogate_is_a_listed_bad_row(tokenizer, tmp_path):

@@ -1,9 +1,15 @@
 """examples/spin_lite_colab.ipynb runs top to bottom, with the tiny CPU settings its settings cell switches to
-under SPIN_LITE_NOTEBOOK_CI=1 (the embedded model, 8 local prompts, 8 new tokens, 1 iteration; no install)."""
+under SPIN_LITE_NOTEBOOK_CI=1 (the embedded model, 8 local prompts, 8 new tokens, 1 iteration; no install); its
+install cell, run as on a fresh Colab, installs a wheel built from this checkout."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,15 +96,20 @@ def _cell_times(nb) -> list[float]:
     return times
 
 
-def test_install_cell_needs_no_edits(tmp_path, monkeypatch):
-    """Outside CI the install cell finds a checkout (the notebook's folder or a parent) and pip-installs it, else
-    asks pip for the package; a failed install ends in a message saying what to do, not a placeholder URL."""
+def _install_cell() -> str:
+    nbformat = pytest.importorskip("nbformat")
+    return [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"][1].source
+
+
+def test_install_cell_finds_its_source(tmp_path, monkeypatch):
+    """Outside CI the install cell takes SPIN_LITE_GIT_URL when set, else a checkout (the notebook's folder or a
+    parent), else a wheel (in this folder, or in a Kaggle dataset under /kaggle/input); with none of them, and no
+    Colab to upload one, it stops with a message saying how to build the wheel, and names no unpublished package."""
     import importlib.util
     import subprocess
 
-    nbformat = pytest.importorskip("nbformat")
-    cell = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"][1].source
-    assert "YOUR-ORG" not in cell
+    cell = _install_cell()
+    assert "YOUR-ORG" not in cell and '"spin-lite"' not in cell.replace("'name = \"spin-lite\"'", "")
     calls, real_find_spec = [], importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "spin_lite" else real_find_spec(name, *a))
@@ -107,12 +118,98 @@ def test_install_cell_needs_no_edits(tmp_path, monkeypatch):
         calls.append(args[-1])
         return subprocess.CompletedProcess(args, returncode)
 
-    monkeypatch.chdir(REPO / "examples")  # the notebook opened from a clone
+    settings = {"CI": False, "SPIN_LITE_GIT_URL": None}
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: pip(args, 0))
-    exec(cell, {"CI": False, "SPIN_LITE_SOURCE": None})
+    monkeypatch.chdir(REPO / "examples")  # the notebook opened from a clone
+    exec(cell, dict(settings))
     assert calls == [str(REPO)]
-    monkeypatch.chdir(tmp_path)  # no checkout anywhere: the package name, and a clear message when pip fails
+    exec(cell, settings | {"SPIN_LITE_GIT_URL": "https://git.example/me/spin_lite.git"})
+    assert calls[-1] == "git+https://git.example/me/spin_lite.git"
+
+    monkeypatch.chdir(tmp_path)  # no checkout, no wheel, no Colab: what to do, and pip never asked
+    with pytest.raises(RuntimeError, match=r"No spin_lite checkout or wheel found here .* `pip wheel --no-deps \. "
+                                           r"-w dist`.*Kaggle: add it to the notebook as a dataset"):
+        exec(cell, dict(settings))
+    assert len(calls) == 2
+    kaggle = tmp_path / "kaggle-input"  # Kaggle's /kaggle/input, with the wheel uploaded as a dataset
+    (kaggle / "spin-lite-wheel").mkdir(parents=True)
+    (kaggle / "spin-lite-wheel" / "spin_lite-0.1.0-py3-none-any.whl").write_bytes(b"")
+    exec(cell.replace('Path("/kaggle/input")', f"Path({str(kaggle)!r})"), dict(settings))
+    assert calls[-1] == str(kaggle / "spin-lite-wheel" / "spin_lite-0.1.0-py3-none-any.whl")
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: pip(args, 1))
-    with pytest.raises(RuntimeError, match="pip could not install spin_lite from spin-lite. Put a copy"):
-        exec(cell, {"CI": False, "SPIN_LITE_SOURCE": None})
-    assert calls[-1] == "spin-lite"
+    with pytest.raises(RuntimeError, match=r"pip could not install spin_lite from .*spin_lite-0.1.0-py3-none-any.whl "
+                                           r"\(pip's message is above\)\. spin_lite is not on PyPI"):
+        exec(cell.replace('Path("/kaggle/input")', f"Path({str(kaggle)!r})"), dict(settings))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """spin_lite's wheel as a user builds it for the notebook (`pip wheel --no-deps . -w DIR`), from a copy of the
+    checkout's package files (a build writes build/ and *.egg-info beside its sources), offline: no build isolation,
+    the installed setuptools."""
+    src = tmp_path_factory.mktemp("checkout")
+    shutil.copytree(REPO / "spin_lite", src / "spin_lite", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, src / name)
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w", str(out)],
+                   cwd=src, check=True)
+    return next(out.glob("spin_lite-*.whl"))
+
+
+# The install cell in a Python where spin_lite is not importable, as on a fresh Colab: -S leaves out the .pth files
+# that put this checkout on the path (its editable install); site-packages itself (torch, pip) is added back, and the
+# folder pip installs into (PIP_TARGET) comes first, where Colab's site-packages would be. google.colab is faked
+# only where the test uploads: its files.upload() returns {file name: bytes}, as Colab's does.
+COLAB = """
+import importlib.machinery, sys, types
+sys.path[:0] = [{target!r}]
+sys.path += {site_packages!r}
+upload = {upload!r}
+if upload:
+    modules = {{name: types.ModuleType(name) for name in ("google", "google.colab", "google.colab.files")}}
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "google.colab.files")
+    modules["google"].colab, modules["google.colab"].files = modules["google.colab"], modules["google.colab.files"]
+    modules["google.colab.files"].upload = lambda: {{upload[0]: open(upload[1], "rb").read()}}
+    sys.modules.update(modules)
+CI, SPIN_LITE_GIT_URL = False, None
+exec(open({cell!r}).read())
+print("imported from", spin_lite.__file__)
+"""
+
+
+def _as_on_colab(tmp_path, wheel_place, upload=None):
+    """Run the install cell in a clean folder that holds nothing (no checkout above it either), pip installing for
+    real, offline and without dependencies, into a throwaway folder."""
+    folder, target, cell = tmp_path / "content", tmp_path / "site-packages", tmp_path / "cell.py"
+    folder.mkdir()
+    target.mkdir()
+    cell.write_text(_install_cell())
+    if wheel_place:
+        shutil.copyfile(wheel_place, folder / wheel_place.name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PIP_TARGET": str(target), "PIP_NO_DEPS": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    script = COLAB.format(target=str(target), site_packages=site.getsitepackages(), upload=upload, cell=str(cell))
+    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=folder, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return folder, target, out.stdout
+
+
+def test_notebook_installs_an_uploaded_wheel_as_on_colab(wheel, tmp_path):
+    """The wheel where Colab's upload puts it (the notebook's folder, /content): installed from there."""
+    assert wheel.name == "spin_lite-0.1.0-py3-none-any.whl"
+    folder, target, said = _as_on_colab(tmp_path, wheel)
+    assert f"installing spin_lite from {folder / wheel.name}" in said
+    assert "spin_lite 0.1.0" in said and f"imported from {target / 'spin_lite' / '__init__.py'}" in said
+    assert (target / "spin_lite" / "run.py").is_file() and (target / "spin_lite" / "samples" / "demo_sft.jsonl").is_file()
+
+
+def test_notebook_asks_for_the_wheel_on_colab(wheel, tmp_path):
+    """No wheel yet: the cell opens Colab's file chooser (files.upload); a second upload, which Colab names
+    "... (1).whl", is installed under the name pip expects."""
+    _, target, said = _as_on_colab(tmp_path, None, upload=("spin_lite-0.1.0-py3-none-any (1).whl", str(wheel)))
+    assert "Choose the spin_lite wheel" in said
+    assert re.search(r"installing spin_lite from \S*/spin-lite-wheel-\w+/spin_lite-0\.1\.0-py3-none-any\.whl\n", said)
+    assert f"imported from {target / 'spin_lite' / '__init__.py'}" in said

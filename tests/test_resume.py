@@ -4,6 +4,7 @@ The final adapters must equal those of an uninterrupted run with the same seed, 
 batch may be generated twice.
 """
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -117,3 +118,20 @@ def test_resume_loads_the_optimizer_on_the_cpu_and_replaces_the_log_whole(tiny_m
         assert (log.stat().st_ino != inode) == (rank == 0)  # only rank 0 rewrites it, by replacing it
     assert log.read_text() == json.dumps({"step": 1, "loss": 0.5}) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "train_log.jsonl"]  # no temporary file left
+
+
+def test_a_restarted_run_removes_what_killed_atomic_writes_left(tiny_config):
+    """A process killed inside atomic_write_text leaves NAME.PID-TID.tmp beside the file (seen in the kill-resume
+    trials, docs/RELIABILITY.md); the next process to hold the run removes them, and nothing else."""
+    from spin_lite.run import SpinRun
+    cfg = tiny_config(iterations=1)
+    root = Path(cfg.run_dir)
+    (root / "iter-00").mkdir(parents=True)
+    stale = [root / "progress.json.4242-139871.tmp", root / "iter-00" / "samples.jsonl.77-1.tmp"]
+    kept = [root / "iter-00" / "notes.tmp", root / "mine.json"]  # not an atomic write's name: left alone
+    for p in stale + kept:
+        p.write_text("{")
+    lines = []
+    SpinRun(cfg, log=lines.append).prepare()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert sum("left by an interrupted write" in line for line in lines) == 2
