@@ -23,20 +23,24 @@ HUB_TIMEOUT_S = 10.0
 HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?(?<![.-])")
 
 
-def check_model(cfg: SpinConfig):
-    """The base model, the starting adapter and the LoRA targets of `cfg`, or ModelError naming the problem."""
+def check_model(cfg: SpinConfig, base: Path | None = None, base_name: str = "the working directory"):
+    """The base model, the starting adapter and the LoRA targets of `cfg`, or ModelError naming the problem.
+    Relative paths are taken from `base` (`base_name` in messages; default: the working directory)."""
+    where = (Path(base) if base is not None else Path.cwd(), base_name)
     path = str(embedded_model_dir()) if cfg.model.name == EMBEDDED else _reference(
-        cfg.model.name, "config.json", f"could not load the tokenizer of model {cfg.model.name!r} (model.name)")
+        cfg.model.name, "config.json", f"could not load the tokenizer of model {cfg.model.name!r} (model.name)", where)
     if cfg.model.adapter is not None:
-        _reference(cfg.model.adapter, "adapter_config.json", f"model.adapter {cfg.model.adapter!r}")
+        _reference(cfg.model.adapter, "adapter_config.json", f"model.adapter {cfg.model.adapter!r}", where)
     targets = cfg.lora.target_modules
     if targets != "all-linear":
         _check_targets(targets, _module_types(path, cfg.model.trust_remote_code), cfg.model.name)
 
 
-def _reference(value: str, marker: str, what: str) -> str:
-    """A local folder holding `marker` (returned as an absolute path), or a hub id that exists (returned as is)."""
-    path = Path(value).expanduser().absolute()
+def _reference(value: str, marker: str, what: str, where: tuple[Path, str]) -> str:
+    """A local folder holding `marker` (returned as an absolute path), or a hub id that exists (returned as is).
+    `where`: the folder relative paths are taken from, and its name in messages."""
+    base, base_name = where
+    path = base / Path(value).expanduser()  # (an absolute value stays itself)
     if path.is_dir():
         if not (path / marker).is_file():
             kind = "a PEFT adapter" if marker == "adapter_config.json" else "a transformers model"
@@ -45,7 +49,7 @@ def _reference(value: str, marker: str, what: str) -> str:
     if path.exists():
         raise ModelError(f"{what}: {path} is a file; a local model or adapter is a folder")
     # a relative path is taken from the working directory (spin_lite.config.where): say which one
-    cwd = "" if Path(value).expanduser().is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    cwd = "" if Path(value).expanduser().is_absolute() else f" (relative to {base_name} {base})"
     if not HUB_ID.fullmatch(value) or value.startswith(("/", "./", "../", "~")):
         raise ModelError(f"{what}: no such folder: {path}{cwd}")
     _check_hub(value, marker, f"{what}: no such folder {path}{cwd}, and")

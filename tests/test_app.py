@@ -1,4 +1,5 @@
-"""The web app's handlers (spin_lite.app.handlers) as plain functions, on real files and a tiny model.
+"""The web app's handlers (spin_lite.app: workspace, form, preview, processes, views, chat, export) as plain
+functions, on real files and a tiny model.
 
     python -m pytest -q tests/test_app.py
 
@@ -7,6 +8,7 @@ the run tests launch real `spin-lite run` processes in it, as the app does, and 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_lite.app import handlers as h
+from spin_lite.app import chat, form, preview, processes, views, workspace
+from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig, load_config
 from spin_lite.data import DataError
 from spin_lite.model import ModelError
@@ -68,11 +71,11 @@ def tiny_config(run_dir: str, **extra) -> SpinConfig:
 def wait_until_stopped(ws, run_dir: str, timeout_s: float = 240) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        status = h.run_status(ws, run_dir)
+        status = processes.run_status(ws, run_dir)
         if status["status"] != "running":
             return status
         time.sleep(0.3)
-    raise AssertionError(f"{run_dir} still running after {timeout_s} s:\n{h.run_log(ws, run_dir)}")
+    raise AssertionError(f"{run_dir} still running after {timeout_s} s:\n{views.run_log(ws, run_dir)}")
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -87,9 +90,9 @@ def ws(tmp_path_factory):
     os.environ["OMP_NUM_THREADS"] = "1"
     root = make_workspace(tmp_path_factory.mktemp("workspace"))
     yield root
-    for run in h.list_runs(root):
-        if h.run_status(root, run)["status"] == "running":
-            h.abort_run(root, run, grace_s=2)
+    for run in views.list_runs(root):
+        if processes.run_status(root, run)["status"] == "running":
+            processes.abort_run(root, run, grace_s=2)
     if old is None:
         os.environ.pop("OMP_NUM_THREADS", None)
     else:
@@ -99,12 +102,12 @@ def ws(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(ws):
     """runs/tiny: one iteration started as the Run tab starts it, run to the end."""
-    message = h.start_run(ws, tiny_config("runs/tiny"))
+    message = processes.start_run(ws, tiny_config("runs/tiny"))
     assert "started" in message
-    with pytest.raises(h.AppError, match="already running"):  # one run per run directory at a time
-        h.start_run(ws, tiny_config("runs/tiny"))
+    with pytest.raises(workspace.AppError, match="already running"):  # one run per run directory at a time
+        processes.start_run(ws, tiny_config("runs/tiny"))
     status = wait_until_stopped(ws, "runs/tiny")
-    assert status["status"] == "finished", h.run_log(ws, "runs/tiny")
+    assert status["status"] == "finished", views.run_log(ws, "runs/tiny")
     return "runs/tiny"
 
 
@@ -112,18 +115,18 @@ def finished_run(ws):
 def test_form_has_every_setting_with_the_configs_default():
     cfg = SpinConfig()
     flat = flatten(cfg.to_dict())
-    assert [s.key for s in h.settings()] == list(flat)
-    assert all(s.help for s in h.settings())
-    assert h.config_from_form(h.form_values(cfg)) == cfg
-    assert h.cli_overrides(cfg) == []
+    assert [s.key for s in form.settings()] == list(flat)
+    assert all(s.help for s in form.settings())
+    assert form.config_from_form(form.form_values(cfg)) == cfg
+    assert form.cli_overrides(cfg) == []
 
 
 def test_form_round_trip_and_cli_command_are_the_same_config(tmp_path):
     cfg = tiny_config("runs/x", **{"train.beta": "[0.1, 0.2]", "data.system_prompt": "'Be brief: yes.'",
                                    "eval.match_regex": "'^In short: '", "mode": "merge"})
-    values = h.form_values(cfg)
-    assert h.config_from_form(values) == cfg
-    command = h.cli_command(tmp_path, cfg)
+    values = form.form_values(cfg)
+    assert form.config_from_form(values) == cfg
+    command = form.cli_command(tmp_path, cfg)
     assert command.splitlines()[0] == f"cd {tmp_path.resolve()}"
     args = shlex.split(command.splitlines()[1])
     assert args[:2] == ["spin-lite", "run"]
@@ -131,30 +134,76 @@ def test_form_round_trip_and_cli_command_are_the_same_config(tmp_path):
 
 
 def test_form_values_typed_by_hand():
-    keys = [s.key for s in h.settings()]
-    values = h.form_values(SpinConfig())
+    keys = [s.key for s in form.settings()]
+    values = form.form_values(SpinConfig())
     values[keys.index("train.learning_rate")] = "5e-5"  # YAML 1.1 reads this as a string
     values[keys.index("data.max_examples")] = " 12 "
-    cfg = h.config_from_form(values)
+    cfg = form.config_from_form(values)
     assert cfg.train.learning_rate == 5e-5 and cfg.data.max_examples == 12
     values[keys.index("train.beta")] = "abc"
     values[keys.index("data.max_examples")] = "twelve"
     with pytest.raises(ConfigError) as e:
-        h.config_from_form(values)
+        form.config_from_form(values)
     assert "train.beta" in str(e.value) and "data.max_examples" in str(e.value)  # every problem at once
+
+
+def test_presets_are_the_shipped_configs():
+    """Each preset is its shipped config (examples/configs, carried in the package as spin_lite/presets), as the
+    form opens on it; the CPU demo reads the demo rows shipped in the package, so it works in any workspace."""
+    for name, (file, overrides) in form.PRESETS.items():
+        shipped = REPO / "examples" / "configs" / file
+        assert (form.PRESETS_DIR / file).read_bytes() == shipped.read_bytes()
+        cfg = form.preset_config(name)
+        assert cfg == load_config(shipped, overrides) and form.config_from_form(form.form_values(cfg)) == cfg
+    demo = form.preset_config("CPU demo")
+    assert demo.data.path == "sample:demo" and demo.model.name == "embedded"
+    assert demo == load_config(REPO / "examples" / "configs" / "demo.yaml", ["data.path=sample:demo"])
+    t4, big = form.preset_config("T4 16 GB QLoRA"), form.preset_config("24 GB QLoRA")
+    assert t4.model.load_in_4bit and t4.model.dtype == "float16" and big.model.load_in_4bit  # a T4: no bfloat16
+    # the recipe the README recommends, in every preset: the anchor, patience 2, sampling at temperature 1
+    assert all(c.train.sft_weight == 1.0 and c.train.stop_patience == 2 and c.generation.temperature == 1.0
+               for c in (demo, t4, big))
+    with pytest.raises(workspace.AppError, match="unknown preset 'nope'"):
+        form.preset_config("nope")
+
+
+def test_the_recommended_preset_follows_the_machine():
+    assert form.recommended_preset(None) == "CPU demo"  # no CUDA
+    assert form.recommended_preset(14.6) == "T4 16 GB QLoRA"  # what a T4 reports
+    assert form.recommended_preset(23.6) == "24 GB QLoRA"  # an RTX 4090
+    assert form.recommended_preset(139.8) == "24 GB QLoRA"
+
+
+def test_the_first_screen_opens_on_the_recommended_preset(tmp_path, monkeypatch):
+    """The page built for a machine without CUDA shows the CPU demo preset in every input, and one with a 24 GB
+    GPU the 24 GB one; the settings that matter first are above "Advanced", every other one in one topic."""
+    pytest.importorskip("gradio")
+    from spin_lite.app import ui
+
+    specs = form.settings()
+    assert {form.topic(s.key) for s in specs} == {None} | {tid for _, tid, _ in form.TOPICS}  # no empty topic
+    assert [s.key for s in specs if form.topic(s.key) is None] == sorted(form.FIRST, key=[s.key for s in specs].index)
+    for gib, preset in ((None, "CPU demo"), (23.6, "24 GB QLoRA")):
+        monkeypatch.setattr(form, "gpu_memory_gib", lambda: gib)
+        page = ui.build_demo(tmp_path)
+        inputs = {b.elem_id: b for b in page.blocks.values() if getattr(b, "elem_id", None)}
+        assert inputs["preset"].value == preset
+        shown = [inputs["cfg-" + s.key.replace(".", "-")].value for s in specs]
+        assert form.config_from_form(shown) == form.preset_config(preset)
+        assert shown == form.form_values(form.preset_config(preset))
 
 
 def test_save_and_load_a_config(ws, tmp_path):
     cfg = tiny_config("runs/saved")
-    path = h.save_config(ws, cfg, "configs/tiny.yaml")
+    path = form.save_config(ws, cfg, "configs/tiny.yaml")
     assert path == ws / "configs" / "tiny.yaml"
-    assert h.open_config(ws, "configs/tiny.yaml") == cfg
+    assert form.open_config(ws, "configs/tiny.yaml") == cfg
     (ws / "configs" / "bad.yaml").write_text("iterations: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        h.open_config(ws, "configs/bad.yaml")
+        form.open_config(ws, "configs/bad.yaml")
     (ws / "configs" / "wrong.yaml").write_text("iterations: 0\ntrain: {beta: -1}\n")
     with pytest.raises(ConfigError, match="iterations.*\n.*train.beta"):
-        h.open_config(ws, "configs/wrong.yaml")
+        form.open_config(ws, "configs/wrong.yaml")
 
 
 # -- the workspace ------------------------------------------------------------------------------------------
@@ -164,42 +213,93 @@ def test_paths_outside_the_workspace_are_refused(ws, tmp_path):
     (outside / "data.jsonl").write_text(DEMO.read_text())
     (ws / "escape").symlink_to(outside)
     for typed in ("../x", "/etc/passwd", str(outside / "data.jsonl"), "escape/data.jsonl", "data/../../x"):
-        with pytest.raises(h.AppError, match="outside the workspace"):
-            h.inside(ws, typed)
-    with pytest.raises(h.AppError, match="outside the workspace"):
-        h.preview_data(ws, tiny_config("runs/x", **{"data.path": str(outside / "data.jsonl")}))
-    with pytest.raises(h.AppError, match="outside the workspace"):
-        h.start_run(ws, tiny_config(str(outside / "run")))
-    with pytest.raises(h.AppError, match="outside the workspace"):
-        h.save_config(ws, SpinConfig(), "../config.yaml")
+        with pytest.raises(workspace.AppError, match="outside the workspace"):
+            workspace.inside(ws, typed)
+    with pytest.raises(workspace.AppError, match="outside the workspace"):
+        preview.preview_data(ws, tiny_config("runs/x", **{"data.path": str(outside / "data.jsonl")}))
+    with pytest.raises(workspace.AppError, match="outside the workspace"):
+        processes.start_run(ws, tiny_config(str(outside / "run")))
+    with pytest.raises(workspace.AppError, match="outside the workspace"):
+        form.save_config(ws, SpinConfig(), "../config.yaml")
     assert sorted(p.name for p in outside.iterdir()) == ["data.jsonl"]
-    assert h.inside(ws, "data/demo_sft.jsonl") == ws.resolve() / "data" / "demo_sft.jsonl"
-    assert h.local_or_hub(ws, "HuggingFaceH4/ultrachat_200k") == "HuggingFaceH4/ultrachat_200k"  # a hub id
+    assert workspace.inside(ws, "data/demo_sft.jsonl") == ws.resolve() / "data" / "demo_sft.jsonl"
+    assert workspace.local_or_hub(ws, "HuggingFaceH4/ultrachat_200k") == "HuggingFaceH4/ultrachat_200k"  # a hub id
+
+
+@pytest.mark.parametrize("bad, named", [("runs/a\0b", "null character"), ("r" * 5000, "too long for a path"),
+                                        ("runs/" + "x" * 256, "too long for a path")], ids=["null", "5000", "256"])
+def test_names_no_file_system_takes_are_refused_by_name(ws, bad, named):
+    """A null character or an over-long name, on every way a typed path comes in: a named refusal (AppError),
+    not the operating system's ValueError or OSError read as a crash."""
+    cfg = tiny_config("runs/ok")
+    with_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=bad))
+    calls = {"inside": lambda: workspace.inside(ws, bad),
+             "start": lambda: processes.start_run(ws, dataclasses.replace(cfg, run_dir=bad)),
+             "start (data)": lambda: processes.start_run(ws, with_data),
+             "continue": lambda: processes.continue_run(ws, bad), "abort": lambda: processes.abort_run(ws, bad),
+             "status": lambda: processes.run_status(ws, bad), "save": lambda: form.save_config(ws, cfg, bad),
+             "load": lambda: form.open_config(ws, bad), "preview": lambda: preview.preview_data(ws, with_data),
+             "estimate": lambda: preview.estimate_time(ws, with_data), "log": lambda: views.run_log(ws, bad),
+             "samples": lambda: views.samples(ws, bad, "start"), "menus": lambda: views.model_menus(ws, bad),
+             "chat": lambda: list(chat.chat_reply(ws, bad, "start", [{"role": "user", "content": "hi"}])),
+             "export": lambda: app_export.export(ws, bad, "best")}
+    for name, call in calls.items():
+        with pytest.raises(workspace.AppError, match=named) as refused:
+            call()
+        assert len(str(refused.value)) < 300, name  # the name quoted cut, not 5,000 characters of it
+
+
+def test_values_of_the_wrong_type_are_refused_by_name(ws):
+    """What the API can send that the page cannot: each refused with a message that names the value."""
+    for iterations, patience in (("three", None), (2.5, None), (None, -1), (None, True), (None, [2])):
+        with pytest.raises(workspace.AppError, match="for Continue must be a whole number >= 0"):
+            processes.continue_run(ws, "runs/none", iterations=iterations, stop_patience=patience)
+    with pytest.raises(workspace.AppError, match="new tokens per reply: a whole number from 1"):
+        next(chat.chat_reply(ws, "runs/none", "start", [], max_new_tokens="many"))
+    with pytest.raises(workspace.AppError, match="unknown weight type 'int3'"):
+        app_export.export(ws, "runs/none", "best", kind="merged", dtype="int3")
+    with pytest.raises(workspace.AppError, match="unknown model 'iter x'"):
+        views.samples(ws, "runs/none", "iter x")
+    keys = [s.key for s in form.settings()]
+    values = form.form_values(SpinConfig())
+    values[keys.index("iterations")], values[keys.index("sft.enabled")] = "three", "yes"
+    with pytest.raises(ConfigError, match=r"iterations must be an integer, got 'three'[\s\S]*sft.enabled must be true"):
+        form.config_from_form(values)
+    with pytest.raises(workspace.AppError, match=f"the settings form has {len(keys)} values; got 2"):
+        form.config_from_form([1, 2])
 
 
 def test_upload_goes_to_the_workspace(ws, tmp_path):
-    assert h.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"
-    assert h.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"  # the same file again: no copy
+    assert workspace.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"
+    assert workspace.save_upload(ws, DEMO) == "uploads/demo_sft.jsonl"  # the same file again: no copy
     other = tmp_path / "demo_sft.jsonl"
     other.write_text(DEMO.read_text().splitlines()[0] + "\n")
-    assert h.save_upload(ws, other) == "uploads/demo_sft-1.jsonl"
+    assert workspace.save_upload(ws, other) == "uploads/demo_sft-1.jsonl"
 
 
 # -- data preview -------------------------------------------------------------------------------------------
 def test_preview_shows_rows_with_the_chat_template(ws):
-    rows, message = h.preview_data(ws, tiny_config("runs/x"))
+    rows, message = preview.preview_data(ws, tiny_config("runs/x"))
     first = json.loads(DEMO.read_text().splitlines()[0])["messages"]
     assert len(rows) == 5 and "140 rows" in message
     assert rows[0]["prompt"].endswith(f"<|im_start|>user\n{first[0]['content']}<|im_end|>\n<|im_start|>assistant\n")
     assert rows[0]["response"] == first[1]["content"] + "<|im_end|>"
-    assert rows[0]["problem"] == "" and rows[0]["prompt_tokens"] > 0
+    assert rows[0]["problem"] == "" and rows[0]["prompt tokens"] > 0
     assert rows[0]["raw columns"].startswith('messages: [{"role": "user", "content": ' + json.dumps(first[0]["content"]))
     assert "columns messages (read as chat, data.format: auto)" in message
+    # what the model sees and what is wrong first, the file's own columns last
+    assert preview.PREVIEW_COLUMNS == ["row", "problem", "prompt", "response", "prompt tokens", "response tokens",
+                                       "raw columns"]
+    assert all(list(r) == preview.PREVIEW_COLUMNS for r in rows)
+    from spin_lite.config import ModelConfig
+    from spin_lite.model import load_tokenizer
+    tokenizer = load_tokenizer(ModelConfig(name=str(ws / "models" / "tiny")))
+    assert rows[0]["prompt tokens"] == len(tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"])
 
 
 def test_preview_shows_an_alpaca_csv_raw_beside_its_prompt(ws):
     (ws / "data" / "alpaca.csv").write_text("instruction,input,output\nTranslate to French,good morning,bonjour\n")
-    rows, message = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/alpaca.csv"}))
+    rows, message = preview.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/alpaca.csv"}))
     assert rows[0]["raw columns"] == "instruction: Translate to French\ninput: good morning\noutput: bonjour"
     assert "Translate to French" in rows[0]["prompt"] and "good morning" in rows[0]["prompt"]  # input kept
     assert rows[0]["response"] == "bonjour<|im_end|>" and "read as alpaca" in message
@@ -207,102 +307,131 @@ def test_preview_shows_an_alpaca_csv_raw_beside_its_prompt(ws):
 
 def test_preview_reports_bad_data_and_models(ws):
     (ws / "data" / "qa.jsonl").write_text('{"question": "Hi?", "answer": "Hello."}\n')
-    rows, message = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl"}))
+    rows, message = preview.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl"}))
     problem = rows[0]["problem"]  # the columns the row has, and the settings that would map them (spin_lite.data)
     assert "('question', 'answer')" in problem and "data.prompt_field=question data.response_field=answer" in problem
-    assert "cannot be used" in message
-    rows, _ = h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl", "data.prompt_field": "question",
+    assert "1 of them cannot be used" in message and "no row shown can be used" in message
+    assert "skip_bad_rows" not in message  # skipping every row is no advice
+    rows, _ = preview.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/qa.jsonl", "data.prompt_field": "question",
                                                            "data.response_field": "answer"}))
     assert rows[0]["problem"] == "" and rows[0]["response"] == "Hello.<|im_end|>"
     (ws / "data" / "broken.jsonl").write_text('{"messages": [\n')
     with pytest.raises(DataError, match="line 1 is not valid JSON"):
-        h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/broken.jsonl"}))
+        preview.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/broken.jsonl"}))
     with pytest.raises(DataError, match="does not exist"):
-        h.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/missing.jsonl"}))
+        preview.preview_data(ws, tiny_config("runs/x", **{"data.path": "data/missing.jsonl"}))
     (ws / "models" / "broken").mkdir()
     (ws / "models" / "broken" / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="could not load the tokenizer"):
-        h.preview_data(ws, tiny_config("runs/x", **{"model.name": "models/broken"}))
+        preview.preview_data(ws, tiny_config("runs/x", **{"model.name": "models/broken"}))
+
+
+def test_a_mistyped_model_is_the_clis_message_at_once_when_offline(ws, monkeypatch):
+    """A model name that is neither a folder of the workspace nor in the hub cache, offline: the CLI's message
+    (spin_lite.preflight), naming the folder tried in the workspace and HF_HUB_OFFLINE, without hub retries."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = tiny_config("runs/x", **{"model.name": "models/tinyy"})
+    started = time.time()
+    with pytest.raises(ModelError) as check:
+        preview.check_model(ws, cfg)
+    with pytest.raises(ModelError) as shown:
+        preview.preview_data(ws, cfg)
+    assert time.time() - started < 10  # no minute of retries
+    folder = ws.resolve() / "models" / "tinyy"
+    assert str(check.value) == str(shown.value) == (
+        f"could not load the tokenizer of model 'models/tinyy' (model.name): no such folder {folder} (relative to "
+        f"the workspace {ws.resolve()}), and 'models/tinyy' is not in the hub cache while HF_HUB_OFFLINE is set. "
+        "Offline? Use a local folder, or download the model once with network access and set HF_HUB_OFFLINE=1")
+    with pytest.raises(ModelError, match="no such folder"):
+        processes.start_run(ws, tiny_config("runs/typo", **{"model.name": "models/tinyy"}))
+    assert not (ws / "runs" / "typo").exists()
 
 
 def test_error_messages_for_the_page():
     import torch
 
-    assert "out of memory" in h.user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
-    assert "out of memory" in h.user_message(MemoryError())
-    assert h.user_message(h.AppError("plain")) == "plain"
-    assert h.user_message(KeyError("x")).startswith("unexpected error: KeyError")
+    assert "out of memory" in workspace.user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert "out of memory" in workspace.user_message(MemoryError())
+    assert workspace.user_message(workspace.AppError("plain")) == "plain"
+    assert workspace.user_message(KeyError("x")).startswith("unexpected error: KeyError")
 
 
 # -- runs -----------------------------------------------------------------------------------------------------
 def test_a_finished_run_shows_its_files(ws, finished_run):
     root = ws / finished_run
-    assert finished_run in h.list_runs(ws)
-    steps = h.step_metrics(ws, finished_run)
+    assert finished_run in views.list_runs(ws)
+    steps = views.step_metrics(ws, finished_run)
     log = [json.loads(line) for line in (root / "iter-00" / "train_log.jsonl").read_text().splitlines()]
     assert [(s["step"], s["loss"], s["margin"], s["accuracy"]) for s in steps] == \
            [(r["step"], r["loss"], r["margin"], r["accuracy"]) for r in log]
-    per_iter = h.iteration_metrics(ws, finished_run)
+    per_iter = views.iteration_metrics(ws, finished_run)
     assert [r["model"] for r in per_iter] == ["start", "iter 0"]
     assert per_iter[1]["logp_per_token"] == json.loads((root / "iter-00" / "eval.json").read_text())["test"]["logp_per_token"]
     # progress.json: the last stage's, evaluation of the test rows (generation: tests/test_fast_generate.py)
-    progress = h.progress(ws, finished_run)
+    progress = views.progress(ws, finished_run)
     assert (progress["iteration"], progress["stage"], progress["total"], progress["unit"]) == (0, "evaluate test", 4, "prompts")
-    rows = h.results_rows(ws, finished_run)
+    rows = views.results_rows(ws, finished_run)
     assert [r["model"] for r in rows] == ["start", "iter 0"] and "iterations" not in rows[0]
     assert all(v == round(v, 3) for r in rows for v in r.values() if isinstance(v, float))
     assert rows[1]["test logp/tok"] == round(per_iter[1]["logp_per_token"], 3)
-    assert "$ spin-lite run runs/tiny/app-launch.yaml" in h.run_log(ws, finished_run)
-    overview = {r["run_dir"]: r for r in h.runs_overview(ws)}
+    assert "$ spin-lite run runs/tiny/app-launch.yaml" in views.run_log(ws, finished_run)
+    overview = {r["run_dir"]: r for r in views.runs_overview(ws)}
     assert overview[finished_run]["status"] == "finished" and overview[finished_run]["iterations"] == "1/1"
 
 
 def test_inspect_samples_and_summary(ws, finished_run):
     on_disk = [json.loads(line) for line in (ws / finished_run / "iter-00" / "samples.jsonl").read_text().splitlines()]
-    assert h.sample_sets(ws, finished_run) == ["start", "iter 0"]
-    table = h.samples(ws, finished_run, "iter 0")
+    assert views.sample_sets(ws, finished_run) == ["start", "iter 0"]
+    table = views.samples(ws, finished_run, "iter 0")
     assert table == [{c: s[c] for c in ("prompt", "real", "opponent", "model")} for s in on_disk]
     word = on_disk[0]["real"].split()[2]
-    found = h.samples(ws, finished_run, "iter 0", word.upper())
+    found = views.samples(ws, finished_run, "iter 0", word.upper())
     assert found and all(word.lower() in " ".join(r.values()).lower() for r in found)
-    assert h.samples(ws, finished_run, "iter 0", "no such text anywhere") == []
-    assert h.samples(ws, finished_run, "start")[0]["opponent"] == ""
-    assert h.summary(ws, finished_run, "iter 0") == json.loads((ws / finished_run / "iter-00" / "summary.json").read_text())
+    assert views.samples(ws, finished_run, "iter 0", "no such text anywhere") == []
+    assert views.samples(ws, finished_run, "start")[0]["opponent"] == ""
+    assert views.summary(ws, finished_run, "iter 0") == json.loads((ws / finished_run / "iter-00" / "summary.json").read_text())
 
 
 def test_a_changed_config_or_a_foreign_folder_is_refused_and_left_alone(ws, finished_run):
     before = digest(ws / finished_run)
-    with pytest.raises(h.AppError, match="started with other settings.*train.beta"):
-        h.start_run(ws, tiny_config(finished_run, **{"train.beta": 0.5}))
-    with pytest.raises(h.AppError, match="not a run directory"):
-        h.start_run(ws, tiny_config("data"))
+    with pytest.raises(workspace.AppError, match="started with other settings.*train.beta"):
+        processes.start_run(ws, tiny_config(finished_run, **{"train.beta": 0.5}))
+    with pytest.raises(workspace.AppError, match="not a run directory"):
+        processes.start_run(ws, tiny_config("data"))
     assert digest(ws / finished_run) == before
     assert not (ws / "runs" / "never").exists()
     with pytest.raises(DataError):
-        h.start_run(ws, tiny_config("runs/never", **{"data.path": "data/missing.jsonl"}))
+        processes.start_run(ws, tiny_config("runs/never", **{"data.path": "data/missing.jsonl"}))
     assert not (ws / "runs" / "never").exists()
 
 
 def test_abort_then_continue(ws, finished_run):
-    """Continue the finished run to 2 iterations, abort it while it works, and continue it to the end."""
-    h.continue_run(ws, finished_run, iterations=2)
+    """Continue the finished run to 2 iterations, abort it while it works, and continue it to the end. Continue
+    launches a checked copy of the run's config with the page's changes (app-launch.yaml), as Start does."""
+    message = processes.continue_run(ws, finished_run, iterations=2)
+    assert message.startswith(f"started `spin-lite run {finished_run}/app-launch.yaml` (process ")
+    launched = load_config(ws / finished_run / processes.LAUNCH_CONFIG)
+    assert launched == load_config(ws / finished_run / "config.yaml", [f"run_dir={finished_run}", "iterations=2"])
+    assert launched.iterations == 2
     deadline = time.time() + 120
     while not (ws / finished_run / "iter-01").exists() and time.time() < deadline:  # iteration 1 has begun
         time.sleep(0.05)
-    assert h.run_status(ws, finished_run)["status"] == "running"
-    assert "aborted" in h.abort_run(ws, finished_run, grace_s=5)
-    status = h.run_status(ws, finished_run)
+    assert processes.run_status(ws, finished_run)["status"] == "running"
+    assert "aborted" in processes.abort_run(ws, finished_run, grace_s=5)
+    status = processes.run_status(ws, finished_run)
     assert status["status"] == "aborted" and status["iterations_done"] == 1
-    with pytest.raises(h.AppError, match="not running"):
-        h.abort_run(ws, finished_run)
-    h.continue_run(ws, finished_run, iterations=2)
+    with pytest.raises(workspace.AppError, match="not running"):
+        processes.abort_run(ws, finished_run)
+    processes.continue_run(ws, finished_run, iterations=2)
     status = wait_until_stopped(ws, finished_run)
-    assert status["status"] == "finished" and status["iterations_done"] == 2, h.run_log(ws, finished_run)
-    assert [r["model"] for r in h.iteration_metrics(ws, finished_run)] == ["start", "iter 0", "iter 1"]
-    steps = h.step_metrics(ws, finished_run)
+    assert status["status"] == "finished" and status["iterations_done"] == 2, views.run_log(ws, finished_run)
+    assert [r["model"] for r in views.iteration_metrics(ws, finished_run)] == ["start", "iter 0", "iter 1"]
+    steps = views.step_metrics(ws, finished_run)
     assert [r["global_step"] for r in steps] == list(range(1, len(steps) + 1))
     assert [r["iteration"] for r in steps] == sorted(r["iteration"] for r in steps) and steps[-1]["iteration"] == 1
-    assert "aborted from the app" in h.run_log(ws, finished_run, 400)
+    assert "aborted from the app" in views.run_log(ws, finished_run, 400)
 
 
 def test_a_failed_run_says_why(ws):
@@ -310,7 +439,7 @@ def test_a_failed_run_says_why(ws):
     fails in the run's process; the page shows the run as failed, with the error line of its log."""
     broken = ws / "models" / "no-weights"
     shutil.copytree(ws / "models" / "tiny", broken, ignore=shutil.ignore_patterns("*.safetensors"))
-    h.start_run(ws, tiny_config("runs/fails", **{"model.name": "models/no-weights"}))
+    processes.start_run(ws, tiny_config("runs/fails", **{"model.name": "models/no-weights"}))
     status = wait_until_stopped(ws, "runs/fails")
     assert status["status"] == "failed" and status["returncode"] == 2
     assert status["error"].startswith("error: could not load model 'models/no-weights'")
@@ -318,39 +447,39 @@ def test_a_failed_run_says_why(ws):
 
 # -- compare and export ---------------------------------------------------------------------------------------------
 def test_chat_streams_both_models(ws, finished_run):
-    chat = [{"role": "user", "content": "Why is the sky blue?"}]
-    start = list(h.chat_reply(ws, finished_run, "start", chat, max_new_tokens=6))
-    after = list(h.chat_reply(ws, finished_run, "iter 0", chat, max_new_tokens=6))
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    start = list(chat.chat_reply(ws, finished_run, "start", question, max_new_tokens=6))
+    after = list(chat.chat_reply(ws, finished_run, "iter 0", question, max_new_tokens=6))
     for stream in (start, after):
         assert stream and all(isinstance(t, str) for t in stream)
         assert all(a == b[:len(a)] for a, b in zip(stream, stream[1:]))  # each yield extends the last
-    model, _ = h.chat_model(ws, finished_run, "iter 0")
+    model, _ = chat.chat_model(ws, finished_run, "iter 0")
     assert type(model).__name__ == "PeftModelForCausalLM"
     # The page loads both models at once, from two threads: the same replies as one after the other.
     assert not any(p.requires_grad for p in model.parameters())  # built for inference: frozen
-    h._load_chat_model.cache_clear()
+    chat._load_chat_model.cache_clear()
     replies = {}
-    threads = [threading.Thread(target=lambda w: replies.__setitem__(w, list(h.chat_reply(ws, finished_run, w, chat, 6))),
+    threads = [threading.Thread(target=lambda w: replies.__setitem__(w, list(chat.chat_reply(ws, finished_run, w, question, 6))),
                                 args=(which,)) for which in ("start", "iter 0")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert replies["start"][-1] == start[-1] and replies["iter 0"][-1] == after[-1]
-    with pytest.raises(h.AppError, match="no trained adapter"):
-        list(h.chat_reply(ws, finished_run, "iter 7", chat))
+    with pytest.raises(workspace.AppError, match="no trained adapter"):
+        list(chat.chat_reply(ws, finished_run, "iter 7", question))
 
 
 def test_export_adapter_zip_and_merged_folder(ws, finished_run):
-    assert h.trained_iterations(ws, finished_run)[0] == 0
-    archive = h.export(ws, finished_run, 0, kind="adapter")
+    assert views.trained_iterations(ws, finished_run)[0] == 0
+    archive = app_export.export(ws, finished_run, 0, kind="adapter")
     assert archive == ws / "exports" / "tiny-iter-00-adapter.zip"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipfile.ZipFile(archive).namelist())
-    merged = h.export(ws, finished_run, 0, kind="merged")
+    merged = app_export.export(ws, finished_run, 0, kind="merged")
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
-    with pytest.raises(h.AppError, match="iteration 5"):
-        h.export(ws, finished_run, 5, kind="adapter")
+    with pytest.raises(workspace.AppError, match="iteration 5"):
+        app_export.export(ws, finished_run, 5, kind="adapter")
 
 
 def fake_run(root: Path, accepted: list[bool], untrained_after: bool = False) -> Path:
@@ -378,52 +507,52 @@ def test_menus_open_on_the_chosen_model_and_mark_the_rejected(tmp_path):
     """Inspect, Compare and Export open on the model the stop rule chose and name every model with its verdict;
     Export offers "best" and warns of a rejected iteration; a chosen starting model is said plainly."""
     fake_run(tmp_path / "runs" / "r", [True, True, False], untrained_after=True)  # iteration 1 chosen
-    menus = h.model_menus(tmp_path, "runs/r")
+    menus = views.model_menus(tmp_path, "runs/r")
     rejected = ("iter 2 (rejected by the stop rule)", "iter 2")
     assert menus["inspect"] == ([("start", "start"), ("iter 0", "iter 0"), ("iter 1 (chosen)", "iter 1"), rejected],
                                 "iter 1")
     assert menus["compare"] == ([("start", "start"), ("iter 0", "iter 0"), ("iter 1 (chosen)", "iter 1"), rejected,
                                  ("iter 3 (not evaluated)", "iter 3")], "iter 1")
     assert menus["export"] == ([("best = iter 1 (chosen)", "best"), *menus["compare"][0][1:]], "best")
-    assert h.model_number(tmp_path, "runs/r", "best") == 1 and h.export_note(tmp_path, "runs/r", "best") == ""
-    assert h.export_note(tmp_path, "runs/r", "iter 2") == (
+    assert app_export.model_number(tmp_path, "runs/r", "best") == 1 and app_export.export_note(tmp_path, "runs/r", "best") == ""
+    assert app_export.export_note(tmp_path, "runs/r", "iter 2") == (
         "**Warning: the stop rule rejected iteration 2: not better than iteration 1 on the validation rows (val "
         "repetitive got worse (0.00 -> 0.50)); the model it chose is iteration 1.**")
-    with pytest.raises(h.AppError, match="unknown model 'iter x'"):
-        h.export_note(tmp_path, "runs/r", "iter x")
+    with pytest.raises(workspace.AppError, match="unknown model 'iter x'"):
+        app_export.export_note(tmp_path, "runs/r", "iter x")
 
     fake_run(tmp_path / "runs" / "s", [False, False])  # no iteration better: the starting model is chosen
-    menus = h.model_menus(tmp_path, "runs/s")
+    menus = views.model_menus(tmp_path, "runs/s")
     assert menus["inspect"][1] == menus["compare"][1] == "start" and menus["compare"][0][0] == ("start (chosen)", "start")
     assert menus["export"][0][:2] == [("best = start (chosen)", "best"), ("start (chosen)", "start")]
-    note = h.export_note(tmp_path, "runs/s", "best")
+    note = app_export.export_note(tmp_path, "runs/s", "best")
     assert note.startswith("The stop rule chose the starting model: no iteration was better on the validation rows.")
     assert "nothing trained to export" in note
-    with pytest.raises(h.AppError, match="is the starting model: no iteration of run runs/s was better.*nothing "
+    with pytest.raises(workspace.AppError, match="is the starting model: no iteration of run runs/s was better.*nothing "
                                          "trained to export"):
-        h.export(tmp_path, "runs/s", "best")  # the CLI's refusal, in the page
+        app_export.export(tmp_path, "runs/s", "best")  # the CLI's refusal, in the page
     assert not (tmp_path / "exports" / "s-start-adapter").exists()
 
     fake_run(tmp_path / "runs" / "none", [])  # nothing trained yet: empty menus
-    assert h.model_menus(tmp_path, "runs/none") == {"inspect": ([("start", "start")], "start"),
+    assert views.model_menus(tmp_path, "runs/none") == {"inspect": ([("start", "start")], "start"),
                                                     "compare": ([], None), "export": ([], None)}
 
 
 def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tmp_path):
     """The Export tab's GGUF file, and a Hub push: no token is a clear refusal before any work; a token from the
     form reaches the export process (its environment, not its command line) and an unreachable Hub is named."""
-    gguf = h.export(ws, finished_run, 0, kind="gguf", gguf_type="f16")
+    gguf = app_export.export(ws, finished_run, 0, kind="gguf", gguf_type="f16")
     assert gguf == ws / "exports" / "tiny-iter-00-gguf-f16" / gguf.name and gguf.suffix == ".gguf"
     assert gguf.read_bytes()[:4] == b"GGUF"
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login
-    with pytest.raises(h.AppError, match="needs a token"):
-        h.export(ws, finished_run, 0, push_repo="someone/tiny-spin")
-    with pytest.raises(h.AppError, match="not of the form OWNER/NAME"):
-        h.export(ws, finished_run, 0, push_repo="../../etc")
+    with pytest.raises(workspace.AppError, match="needs a token"):
+        app_export.export(ws, finished_run, 0, push_repo="someone/tiny-spin")
+    with pytest.raises(workspace.AppError, match="not of the form OWNER/NAME"):
+        app_export.export(ws, finished_run, 0, push_repo="../../etc")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(h.AppError, match=r"could not push .* someone/tiny-spin.*export itself is complete"):
-        h.export(ws, finished_run, 0, push_repo="someone/tiny-spin", token="hf_not_a_real_token")
+    with pytest.raises(workspace.AppError, match=r"could not push .* someone/tiny-spin.*export itself is complete"):
+        app_export.export(ws, finished_run, 0, push_repo="someone/tiny-spin", token="hf_not_a_real_token")
 
 
 # -- the app module ---------------------------------------------------------------------------------------------------
@@ -443,6 +572,7 @@ def test_app_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
     app.main(["--workspace", str(tmp_path)])
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["auth"] is None
+    assert launched["show_error"] is True  # Gradio's own refusals (a value of the wrong shape) say why
     app.main(["--workspace", str(tmp_path), "--host", "0.0.0.0", "--share", "--auth", "ann:secret"])
     assert launched["server_name"] == "0.0.0.0" and launched["share"] is True and launched["auth"] == ("ann", "secret")
     with pytest.raises(SystemExit):
@@ -452,6 +582,15 @@ def test_app_flags(monkeypatch, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "spin_lite", "app", "--help"], cwd=tmp_path, text=True,
                                capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert help_text.returncode == 0 and "--workspace" in help_text.stdout and "127.0.0.1" in help_text.stdout
+
+
+def test_plot_limits_keep_the_edge_points_inside():
+    pytest.importorskip("gradio")
+    from spin_lite.app.ui_run import padded
+
+    assert padded([1, 2, 3, 4, 5, 6]) == pytest.approx([0.7, 6.3])  # 6% of the span (5) on each side
+    assert padded([0.5, float("nan")]) == pytest.approx([0.47, 0.53])  # one value: 6% of itself; NaN: not drawn
+    assert padded([0, 0]) == [-0.05, 0.05] and padded([]) is None
 
 
 def test_a_wheel_serves_the_app(tmp_path):
@@ -476,7 +615,10 @@ def test_a_wheel_serves_the_app(tmp_path):
     help_text = run(tmp_path / "venv" / "bin" / "spin-lite", "app", "--help")
     assert help_text.returncode == 0 and "--workspace" in help_text.stdout, help_text.stderr
     built = run(python, "-c", "import spin_lite.app.ui as ui, gradio as gr; print(ui.__file__); "
-                              "print(isinstance(ui.build_demo('.'), gr.Blocks))")
+                              "print(isinstance(ui.build_demo('.'), gr.Blocks)); "
+                              "from spin_lite.app import form; print(any((form.PRESETS_DIR / f).is_symlink() "
+                              "for f, _ in form.PRESETS.values()), all(form.preset_config(n) for n in form.PRESETS))")
     assert built.returncode == 0, built.stderr
-    where, blocks = built.stdout.split()[-2:]
+    where, blocks, linked, presets = built.stdout.split()[-4:]
     assert where.startswith(purelib) and blocks == "True"
+    assert (linked, presets) == ("False", "True")  # the presets' files themselves, not links, are in the wheel

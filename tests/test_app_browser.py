@@ -2,12 +2,15 @@
 
     python -m pytest -q tests/test_app_browser.py        # .ci/run installs chromium with apt
 
-It follows the guided Setup flow from a workspace holding only a model folder (the bundled sample data, tiny
-sizes under Advanced, a bad setting's error next to the button, the time estimate), starts the run, waits for it to
-finish, and checks that the plots, the results table (the chosen iteration marked) and the inspect chats show
-that run's numbers and texts as they are on disk; it shows the progress of every stage from the events a run
-writes (progress.json); then it starts a second run, aborts it and continues it to the end. A screenshot of
-each tab goes to test-artifacts/. Skips only when /usr/bin/chromium is missing.
+It checks that the first screen opens on the recommended preset (the CPU demo: no CUDA here), then follows the
+Setup flow from a workspace holding only a model folder (the model's check beside it, the bundled sample data
+previewed as the model sees it, tiny sizes under Advanced, a bad setting's error next to the button, the time
+estimate), starts the run, waits for it to finish, and checks that the plots, the results table (the chosen
+iteration marked) and the inspect chats show that run's numbers and texts as they are on disk; it shows the
+progress of every stage from the events a run writes (progress.json); then it starts a second run, keeps the
+first click's message when a second click is refused, aborts the run, continues it, and continues it again past
+its planned iterations, with the plots drawing the new iteration on the open page. A screenshot of each tab goes
+to test-artifacts/. Skips only when /usr/bin/chromium is missing.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_lite.app import handlers as h
+from spin_lite.app import chat, form, processes, views
 from spin_lite.state import RunDir
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
@@ -52,7 +55,7 @@ def app(tmp_path_factory):
     ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
     log = open(ARTIFACTS / "app-browser-server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -69,9 +72,9 @@ def app(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
-    for run in h.list_runs(ws):  # the runs outlive the app by design; not the test
-        if h.run_status(ws, run)["status"] == "running":
-            h.abort_run(ws, run, grace_s=2)
+    for run in views.list_runs(ws):  # the runs outlive the app by design; not the test
+        if processes.run_status(ws, run)["status"] == "running":
+            processes.abort_run(ws, run, grace_s=2)
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +158,10 @@ def wait_for_plot(page, elem_id: str, x: str, y: str, color: str | None, expecte
     raise AssertionError(f"#{elem_id} shows {shown}, expected {expected}")
 
 
-# The tiny sizes the guided flow sets under "Advanced settings" (section, setting, value); the rest stay defaults.
-TINY_ADVANCED = [("data", "data.max_examples", 8), ("data", "data.eval_size", 4), ("data", "data.val_size", 4),
-                 ("data", "data.max_prompt_length", 96), ("data", "data.max_length", 160),
-                 ("generation", "generation.max_new_tokens", 8), ("generation", "generation.batch_size", 8),
-                 ("train", "train.epochs", 1), ("train", "train.micro_batch_size", 2),
-                 ("train", "train.gradient_accumulation_steps", 2), ("train", "train.learning_rate", 0.01),
-                 ("eval", "eval.max_new_tokens", 8)]
+# The tiny sizes the flow sets under "Advanced settings" (each in its topic, form.topic); the rest stay the preset's.
+TINY_ADVANCED = {"data.max_examples": 8, "data.eval_size": 4, "data.val_size": 4, "data.max_prompt_length": 96,
+                 "data.max_length": 160, "generation.max_new_tokens": 8, "generation.batch_size": 8, "train.epochs": 1,
+                 "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2, "eval.max_new_tokens": 8}
 
 
 def field(page, key: str):
@@ -176,8 +176,8 @@ def choose(page, elem_id: str, label: str):
 
 
 def opens_on_the_chosen_model(page, ws, tab: str, elem_id: str, then: str):
-    """The tab's model menu shows the model the run chose (h.model_menus); then pick the model `then` ("iter 1")."""
-    choices, value = h.model_menus(ws, "runs/web")[tab]
+    """The tab's model menu shows the model the run chose (views.model_menus); then pick the model `then` ("iter 1")."""
+    choices, value = views.model_menus(ws, "runs/web")[tab]
     label = dict((v, l) for l, v in choices)
     wait_for_text(page, f"#{elem_id}", f"(?m)^{re.escape(label[value])}$")  # the input's value: the whole line
     choose(page, elem_id, label[then])
@@ -190,31 +190,68 @@ def set_field(page, key: str, value):
     box.press("Tab")  # a number box reports its value when it loses focus
 
 
+def checkbox(page, key: str):
+    return page.locator(f"#cfg-{key.replace('.', '-')} input[type=checkbox]")
+
+
+def fill_tiny_form(page, iterations: int, run_dir: str):
+    """The Setup form for a run of the tiny model, whatever it showed: SPIN alone (no SFT stage, no control) at
+    lr 0.01, the tiny sizes under Advanced, and the stop rule judging every iteration without stopping the run."""
+    set_field(page, "model.name", "models/tiny")
+    set_field(page, "iterations", iterations)
+    set_field(page, "run_dir", run_dir)
+    set_field(page, "train.lr_ratio_to_sft", "")  # the rate as typed, not a fraction of an SFT stage's
+    set_field(page, "train.learning_rate", 0.01)
+    checkbox(page, "sft.enabled").uncheck()
+    checkbox(page, "sft.control").uncheck()
+    if not page.locator("#advanced-data").is_visible():
+        page.locator("#advanced .label-wrap").first.click()
+    for key in [*TINY_ADVANCED, "train.stop_when", "train.gradient_checkpointing"]:
+        if not page.locator(f"#cfg-{key.replace('.', '-')}").is_visible():  # its topic is closed: open it
+            page.locator(f"#advanced-{form.topic(key)} .label-wrap").first.click()
+    for key, value in TINY_ADVANCED.items():
+        set_field(page, key, value)
+    checkbox(page, "train.gradient_checkpointing").uncheck()
+    field(page, "train.stop_when").click()  # the stop rule judges every iteration but runs them all
+    page.get_by_role("option", name="never", exact=True).click()
+
+
 def test_set_up_run_and_inspect_a_tiny_run(app, page):
-    """The guided flow from a workspace holding only a model folder: the bundled sample data, default settings
-    except tiny sizes under Advanced, a bad setting's error next to the button, a time estimate, then the run."""
+    """The first screen is the CPU demo preset; from a workspace holding only a model folder: the model's check
+    beside it, the bundled sample data previewed, tiny sizes under Advanced, a bad setting's error next to the
+    button, a time estimate, then the run."""
     url, ws = app
     page.get_by_role("tab", name="Setup").click()
     assert not (ws / "data").exists() and not (ws / "runs").exists() and not (ws / "configs").exists()
-    assert field(page, "data.path").input_value() == "sample:demo"  # the default: data shipped inside the package
+    # The recommended recipe on a machine without CUDA, not the config's defaults: the settings shown first
+    preset = dict(zip([s.key for s in form.settings()], form.form_values(form.preset_config("CPU demo"))))
+    assert page.locator("#preset input").first.input_value() == "CPU demo"
+    for key in form.FIRST:
+        shown = checkbox(page, key).is_checked() if isinstance(preset[key], bool) else field(page, key).input_value()
+        assert shown == (preset[key] if isinstance(preset[key], bool) else str(preset[key])), key
+    assert preset["data.path"] == "sample:demo" and preset["train.lr_ratio_to_sft"] == "0.25"  # (the demo's)
+    wait_for_text(page, "#yaml-preview", r"lr_ratio_to_sft: 0\.25")
+
+    # A mistyped model: the CLI's message beside the model field, at once (HF_HUB_OFFLINE here)
+    set_field(page, "model.name", "models/tinyy")
+    wait_for_text(page, "#model-check", r"no such folder \S+/models/tinyy \(relative to the workspace [\s\S]*HF_HUB_OFFLINE",
+                  timeout_s=30)
+    model, check = (page.locator(s).bounding_box() for s in ("#cfg-model-name", "#model-check"))
+    assert check["x"] > model["x"] + model["width"] / 2 and abs(check["y"] - model["y"]) < model["height"]  # beside
     set_field(page, "model.name", "models/tiny")
-    set_field(page, "iterations", 2)
-    set_field(page, "run_dir", "runs/web")
-    page.locator("#advanced .label-wrap").first.click()
-    for section in dict.fromkeys(section for section, _, _ in TINY_ADVANCED):
-        page.locator(f"#advanced-{section} .label-wrap").first.click()
-    for _, key, value in TINY_ADVANCED:
-        set_field(page, key, value)
-    page.locator("#cfg-train-gradient_checkpointing input[type=checkbox]").uncheck()
-    field(page, "train.stop_when").click()  # the stop rule judges every iteration but runs both
-    page.get_by_role("option", name="never", exact=True).click()
+    page.wait_for_function("() => !document.querySelector('#model-check').innerText.trim()")
+
+    fill_tiny_form(page, iterations=2, run_dir="runs/web")
     yaml_text = wait_for_text(page, "#yaml-preview", r"stop_when: never")
     assert "max_examples: 8" in yaml_text and "name: models/tiny" in yaml_text and "path: sample:demo" in yaml_text
 
-    # The data as the file has it beside the prompt the model sees.
+    # The prompt as the model sees it, the response, the token counts and any problem first; the raw columns last.
     page.locator("#preview-data").click()
     preview = wait_for_text(page, "#preview-table", r"<\|im_start\|>user\s+Why is the sky blue\?")
     assert re.search(r'messages: \[\{"role": "user", "content": "Why is the sky blue\?"', preview)
+    headers = page.locator("#preview-table thead th").evaluate_all("els => els.map(e => e.innerText.trim())")
+    assert [h for h in headers if h] == ["row", "problem", "prompt", "response", "prompt tokens", "response tokens",
+                                         "raw columns"]
     wait_for_text(page, "#preview-msg", r"140 rows in sample:demo; columns messages \(read as chat")
 
     # A bad setting: its error shows right under the button that was clicked, inside the window.
@@ -222,8 +259,8 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     try:
         wait_for_text(page, "#config-problems", r"train\.learning_rate must be a positive number")  # as typed
         page.locator("#start-run").click()
-        wait_for_text(page, "#setup-msg", r"Error[\s\S]*train\.learning_rate must be a positive number")
-        under_the_button(page, "#start-run", "#setup-msg")
+        wait_for_text(page, "#setup-error", r"Error[\s\S]*train\.learning_rate must be a positive number")
+        under_the_button(page, "#start-run", "#setup-error")
         assert not (ws / "runs").exists()  # nothing was started
     finally:  # the next test starts from this form
         set_field(page, "train.learning_rate", 0.01)
@@ -292,8 +329,8 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the app (OMP_NUM_THREADS=1): a random model's greedy choice is a near tie
     try:
-        expected = {chat: [*h.chat_reply(ws, "runs/web", which, question, max_new_tokens=16)][-1]
-                    for chat, which in (("chat-start", "start"), ("chat-iter", "iter 1"))}
+        expected = {box: [*chat.chat_reply(ws, "runs/web", which, question, max_new_tokens=16)][-1]
+                    for box, which in (("chat-start", "start"), ("chat-iter", "iter 1"))}
     finally:
         torch.set_num_threads(threads)
     page.get_by_role("tab", name="Compare").click()
@@ -302,10 +339,10 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.locator("#compare-max-new input[type=number]").press("Enter")
     textbox(page, "chat-input").fill("Why is the sky blue?")
     page.locator("#chat-send").click()
-    for chat, text in expected.items():
+    for box, text in expected.items():
         letters = re.sub(r"\W", "", text)[:12] or "notext"  # the letters: markdown may change the rest
-        bot = wait_for_text(page, f"#{chat} [data-testid=bot]", r"\W*".join(map(re.escape, letters)), timeout_s=180)
-        assert "Error" not in bot and "Why is the sky blue?" in page.locator(f"#{chat}").inner_text()
+        bot = wait_for_text(page, f"#{box} [data-testid=bot]", r"\W*".join(map(re.escape, letters)), timeout_s=180)
+        assert "Error" not in bot and "Why is the sky blue?" in page.locator(f"#{box}").inner_text()
     shot(page, "compare")
 
     # Export: the adapter as a zip.
@@ -320,13 +357,19 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     shot(page, "export")
 
 
+def legend(page, elem_id: str) -> list[str]:
+    """The labels of a plot's colour legend: the iterations it draws (a point of one outside it is not drawn)."""
+    return page.locator(f"#{elem_id} .role-legend-label text").evaluate_all("els => els.map(e => e.textContent)")
+
+
 def test_abort_a_second_run_and_continue_it(app, page):
+    """A second run of one iteration: a refused second Start keeps the first click's message; abort, Continue to
+    the end, then Continue past the planned iterations with the page open: the plots draw the new iteration."""
     url, ws = app
     page.get_by_role("tab", name="Setup").click()
-    set_field(page, "train.learning_rate", 0.01)  # whatever the test before left in the form
-    wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
-    textbox(page, "cfg-run_dir").fill("runs/web2")
+    fill_tiny_form(page, iterations=1, run_dir="runs/web2")  # whatever the test before left in the form
     wait_for_text(page, "#yaml-preview", r"run_dir: runs/web2")
+    wait_for_text(page, "#yaml-preview", r"stop_when: never")
     page.locator("#data-upload input[type=file]").set_input_files(str(DEMO))  # an uploaded file this time
     page.wait_for_function("() => document.querySelector('#cfg-data-path textarea, #cfg-data-path input')"
                            ".value === 'uploads/demo_sft.jsonl'")
@@ -335,26 +378,49 @@ def test_abort_a_second_run_and_continue_it(app, page):
     page.locator("#start-run").click()
     wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml", timeout_s=120)
     page.locator("#start-run").click()  # the same run directory again, while it runs
-    wait_for_text(page, "#setup-msg", r"runs/web2 is already running")
-    under_the_button(page, "#start-run", "#setup-msg")  # the refusal right under its button
+    wait_for_text(page, "#setup-error", r"runs/web2 is already running")
+    under_the_button(page, "#start-run", "#setup-error")  # the refusal right under its button
+    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")  # the launch's message stays
 
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web2: running")
     deadline = time.time() + 300
     while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
         time.sleep(0.1)
-    assert (ws / "runs" / "web2" / "iter-00").exists(), h.run_log(ws, "runs/web2")
+    assert (ws / "runs" / "web2" / "iter-00").exists(), views.run_log(ws, "runs/web2")
     page.locator("#abort-run").click()
     wait_for_text(page, "#run-msg", r"aborted runs/web2")
     wait_for_text(page, "#run-status", r"runs/web2: aborted")
     shot(page, "run-aborted")
 
+    page.locator("#continue-run").click()  # a checked copy of its config, as Start launches
+    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/app-launch.yaml", timeout_s=120)
+    wait_for_text(page, "#run-status", r"runs/web2: finished — 1 of 1 iterations complete", timeout_s=600)
+    run = ws / "runs" / "web2"
+    step_plot = lambda: {(f"iter {t}", str(n)): r["loss"] for n, (t, r) in enumerate(
+        ((t, json.loads(line)) for t in (0, 1) if (run / f"iter-0{t}" / "train_log.jsonl").exists()
+         for line in (run / f"iter-0{t}" / "train_log.jsonl").read_text().splitlines()), 1)}
+    wait_for_plot(page, "plot-loss", "optimizer step (all iterations)", "loss", "iteration", step_plot())
+    assert legend(page, "plot-loss") == ["iter 0"]
+
+    # Past the planned iteration, on the open page: the new iteration's points drawn in a colour of their own
+    page.locator("#continue-iterations input").fill("2")
+    page.locator("#continue-iterations input").press("Tab")
     page.locator("#continue-run").click()
-    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/config.yaml", timeout_s=120)
+    wait_for_text(page, "#run-status", r"runs/web2: running", timeout_s=120)
     wait_for_text(page, "#run-status", r"runs/web2: finished — 2 of 2 iterations complete", timeout_s=600)
+    assert (run / "iter-01" / "summary.json").exists()
+    wait_for_plot(page, "plot-loss", "optimizer step (all iterations)", "loss", "iteration", step_plot())
+    deadline = time.time() + 30
+    while legend(page, "plot-loss") != ["iter 0", "iter 1"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert legend(page, "plot-loss") == ["iter 0", "iter 1"], legend(page, "plot-loss")
     log = wait_for_text(page, "#run-log", r"SPIN results for runs/web2")
-    assert (ws / "runs" / "web2" / "iter-01" / "summary.json").exists()
-    assert "aborted from the app" in (ws / "runs" / "web2" / "run.log").read_text() and log
+    below, overflows = page.locator("#run-log .spin-log").evaluate(  # the log's end against the box's bottom edge
+        "e => [e.querySelector('pre').getBoundingClientRect().bottom - e.getBoundingClientRect().bottom,"
+        " e.scrollHeight > e.clientHeight]")
+    assert overflows and -20 < below <= 0  # a log longer than its box, shown at its last line
+    assert "aborted from the app" in (run / "run.log").read_text() and log
     shot(page, "run-continued")
 
 

@@ -357,7 +357,7 @@ def test_export_and_chat_of_an_unsloth_run_load_through_hf(stack_run, export_tok
     from transformers import AutoModelForCausalLM
 
     from spin_lite import model as model_module
-    from spin_lite.app import handlers as h
+    from spin_lite.app import chat
     from spin_lite.export import export_merged
 
     quiet = lambda *a: None
@@ -381,11 +381,11 @@ def test_export_and_chat_of_an_unsloth_run_load_through_hf(stack_run, export_tok
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
     workspace = tmp_path_factory.getbasetemp()  # holds the run's model and the copied run
-    h._load_chat_model.cache_clear()
+    chat._load_chat_model.cache_clear()
     try:
-        model, _ = h.chat_model(workspace, str(run.relative_to(workspace)), "iter 1")
+        model, _ = chat.chat_model(workspace, str(run.relative_to(workspace)), "iter 1")
     finally:
-        h._load_chat_model.cache_clear()
+        chat._load_chat_model.cache_clear()
     assert type(model).__name__ == "PeftModelForCausalLM"
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert _diff(_logits(model, export_tokenizer), _logits(merged_model, export_tokenizer)) <= F32_ATOL

@@ -163,11 +163,11 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     assert any(line.startswith("the stop rule ended this run after iteration 1 (1 not better in a row, "
                                "train.stop_patience=1); to go on") for line in said)
     # the app says the same: finished by the stop rule; Continue refuses to launch a run that would do nothing
-    from spin_lite.app import handlers as h
-    status = h.run_status(rd.root.parent, rd.root.name)
+    from spin_lite.app import processes, workspace
+    status = processes.run_status(rd.root.parent, rd.root.name)
     assert status["status"] == "finished" and status["stopped_by_rule"] and status["best_iteration"] == 0
-    with pytest.raises(h.AppError, match="stop rule ended run after iteration 1 .1 not better in a row"):
-        h.continue_run(rd.root.parent, rd.root.name)
+    with pytest.raises(workspace.AppError, match="stop rule ended run after iteration 1 .1 not better in a row"):
+        processes.continue_run(rd.root.parent, rd.root.name)
     # with train.stop_patience=2 the same run goes on: iteration 2 is trained on iteration 1's samples and
     # judged against the best model before it (iteration 0), not against the rejected iteration 1
     patient = tiny_config(iterations=4, **{"train.stop_when": "no_gain", "train.stop_patience": 2})

@@ -19,7 +19,7 @@ from typing import get_args
 import pytest
 
 from conftest import REPO, tiny_settings
-from spin_lite.app import handlers as h
+from spin_lite.app import form, processes, views, workspace
 from spin_lite import config
 from spin_lite.cli import main
 from spin_lite.config import ConfigError, load_config
@@ -29,12 +29,12 @@ from spin_lite.state import RunDir, atomic_write_json
 HOLD = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
         "print('held', flush=True)\ntime.sleep(120)")
 # Abort from a process in a session of its own: signalling the wrong group kills this process, not the tests.
-ABORT = ("import os, sys, json\nfrom pathlib import Path\nfrom spin_lite.app import handlers as h\n"
-         "record = Path(sys.argv[1]) / sys.argv[2] / h.PROCESS_FILE\n"
+ABORT = ("import os, sys, json\nfrom pathlib import Path\nfrom spin_lite.app import processes, workspace\n"
+         "record = Path(sys.argv[1]) / sys.argv[2] / processes.PROCESS_FILE\n"
          "if sys.argv[3] != '-':\n"
          "    record.write_text(json.dumps({'pid': os.getpid() if sys.argv[3] == 'self' else int(sys.argv[3])}))\n"
-         "try:\n    print(h.abort_run(sys.argv[1], sys.argv[2], grace_s=1))\n"
-         "except h.AppError as e:\n    print('refused:', e)\n")
+         "try:\n    print(processes.abort_run(sys.argv[1], sys.argv[2], grace_s=1))\n"
+         "except workspace.AppError as e:\n    print('refused:', e)\n")
 
 
 def python(code: str, *args, **kwargs):
@@ -61,11 +61,11 @@ def test_a_refused_locker_leaves_the_holders_pid_and_abort_signals_only_what_the
             assert out.returncode == 0, (pid, out.returncode, out.stderr[-2000:])
             assert "refused:" in out.stdout and "did not start" in out.stdout, (pid, out.stdout)
             assert holder.poll() is None
-        started = h._process_start(holder.pid)
-        assert h.started_group({"pid": holder.pid}) is None  # no start time: not a record the app wrote
-        assert h.started_group({"pid": holder.pid, "process_start": started + 1}) is None  # a reused pid
-        assert h.started_group({"pid": holder.pid, "process_start": started}) == holder.pid
-        assert h.started_group({"pid": True}) is None and h.started_group({"pid": "12"}) is None
+        started = processes._process_start(holder.pid)
+        assert processes.started_group({"pid": holder.pid}) is None  # no start time: not a record the app wrote
+        assert processes.started_group({"pid": holder.pid, "process_start": started + 1}) is None  # a reused pid
+        assert processes.started_group({"pid": holder.pid, "process_start": started}) == holder.pid
+        assert processes.started_group({"pid": True}) is None and processes.started_group({"pid": "12"}) is None
     finally:
         holder.kill()
         holder.wait()
@@ -84,7 +84,7 @@ def test_two_launches_at_once_start_one_run(tmp_path):
     def start():
         barrier.wait()
         try:
-            results.append(h.start_run(ws, cfg))
+            results.append(processes.start_run(ws, cfg))
         except Exception as e:  # noqa: BLE001 - the test sorts them below
             results.append(e)
 
@@ -99,19 +99,19 @@ def test_two_launches_at_once_start_one_run(tmp_path):
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
     started = [r for r in results if isinstance(r, str)]
-    refused = [r for r in results if isinstance(r, h.AppError)]
+    refused = [r for r in results if isinstance(r, workspace.AppError)]
     assert len(started) == 1 and len(refused) == 1, results
     assert "already running" in str(refused[0])
-    pid = json.loads((ws / "runs" / "race" / h.PROCESS_FILE).read_text())["pid"]
+    pid = json.loads((ws / "runs" / "race" / processes.PROCESS_FILE).read_text())["pid"]
     deadline = time.time() + 120
     while RunDir(ws / "runs" / "race").lock_holder() != pid and time.time() < deadline:  # the run adopted the lock
         time.sleep(0.2)
     try:
-        assert RunDir(ws / "runs" / "race").lock_holder() == pid, h.run_log(ws, "runs/race")
-        with pytest.raises(h.AppError, match="already running"):
-            h.start_run(ws, cfg)
+        assert RunDir(ws / "runs" / "race").lock_holder() == pid, views.run_log(ws, "runs/race")
+        with pytest.raises(workspace.AppError, match="already running"):
+            processes.start_run(ws, cfg)
     finally:
-        assert "aborted" in h.abort_run(ws, "runs/race", grace_s=5)
+        assert "aborted" in processes.abort_run(ws, "runs/race", grace_s=5)
     assert not RunDir(ws / "runs" / "race").is_locked()
     assert not list((ws / "runs" / "race").glob("*.tmp"))
 
@@ -145,7 +145,7 @@ def test_settings_help_is_computed_once_and_choices_declared_once(monkeypatch):
     config._settings_info.cache_clear()
     parses, real = [], ast.parse
     monkeypatch.setattr(ast, "parse", lambda *a, **k: parses.append(1) or real(*a, **k))
-    threads = [threading.Thread(target=lambda: (h.settings(), config.describe_settings())) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: (form.settings(), config.describe_settings())) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -153,9 +153,9 @@ def test_settings_help_is_computed_once_and_choices_declared_once(monkeypatch):
     assert len(parses) == 1
     assert {"mode", "model.dtype", "model.backend", "train.loss_type", "train.lr_scheduler",
             "train.report_to"} <= set(config.choices())
-    assert h.CHOICES == {k: list(v) for k, v in config.choices().items()}
+    assert form.CHOICES == {k: list(v) for k, v in config.choices().items()}
     assert LOSS_TYPES == get_args(config.LossType) == config.choices()["train.loss_type"]
-    assert [s.choices for s in h.settings() if s.key == "model.backend"] == [["auto", "hf", "unsloth"]]
+    assert [s.choices for s in form.settings() if s.key == "model.backend"] == [["auto", "hf", "unsloth"]]
 
 
 # -- numbers ------------------------------------------------------------------------------------------------------
@@ -232,16 +232,16 @@ def test_a_killed_run_shows_why_not_a_warning_line(tmp_path):
     log.write_text("\n$ spin-lite run a.yaml    # started by the app\nerror: an earlier failure\n"
                    "\n$ spin-lite run a.yaml    # started by the app\nLoading weights\n"
                    "  /x/torch/jit/_script.py:365: DeprecationWarning: deprecated\n  warnings.warn(\n")
-    assert h.last_error(log, -9).startswith("the run was killed by SIGKILL")
-    assert h.last_error(log, 1) == "the run ended with exit code 1; see its log"
+    assert processes.last_error(log, -9).startswith("the run was killed by SIGKILL")
+    assert processes.last_error(log, 1) == "the run ended with exit code 1; see its log"
     with open(log, "a") as f:
         f.write("Traceback (most recent call last):\nRuntimeError: boom\n  warnings.warn(\n")
-    assert h.last_error(log, 1) == "RuntimeError: boom"
+    assert processes.last_error(log, 1) == "RuntimeError: boom"
     run = tmp_path / "runs" / "killed"
     run.mkdir(parents=True)
-    (run / h.LOG_FILE).write_text(log.read_text().split("Traceback")[0])
-    (run / h.PROCESS_FILE).write_text(json.dumps({"pid": 2 ** 22 + 7, "returncode": -9}))
-    status = h.run_status(tmp_path, "runs/killed")
+    (run / processes.LOG_FILE).write_text(log.read_text().split("Traceback")[0])
+    (run / processes.PROCESS_FILE).write_text(json.dumps({"pid": 2 ** 22 + 7, "returncode": -9}))
+    status = processes.run_status(tmp_path, "runs/killed")
     assert status["status"] == "failed" and "SIGKILL" in status["error"]
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_lite.app import handlers as h
+from spin_lite.app import form, processes, workspace
+from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
@@ -52,10 +53,10 @@ def untouched(outside: Path) -> bool:
 def test_run_dir_names_cannot_become_overrides(ws, outside):
     for pattern in HOSTILE_RUN_DIRS:
         name = pattern.format(outside=str(outside).lstrip("/"))
-        with pytest.raises(h.AppError, match="run directory name"):
-            h.start_run(ws, dataclasses.replace(tiny_config("runs/ok"), run_dir=name))
-        with pytest.raises(h.AppError):
-            h.continue_run(ws, name)
+        with pytest.raises(workspace.AppError, match="run directory name"):
+            processes.start_run(ws, dataclasses.replace(tiny_config("runs/ok"), run_dir=name))
+        with pytest.raises(workspace.AppError):
+            processes.continue_run(ws, name)
     assert untouched(outside)
     assert not any(p.name.startswith(("run_dir=", "data=")) for p in ws.rglob("*"))
 
@@ -83,8 +84,8 @@ def test_cli_config_path_with_equals_is_a_path(tmp_path, capsys):
 # -- every path of a run, on every way into one ---------------------------------------------------------------------
 def test_saved_config_with_outside_paths_is_neither_saved_loaded_nor_continued(ws, outside):
     bad = tiny_config("runs/saved-bad", **{"data.path": str(outside / "secret.jsonl")})
-    with pytest.raises(h.AppError, match="outside the workspace"):
-        h.save_config(ws, bad, "configs/bad.yaml")
+    with pytest.raises(workspace.AppError, match="outside the workspace"):
+        form.save_config(ws, bad, "configs/bad.yaml")
     assert not (ws / "configs" / "bad.yaml").exists()
     # The same config written to the workspace some other way (or by an older app): loading and continuing it
     # are refused too, and no process starts.
@@ -97,11 +98,11 @@ def test_saved_config_with_outside_paths_is_neither_saved_loaded_nor_continued(w
         data[section][leaf] = str(value)
         data["run_dir"] = str(run.relative_to(ws))
         (run / "config.yaml").write_text(yaml.safe_dump(data))
-        with pytest.raises(h.AppError, match="outside the workspace"):
-            h.continue_run(ws, str(run.relative_to(ws)))
-        with pytest.raises(h.AppError, match="outside the workspace"):
-            h.open_config(ws, str(run.relative_to(ws)))
-        assert not (run / h.PROCESS_FILE).exists() and not (run / h.LOG_FILE).exists()
+        with pytest.raises(workspace.AppError, match="outside the workspace"):
+            processes.continue_run(ws, str(run.relative_to(ws)))
+        with pytest.raises(workspace.AppError, match="outside the workspace"):
+            form.open_config(ws, str(run.relative_to(ws)))
+        assert not (run / processes.PROCESS_FILE).exists() and not (run / processes.LOG_FILE).exists()
     assert untouched(outside)
 
 
@@ -110,26 +111,26 @@ def test_symlinks_are_never_written_through(ws, outside):
     uploads = ws / "uploads"
     uploads.mkdir(exist_ok=True)
     (uploads / "demo_sft.jsonl").symlink_to(outside / "planted.jsonl")
-    assert h.save_upload(ws, DEMO) == "uploads/demo_sft-1.jsonl"
+    assert workspace.save_upload(ws, DEMO) == "uploads/demo_sft-1.jsonl"
     assert not (outside / "planted.jsonl").exists()
     # Links at the files the app and the run write in a run directory: the launch is refused.
-    for name in (h.LAUNCH_CONFIG, h.LOG_FILE, "iter-00"):
+    for name in (processes.LAUNCH_CONFIG, processes.LOG_FILE, "iter-00"):
         run = ws / "runs" / f"linked-{name.replace('.', '-')}"
         run.mkdir(parents=True)
-        if name != h.LAUNCH_CONFIG:  # Continue launches this config
-            h.save_config(ws, tiny_config(str(run.relative_to(ws))), str((run / h.LAUNCH_CONFIG).relative_to(ws)))
+        if name != processes.LAUNCH_CONFIG:  # Continue launches this config
+            form.save_config(ws, tiny_config(str(run.relative_to(ws))), str((run / processes.LAUNCH_CONFIG).relative_to(ws)))
         (run / name).symlink_to(outside / "keep.txt")
-        with pytest.raises(h.AppError, match="symbolic link"):
-            if name == h.LAUNCH_CONFIG:
-                h.start_run(ws, tiny_config(str(run.relative_to(ws))))
+        with pytest.raises(workspace.AppError, match="symbolic link"):
+            if name == processes.LAUNCH_CONFIG:
+                processes.start_run(ws, tiny_config(str(run.relative_to(ws))))
             else:
-                h.continue_run(ws, str(run.relative_to(ws)))
+                processes.continue_run(ws, str(run.relative_to(ws)))
     # A config saved onto a link to a file inside the workspace: not written through either.
     (ws / "configs").mkdir(exist_ok=True)
     (ws / "configs" / "target.yaml").write_text("iterations: 2\n")
     (ws / "configs" / "link.yaml").symlink_to(ws / "configs" / "target.yaml")
-    with pytest.raises(h.AppError, match="symbolic link"):
-        h.save_config(ws, SpinConfig(), "configs/link.yaml")
+    with pytest.raises(workspace.AppError, match="symbolic link"):
+        form.save_config(ws, SpinConfig(), "configs/link.yaml")
     assert (ws / "configs" / "target.yaml").read_text() == "iterations: 2\n"
     assert untouched(outside)
 
@@ -141,21 +142,21 @@ def test_export_never_writes_through_a_link(ws, outside):
     (run / "config.yaml").write_text(tiny_config("runs/exp").to_yaml())
     (ws / "exports").mkdir(exist_ok=True)
     (ws / "exports" / "exp-iter-00-adapter.zip").symlink_to(outside / "stolen.zip")
-    with pytest.raises(h.AppError, match="symbolic link"):
-        h.export(ws, "runs/exp", 0, kind="adapter")
+    with pytest.raises(workspace.AppError, match="symbolic link"):
+        app_export.export(ws, "runs/exp", 0, kind="adapter")
     assert untouched(outside)
 
 
 def test_a_launch_config_that_is_not_a_mapping_is_a_named_error(ws):
     run = ws / "runs" / "listy"
     run.mkdir(parents=True)
-    (run / h.LAUNCH_CONFIG).write_text("- just\n- a list\n")
+    (run / processes.LAUNCH_CONFIG).write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
-        h.continue_run(ws, "runs/listy")
-    assert h.run_status(ws, "runs/listy")["status"] == "not started"
-    (run / h.LAUNCH_CONFIG).write_bytes(b"\xff\xfe\x00binary")
+        processes.continue_run(ws, "runs/listy")
+    assert processes.run_status(ws, "runs/listy")["status"] == "not started"
+    (run / processes.LAUNCH_CONFIG).write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a text file"):
-        h.continue_run(ws, "runs/listy")
+        processes.continue_run(ws, "runs/listy")
 
 
 # -- the same escapes through the HTTP API (gradio_client) ------------------------------------------------------------
@@ -192,20 +193,20 @@ def api(ws):
 
 
 def test_escapes_through_the_http_api(api, ws, outside):
-    keys = [s.key for s in h.settings()]
+    keys = [s.key for s in form.settings()]
     for pattern in HOSTILE_RUN_DIRS[:2]:
-        values = h.form_values(tiny_config("runs/ok"))
+        values = form.form_values(tiny_config("runs/ok"))
         values[keys.index("run_dir")] = pattern.format(outside=str(outside).lstrip("/"))
-        setup_msg, run_msg, _ = api.predict(*values, api_name="/start")
-        assert "Error" in setup_msg and "run directory name" in setup_msg
+        _, refusal, *_ = api.predict(*values, api_name="/start")  # (the last launch's message, the refusal, ...)
+        assert "Error" in refusal and "run directory name" in refusal
         message = api.predict(values[keys.index("run_dir")], 0, 0, api_name="/continue_run")  # Continue
         assert "Error" in message
-    values = h.form_values(tiny_config("runs/api", **{"data.path": str(outside / "secret.jsonl")}))
-    setup_msg, *_ = api.predict(*values, api_name="/start")
-    assert "outside the workspace" in setup_msg
+    values = form.form_values(tiny_config("runs/api", **{"data.path": str(outside / "secret.jsonl")}))
+    _, refusal, *_ = api.predict(*values, api_name="/start")
+    assert "outside the workspace" in refusal
     setup_msg, _ = api.predict("configs/api.yaml", *values, api_name="/save")
     assert "outside the workspace" in setup_msg and not (ws / "configs" / "api.yaml").exists()
-    setup_msg, _ = api.predict("../escape.yaml", *h.form_values(tiny_config("runs/api")), api_name="/save")
+    setup_msg, _ = api.predict("../escape.yaml", *form.form_values(tiny_config("runs/api")), api_name="/save")
     assert "outside the workspace" in setup_msg
     planted = tiny_config("runs/api").to_dict()
     planted["data"]["path"] = str(outside / "secret.jsonl")
@@ -218,3 +219,43 @@ def test_escapes_through_the_http_api(api, ws, outside):
     assert "Error" in api.predict("runs/listy", api_name="/abort_run")  # Abort of a run the app did not start
     assert untouched(outside)
     assert not (outside.parent / "x").exists()
+
+
+GENERIC = "upstream Gradio app has raised an exception"
+
+
+def test_refusals_through_the_http_api_are_named(api, ws):
+    """A null character or a 5,000-character name on every endpoint that takes a path, and values of the wrong
+    type: each answered with a message that names the problem, never an unexpected error or Gradio's generic one."""
+    from gradio_client.exceptions import AppError as ClientError
+
+    def answer(*args, api_name):
+        try:
+            out = api.predict(*args, api_name=api_name)
+        except ClientError as e:  # Gradio's own refusal (a value its component cannot take): its reason is sent
+            out = str(e)
+        text = str(out)
+        assert GENERIC not in text and "unexpected error" not in text, (api_name, text)
+        return text
+
+    keys = [s.key for s in form.settings()]
+    for bad, named in (("runs/a\0b", "null character"), ("r" * 5000, "too long for a path")):
+        values = form.form_values(tiny_config("runs/ok"))
+        values[keys.index("run_dir")] = bad
+        assert named in answer(*values, api_name="/start")
+        assert named in answer(*values, api_name="/estimate")
+        values = form.form_values(tiny_config("runs/ok", **{"data.path": "data/demo_sft.jsonl"}))
+        values[keys.index("data.path")] = bad
+        assert named in answer(*values, api_name="/preview")
+        assert named in answer(bad, *values, api_name="/save")
+        assert named in answer(bad, api_name="/load")
+        assert named in answer(bad, 0, 0, api_name="/continue_run")
+        assert named in answer(bad, api_name="/abort_run")
+    values = form.form_values(tiny_config("runs/typed"))
+    values[keys.index("iterations")] = "three"  # a number box given text
+    assert "iterations must be an integer, got 'three'" in answer(*values, api_name="/start")
+    values[keys.index("iterations")] = {"x": 1}
+    assert "iterations must be an integer" in answer(*values, api_name="/start")
+    assert "must be a whole number >= 0" in answer("runs/typed", "abc", None, api_name="/continue_run")
+    assert "Input should be a valid list" in answer("hi", "not a chat", [], api_name="/add_message")
+    assert not (ws / "runs" / "typed").exists()

@@ -126,15 +126,15 @@ def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsy
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("SFT continued beat every SPIN iteration")
 
     # The app, in a workspace holding the run and the model: the Run tab's table, the Compare tab's models.
-    from spin_lite.app import handlers as h
+    from spin_lite.app import chat, views
     ws, run_dir = tmp_path.parent, f"{tmp_path.name}/run"
-    assert [r["model"] for r in h.results_rows(ws, run_dir)] == ["start", "iter 0", "iter 1", "control 0", "control 1"]
-    choices, opened = h.model_menus(ws, run_dir)["compare"]
+    assert [r["model"] for r in views.results_rows(ws, run_dir)] == ["start", "iter 0", "iter 1", "control 0", "control 1"]
+    choices, opened = views.model_menus(ws, run_dir)["compare"]
     assert opened == "control 0" and {("control 0 (chosen)", "control 0"), ("control 1", "control 1")} <= set(choices)
-    model, _ = h.chat_model(ws, run_dir, "control 1")
+    model, _ = chat.chat_model(ws, run_dir, "control 1")
     for name, tensor in load_file(rd.control(1) / "adapter" / "adapter_model.safetensors").items():
         torch.testing.assert_close(model.get_parameter(name.replace(".weight", ".default.weight")), tensor)
-    assert "control 1" in h.sample_sets(ws, run_dir)
+    assert "control 1" in views.sample_sets(ws, run_dir)
 
     # A control is a stage like any: one killed after its adapter was saved is only evaluated again.
     trained = tree_digest(rd.control(1) / "adapter")
