@@ -180,6 +180,8 @@ def test_replay_counts_the_verdicts_the_paired_rule_changes(tmp_path):
     assert first["recorded"] == {"accepted": False, "chosen": False, "compared_with": "the starting model",
                                  "reasons": compare(aggregate(it0), aggregate(old))}
     assert first["replayed"]["chosen"] and first["changed"] and first["test_vs_start"] is None
+    # the old rule on the same pair vetoes for the one looping row; the change is counted, with no test rows to judge it
+    assert not first["old_rule"]["accepted"] and first["changed_from_old_rule"] and first["right"] is None
     assert second["replayed"]["compared_with"] == "iteration 0" and not second["replayed"]["accepted"]
     assert second["replayed"]["reasons"][0].startswith("val logp/tok got worse:") and not second["changed"]
 
