@@ -18,6 +18,7 @@ call stopped by its time limit still returns what finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -122,7 +123,8 @@ def run_step(step: Step, tiny: bool, work: Path, timeout: float, log) -> dict:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the step and every process it started (bench cases, CLI runs)
+        with contextlib.suppress(ProcessLookupError):  # (it may have ended just now)
+            os.killpg(proc.pid, signal.SIGKILL)  # the step and every process it started (bench cases, CLI runs)
         output, _ = proc.communicate()
         code = "timeout"
     log.write(output or "")
@@ -256,7 +258,12 @@ def main():
                 # past the budget by at most a minute: the device call's own limit must not cut the JSON
                 timeout = min(max(budget - spent, step.estimate_s) + 20, 1800)
                 result = run_step(step, args.tiny, work, timeout, log)
-            report["steps"][step.name] = result | {"ran_at": datetime.datetime.now().isoformat(timespec="seconds")}
+            earlier = report["steps"].get(step.name, {})
+            if result["status"] == "skipped" and earlier.get("status") in ("passed", "failed"):
+                result = earlier  # a step skipped now keeps what an earlier check on this machine measured
+            else:
+                result = result | {"ran_at": datetime.datetime.now().isoformat(timespec="seconds")}
+            report["steps"][step.name] = result
             print(f"        {step.name}: {result['status']} ({result.get('seconds', 0)} s) {result.get('summary', '')}",
                   flush=True)
             report["seconds"] = round(time.perf_counter() - began, 1)

@@ -235,7 +235,8 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
     """The eager engine. Continue every prompt until a stop id or `max_new_tokens`; `on_finished(i, new_ids,
     truncated)` is called as row i finishes. `pick` (a `Sampling`, or a function
     `pick(scores [n, V] float32, rows [n] row numbers, active [n] bool)`) chooses the next tokens.
-    A dynamic KV cache; finished rows leave the batch (and the cache) once a quarter of it has finished. Each step
+    A dynamic KV cache; finished rows leave the batch (and the cache) once a quarter of it has finished (a
+    transformers cache; with a legacy tuple they stay, fed padding). Each step
     continues with the cache the model returned (`_forward`): the one passed in, filled in place, for a transformers
     model; a new one (a legacy tuple) for Unsloth's fast forward."""
     from transformers import DynamicCache
@@ -264,7 +265,10 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
         running = sum(active)
         if running == 0:
             break
-        can_drop = isinstance(cache, (tuple, list)) or hasattr(cache, "batch_select_indices")
+        # Only a transformers Cache is cut down: Unsloth's fast decoding keeps its own key/value buffers sized to the
+        # batch of its first decoding step and reads only the length from the tuple it is given, so there finished
+        # rows stay in the batch, fed padding, to the end.
+        can_drop = hasattr(cache, "batch_select_indices")
         if (len(rows) - running) * 4 >= len(rows) and can_drop:
             keep = [n for n in range(len(rows)) if active[n]]
             index = torch.tensor(keep, device=device)
@@ -279,10 +283,7 @@ def decode(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: i
 
 
 def _keep_rows(cache, index: torch.Tensor):
-    """`cache` reduced to the batch lines `index`: in place for a transformers Cache; a new legacy tuple
-    ((keys, values) a layer, batch first) for a legacy one, the form its model returned and reads back."""
-    if isinstance(cache, (tuple, list)):
-        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+    """The transformers Cache `cache` reduced, in place, to the batch lines `index`."""
     cache.batch_select_indices(index)
     return cache
 
@@ -391,11 +392,15 @@ def _no_graph_reason(cache, length: int) -> str | None:
     shorter than `length` keeps the tokens it holds in a Python int (`cumulative_length_int`) that chooses its update
     branch and the attention mask's offset: a graph would replay the step with the value it had when recorded, and
     give wrong tokens. Within the window that int changes neither, so the step records safely."""
-    from transformers.cache_utils import StaticSlidingWindowLayer
+    import transformers.cache_utils as cache_utils
 
+    # the class is StaticSlidingWindowLayer in transformers 5, SlidingWindowLayer in 4.5x; is_sliding on either
+    kinds = tuple(k for k in (getattr(cache_utils, "StaticSlidingWindowLayer", None),
+                              getattr(cache_utils, "SlidingWindowLayer", None)) if k is not None)
     for layer in cache.layers:
         window = getattr(layer, "max_cache_len", 0)  # its slots: min(window, length)
-        if isinstance(layer, StaticSlidingWindowLayer) and window < length:
+        sliding = isinstance(layer, kinds) or getattr(layer, "is_sliding", False)
+        if sliding and window < length:
             return f"a sliding-window layer holds {window} tokens, fewer than the {length} of prompt and answer"
     return None
 

@@ -104,11 +104,13 @@ class NewCacheEachCall(torch.nn.Module):
     """Unsloth's fast forward as the decoders see it (unsloth/models/llama.py): an empty cache it is given is
     dropped (None: the model builds its own), and the cache it returns is a new object, a legacy tuple
     ((keys, values) a layer), the only form it reads back on the next call. Nothing is filled in place. And, as
-    its one-token decoding branch does, it returns a bare tuple (logits, cache) unless asked for return_dict."""
+    its one-token decoding branch does, it returns a bare tuple (logits, cache) unless asked for return_dict; and
+    its decoding buffers keep the batch of the first decoding step (rows may not leave the batch)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner, self.config = inner, inner.config
+        self.decode_batch = None  # Unsloth sizes its own decoding buffers to the first decoding step's batch
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
                 logits_to_keep=0, return_dict=None):
@@ -116,6 +118,9 @@ class NewCacheEachCall(torch.nn.Module):
 
         from transformers import DynamicCache
         if isinstance(past_key_values, tuple):
+            if input_ids.shape[1] == 1:  # a decoding step: the batch must stay that of the first one
+                self.decode_batch = self.decode_batch or input_ids.shape[0]
+                assert input_ids.shape[0] == self.decode_batch, "Unsloth's buffers hold the first step's batch"
             past_key_values = DynamicCache(past_key_values)
         else:
             assert past_key_values.get_seq_length() == 0, "a transformers Cache is only ever passed empty"
@@ -135,12 +140,21 @@ def test_a_model_returning_a_new_cache_decodes_the_same_greedy_tokens(tiny, tok,
     engine continues with the returned cache (rows leaving the batch: the legacy tuple is cut down); the static
     engine, which needs its own cache filled in place, sees that at the prompt and hands over to the eager one."""
     max_new, pad = 12, tok.pad_token_id
-    eos = early_eos(hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new), max_new)
+    reference = hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new)
+    eos = [early_eos(reference, max_new)]
+    for ids, _ in reference:  # more stop ids, until at least a quarter of the rows end early
+        if sum(any(t in eos for t in r[: max_new - 2]) for r, _ in reference) * 4 >= len(reference):
+            break
+        if not any(t in eos for t in ids[: max_new - 2]) and ids[2] not in eos:
+            eos.append(ids[2])
     expected = hf_greedy(tiny, prompts, eos, pad, max_new)
     settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, engine=engine)
     got = gen.generate_batch(NewCacheEachCall(tiny), prompts, settings, eos, pad, seed=0)
     assert got == expected
     assert any(not t and len(ids) < max_new for ids, t in got) and any(t for _, t in got)
+    # enough rows end early for the eager engine to compact a transformers cache (a quarter): a legacy tuple's
+    # rows must stay (NewCacheEachCall refuses a smaller batch, as Unsloth's buffers would)
+    assert sum(len(ids) < max_new - 1 for ids, _ in got) * 4 >= len(got)
     handed_over = "eager engine instead of static: the model returned a new KV cache (tuple)" in capsys.readouterr().out
     assert handed_over == (engine == "static")
 
