@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .model import ModelError
-    from .run import RunError, SpinRun, format_table
+    from .report import format_table
+    from .run import RunError, SpinRun
     from .train import TrainingDiverged
     from .state import RunDir, RunLockedError
 

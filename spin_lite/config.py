@@ -233,7 +233,9 @@ class SftSettings:
     steps: int | None = None
     """Optimizer steps of the SFT stage instead of `epochs` (null: `epochs` passes)."""
     learning_rate: float = 2e-4
-    """Peak learning rate of the SFT stage and of the control arm (LoRA SFT's usual 2e-4: QLoRA paper, RESULTS.md)."""
+    """Peak learning rate of the SFT stage and of the control arm (LoRA SFT's usual 2e-4: QLoRA paper, RESULTS.md).
+    Without an SFT stage, the control arm trains at train.sft_learning_rate when that is set (the rate the starting
+    model's SFT was made at), so that it continues that SFT."""
     control: bool = False
     """The control arm, "SFT continued": after each SPIN iteration t, the starting model trained by SFT on the same
     training rows for as many optimizer steps as iterations 0..t took together (continuing the control of t-1), and

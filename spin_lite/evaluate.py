@@ -141,7 +141,7 @@ def is_repetitive(text: str, times: int = 3) -> bool:
 # (metric, +1 where higher is better, -1 where lower is): besides log-likelihood, which must rise, none of
 # these may get worse for a model to count as better. The aggregate rule, for runs without per-row scores.
 GUARDED = (("ended_rate", +1), ("repetition_rate", -1), ("match_rate", +1), ("task_accuracy", +1))
-# The validation metrics as the results table titles their columns (spin_lite.run.TABLE_COLUMNS reads these): each
+# The validation metrics as the results table titles their columns (spin_lite.report.TABLE_COLUMNS reads these): each
 # reason the stop rule gives names a column the reader sees.
 VAL_COLUMNS = {"logp_per_token": "val logp/tok", "ended_rate": "val ended", "repetition_rate": "val repetitive",
                "match_rate": "val match", "task_accuracy": "val task acc"}

@@ -16,11 +16,10 @@ running the same command again continues the run, and `spin-lite generate|train|
 the best model before it on the validation rows, with train.stop_confidence (or after train.stop_patience of them
 in a row); an iteration better with that confidence becomes the best one, recorded (RunDir.best_iteration).
 
-The paper's pipeline around the iterations (the sft settings; LoRA SFT by spin_lite.sft.train_sft, the same loop):
+The paper's pipeline around the iterations (the sft settings) is spin_lite.control's ControlArm, called at two points:
   before iteration 0, with sft.enabled: the SFT stage, whose adapter is SPIN's starting model     -> sft/
-  after iteration t, with sft.control: control t, "SFT continued" for as many optimizer steps as
-     iterations 0..t, evaluated on the same rows; then the final comparison of SPIN's choice
-     with the control arm's, whose winner is the run's chosen model (RunDir.chosen_model)       -> control-NN/
+  after iteration t, with sft.control: control t, "SFT continued", and the final comparison      -> control-NN/
+The run ends with summary.json and the results table of spin_lite.report (what `spin-lite table` prints).
 """
 from __future__ import annotations
 
@@ -36,15 +35,15 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, SpinConfig, apply_legacy
+from .control import ControlArm
 from .data import load_splits
-from .evaluate import VAL_COLUMNS, evaluate, judge, row_scores, score
+from .evaluate import evaluate, judge, row_scores, score
 from .generate import generate_all, read_generations, stop_token_ids
-from .model import (build_model, load_adapter_weights, load_base, load_tokenizer, resolve_backend, save_merged_base,
-                    with_adapter)
+from .model import build_model, load_adapter_weights, load_base, load_tokenizer, resolve_backend, save_merged_base
 from .preflight import check_model
+from .report import format_table
 from .state import (STAGES, RunDir, atomic_write_json, atomic_write_text, fault_point, found_better, read_json,
                     read_jsonl, replace_dir)
-from .sft import train_sft
 from .train import TrainingDiverged, train_adapter
 
 
@@ -116,9 +115,12 @@ class SpinRun:
     def run(self) -> list[dict]:
         if self.tokenizer is None:
             self.prepare()
-        self.sft_stage()
+        # The SFT stage and the control arm (spin_lite.control). Made here and not kept in self: a reference back
+        # would make a cycle, and the run's lock (its open file) would outlive the run until the garbage collector.
+        arm = ControlArm(self)
+        arm.sft_stage()
         first = self.dir.completed()
-        self.controls()  # those of iterations completed before (a resumed run, or sft.control turned on since)
+        arm.controls()  # of iterations completed before (a resumed run, or sft.control turned on since)
         for t in range(first, self.cfg.iterations):
             if self.dir.stopped(self.cfg):
                 if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
@@ -126,7 +128,7 @@ class SpinRun:
                              "with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
-            self.controls()
+            arm.controls()
         if self.rank == 0:
             self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration(),
                             chosen=self.dir.chosen_model())
@@ -143,7 +145,7 @@ class SpinRun:
         """Run the stages of iteration t that are not done yet, or the one stage `only` (its earlier stages
         must be done: `spin-lite generate|train|evaluate`)."""
         if t == 0:
-            self.sft_stage()  # (the stage commands too: the SFT model is iteration 0's opponent)
+            ControlArm(self).sft_stage()  # (the stage commands too: the SFT model is iteration 0's opponent)
         began = time.time()
         todo = [name for name, _ in STAGES if not self.dir.stage_done(t, name)]
         if only is not None:
@@ -277,187 +279,6 @@ class SpinRun:
             return f"base + adapter of iteration {t - 1}"
         return f"{start} + the adapters of iterations 0..{t - 1}, frozen"
 
-    # -- the SFT stage and the control arm (the sft settings): LoRA SFT by spin_lite.sft.train_sft ------------
-    def sft_stage(self):
-        """The SFT stage (sft.enabled), once, before iteration 0: the base (+ model.adapter) trained by SFT on the
-        training rows -> sft/adapter, SPIN's starting model (RunDir.start_adapter). The model before it is evaluated
-        first (eval-base.json: the table's "base" row); sft/summary.json, written last, marks the stage done."""
-        out = self.dir.sft_dir
-        if not self.cfg.sft.enabled or self.dir.sft_done():
-            return
-        began = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        self._set_state(iteration=None, stage="sft", status="running")
-        trained = (out / "adapter" / "adapter_config.json").exists()
-        torch.manual_seed(self.cfg.seed)  # a fresh adapter's initialisation, as `spin-lite sft` does it
-        model = self._sft_model(str(out / "adapter") if trained else self.cfg.model.adapter)
-        if not trained:
-            if self.cfg.eval.enabled and self.rank == 0 and not (self.dir.root / "eval-base.json").exists():
-                self._set_state(stage="evaluate base")  # untrained, the adapter adds nothing: the model before SFT
-                self.evaluate_plain(model, None, self.dir.root / "eval-base.json")
-            self._barrier()
-            steps = self.cfg.sft.steps or self.cfg.sft.epochs * self.cfg.train.steps_per_epoch(len(self.splits.train))
-            self._set_state(stage="sft")
-            self._train_sft(model, out, steps, order_key=0, desc="sft", progress=self._progress(None, "sft"))
-        if self.rank == 0:
-            log = read_jsonl(out / "train_log.jsonl")
-            last_epoch = log[-self.cfg.train.steps_per_epoch(len(self.splits.train)):]
-            atomic_write_json(out / "summary.json", {
-                "steps": len(log), "learning_rate": self.cfg.sft.learning_rate, "start_adapter": self.cfg.model.adapter,
-                "train_loss": sum(r["loss"] for r in last_epoch) / max(len(last_epoch), 1),
-                "train_rows": len(self.splits.train), "wall_s": round(time.time() - began, 1)})
-            self.log(f"sft stage: {len(log)} steps at lr {self.cfg.sft.learning_rate:g}; SPIN starts from "
-                     f"{out / 'adapter'}")
-        self._barrier()
-        self._release(model)
-
-    def controls(self):
-        """The control arm (sft.control): the control of every complete iteration that has none yet."""
-        if self.cfg.sft.control:
-            for t in range(self.dir.completed_controls(), self.dir.completed()):
-                self.control(t)
-
-    def control(self, t: int):
-        """Control t, "SFT continued": control t-1 (for t = 0, the starting model) trained by SFT on the training rows
-        for as many optimizer steps as SPIN iteration t took, so that it has taken as many as iterations 0..t
-        together; then evaluated on the same validation and test rows, and judged (control-NN/summary.json)."""
-        began, out = time.time(), self.dir.control(t)
-        out.mkdir(parents=True, exist_ok=True)
-        self._set_state(iteration=t, stage="control", status="running")
-        trained = self.dir.control_stage_done(t, "train")
-        source = (out / "adapter" if trained else self.dir.control(t - 1) / "adapter" if t > 0
-                  else self.dir.start_adapter(self.cfg))
-        torch.manual_seed(self.cfg.seed)  # control 0 without a starting adapter: a fresh one, as the SFT stage's
-        model = self._sft_model(None if source is None else str(source))
-        if not trained:
-            steps = read_json(self.dir.iteration(t) / "summary.json")["train"]["steps"]
-            self._set_state(stage="control train")
-            # the data orders of control t: keys 1000 + t, apart from the SFT stage's (0)
-            self._train_sft(model, out, steps, order_key=1000 + t, desc=f"control {t}",
-                            progress=self._progress(t, "control train"))
-        if self.rank == 0:
-            self._set_state(stage="control evaluate")
-            self.finish_control(t, model, time.time() - began)
-        self._barrier()
-        self._release(model)
-
-    def finish_control(self, t: int, model, wall_s: float):
-        """Control t's evaluation (eval.json, samples.jsonl), its verdicts and summary.json (rank 0)."""
-        out = self.dir.control(t)
-        results = read_json(out / "eval.json")
-        if results is None and self.cfg.eval.enabled:
-            results = self.evaluate_plain(model, t, out / "eval.json", out / "samples.jsonl")
-        results = results or {}
-        log = read_jsonl(out / "train_log.jsonl")
-        before = read_json(self.dir.control(t - 1) / "summary.json")["cumulative_steps"] if t > 0 else 0
-        selection = self.control_selection(t, results.get("val"))
-        summary = {"control": t, "steps": len(log), "cumulative_steps": before + len(log),
-                   "learning_rate": self.cfg.sft.learning_rate,
-                   "train": {"steps": len(log), "sft_loss": sum(r["loss"] for r in log) / max(len(log), 1)},
-                   "eval": results.get("test"), "val": results.get("val"), "selection": selection,
-                   "wall_s": round(wall_s, 1)}
-        summary["versus"] = self.versus(t, selection)
-        atomic_write_json(out / "summary.json", summary)
-        if summary["versus"]:
-            self.log(summary["versus"]["line"])
-
-    def control_selection(self, t: int, val: dict | None) -> dict | None:
-        """The control arm's own choice, by the stop rule's test: is control t better, on the validation rows, than
-        the best model before it (the starting model, or the best earlier control)? None without validation rows."""
-        if not val:
-            return None
-        best = self.dir.best_control()
-        before = "start" if best is None or best < 0 else f"control {best}"
-        verdict = (self._judge(f"control {t}", before).to_dict() if self._val(before)[0]
-                   else {"worse": False, "better": True, "reasons": []})
-        return {"compared_with": "the starting model" if before == "start" else before,
-                "accepted": not verdict.pop("worse"), **verdict}
-
-    def versus(self, t: int, selection: dict | None) -> dict | None:
-        """The final comparison, once control t is judged: SPIN's choice (the stop rule's: the start or an
-        iteration) against the control arm's (the start or a control), on the validation rows, by the stop rule's
-        test. The control wins only when that test finds it better than SPIN's choice. Where no control beat the
-        start, SPIN's choice is measured against the control with as many steps; `line` says which won and by how
-        much."""
-        spin = self.dir.best_iteration()
-        if selection is None or spin is None:
-            return None
-        control = t if found_better(selection) else self.dir.best_control()
-        spin = "start" if spin < 0 else f"iter {spin}"
-        control = "start" if control is None or control < 0 else f"control {control}"
-        against = control if control != "start" else None if spin == "start" else f"control {min(_n(spin), t)}"
-        winner, verdict = spin, None
-        if against is not None:
-            verdict = self._judge(against, spin)
-            if control != "start" and verdict.better:
-                winner = control
-            else:  # how far SPIN's choice is ahead: the same test, the other way round
-                verdict = self._judge(spin, against)
-        loser = spin if winner == control != "start" else against
-        line = versus_line(winner, loser, verdict, self._val(winner)[0], self._val(loser)[0] if loser else None,
-                           {key: self._steps(key) for key in (winner, loser) if key})
-        return {"spin": spin, "control": control, "winner": winner, "against": loser,
-                "verdict": verdict.to_dict() if verdict else None, "line": line}
-
-    def _judge(self, new: str, old: str):
-        """The stop rule's test (spin_lite.evaluate.judge) of the model `new` against `old` ("start", "iter N",
-        "control N") on the validation rows."""
-        (new_val, new_rows), (old_val, old_rows) = self._val(new), self._val(old)
-        return judge(new_val, old_val, new_rows, old_rows, self.cfg.train.stop_confidence)
-
-    def _steps(self, key: str) -> int:
-        """Optimizer steps since the start of "iter N" or "control N": as many as iterations 0..N took together."""
-        if key == "start":
-            return 0
-        return sum(s["train"]["steps"] for s in self.dir.summaries()[:_n(key) + 1])
-
-    def _val(self, key: str) -> tuple[dict | None, dict | None]:
-        """(validation metrics, per-row validation scores) of "start", "iter N" or "control N"."""
-        if key == "start":
-            path = self.dir.root / "eval-start.json"
-        else:
-            folder = self.dir.iteration if key.startswith("iter") else self.dir.control
-            path = folder(int(key.split()[-1])) / "eval.json"
-        results = read_json(path) or {}
-        return results.get("val"), results.get("val_rows")
-
-    def evaluate_plain(self, model, t: int | None, path, samples_path=None) -> dict:
-        """Validation and test metrics, with their per-row scores, of a model without an opponent (the model before
-        the SFT stage, a control): written to `path` as eval-start.json has them, or with `samples_path` as an
-        iteration's eval.json and samples.jsonl."""
-        s = self.splits
-        items = lambda split, rows: [{"key": f"{split}:{e.row}", "prompt_ids": e.prompt_ids,
-                                      "real_ids": e.response_ids} for e in rows]
-        val, val_samples = self._evaluate(t, model, items("val", s.val), None, "val")
-        test, samples = self._evaluate(t, model, items("eval", s.test), None, "test")
-        results = {"val": val, "val_rows": row_scores(val_samples), "test_rows": row_scores(samples)}
-        if samples_path is None:
-            results |= {"metrics": test, "samples": samples}
-        else:
-            results |= {"test": test}
-            atomic_write_text(samples_path, "".join(json.dumps(x) + "\n" for x in samples))
-        atomic_write_json(path, results)
-        return results
-
-    def _sft_model(self, adapter: str | None):
-        """The base with one trainable adapter: a copy of `adapter`, or a fresh one."""
-        if self.base is None:
-            self.base = load_base(self.cfg.model)
-        return with_adapter(self.base, self.cfg.lora, adapter, self.log)
-
-    def _train_sft(self, model, out, steps: int, order_key: int, desc: str, progress=None):
-        """SFT for `steps` optimizer steps at sft.learning_rate (train_sft: the one loop, checkpoints in
-        out/checkpoint/), then the adapter saved in out/adapter/ (rank 0)."""
-        train_sft(model, self.splits.train, self.cfg, self.tokenizer.pad_token_id, out, steps,
-                  lr=self.cfg.sft.learning_rate, order_key=order_key, desc=desc, progress=progress)
-        if self.rank == 0:
-            tmp = out / f"adapter.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, selected_adapters=["default"])
-            replace_dir(tmp, out / "adapter")
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        self._barrier()
-
     # -- model of iteration t ------------------------------------------------------------------------
     def model_for(self, t: int):
         """The model whose one trainable adapter starts equal to iteration t's opponent."""
@@ -468,9 +289,13 @@ class SpinRun:
         self.backend = self.backend or resolve_backend(self.cfg.model)
         if self.cfg.mode == "merge" and self.backend == "unsloth":  # one adapter a model: merge for real
             return build_model(self._merged_base(adapters), self.cfg.lora, [], log=self.log)
+        return build_model(self.loaded_base(), self.cfg.lora, adapters, self.cfg.mode, log=self.log)
+
+    def loaded_base(self):
+        """The base model, loaded once and kept between iterations (_release keeps it without their adapters)."""
         if self.base is None:
             self.base = load_base(self.cfg.model)
-        return build_model(self.base, self.cfg.lora, adapters, self.cfg.mode, log=self.log)
+        return self.base
 
     def _merged_base(self, adapters: list[str]):
         """The base with `adapters` merged in (spin_lite.model.save_merged_base), for merge mode on Unsloth: written
@@ -559,118 +384,3 @@ class SpinRun:
     def _barrier(self):
         if self.world_size > 1:
             dist.barrier()
-
-
-def _n(key: str) -> int:
-    """N of "iter N" or "control N"."""
-    return int(key.split()[-1])
-
-
-def versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
-                steps: dict[str, int]) -> str:
-    """The run's last line: which won on the validation rows, SPIN or SFT continued, and by how much."""
-    def described(key):
-        if key == "start":
-            return "the starting model"
-        if key.startswith("iter"):
-            return f"SPIN iteration {_n(key)} ({steps[key]} steps)"
-        return f"SFT continued ({key}, {steps[key]} steps)"
-    if loser is None:
-        return "Neither SPIN nor SFT continued beat the starting model on your validation rows: it stays chosen."
-    gap = _gap(winner_val, loser_val)
-    if winner.startswith("control"):
-        rival = "the starting model (no SPIN iteration beat it)" if loser == "start" else described(loser)
-        return (f"SFT continued beat every SPIN iteration on your validation rows: {winner} ({steps[winner]} steps) "
-                f"over {rival}, by {gap}.")
-    if winner == "start":
-        return (f"Neither SPIN nor SFT continued beat the starting model on your validation rows ({described(loser)}: "
-                f"{_gap(loser_val, winner_val)}): it stays chosen.")
-    if verdict is not None and verdict.better:
-        return f"{described(winner)} beat {described(loser)} by {gap} on your validation rows; it is chosen."
-    return (f"{described(winner)} stays chosen: {described(loser)} did not beat it on your validation rows, nor did "
-            f"it clearly beat that one ({gap}: within the noise of the rows).")
-
-
-def _gap(new: dict | None, old: dict | None) -> str:
-    """`new` - `old` on the validation metrics a reader weighs: logp/token, and the task metric where there is one."""
-    new, old = new or {}, old or {}
-    keys = [k for k in ("logp_per_token", "task_accuracy", "match_rate")
-            if new.get(k) is not None and old.get(k) is not None]
-    parts = [f"{new[k] - old[k]:+{'.3f' if k == 'logp_per_token' else '.2f'}} {VAL_COLUMNS[k]}" for k in keys]
-    return ", ".join(parts) or "no validation metrics"
-
-
-def results_table(run_dir: RunDir, cfg=None) -> list[dict]:
-    """One row for the starting model, one per complete iteration (RunDir.results_table)."""
-    return run_dir.results_table(cfg)
-
-
-# (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
-TABLE_COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("train_loss", "train loss", "{:.4f}"),
-                 *((f"val_{key}", VAL_COLUMNS[key], "{:.3f}" if key == "logp_per_token" else "{:.2f}")
-                   for key in VAL_COLUMNS),  # every validation metric the stop rule reads, as its reasons name it
-                 ("margin_accuracy", "test margin acc", "{:.2f}"), ("logp_per_token", "test logp/tok", "{:.3f}"),
-                 ("ended_rate", "test ended", "{:.2f}"), ("repetition_rate", "test repetitive", "{:.2f}"),
-                 ("match_rate", "test match", "{:.2f}"), ("task_accuracy", "test task acc", "{:.2f}"),
-                 ("sample_tokens", "answer tokens", "{:.1f}")]
-
-
-def format_table(run_dir: RunDir, cfg=None) -> str:
-    """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `cfg` (the
-    run's settings) says whether the stop rule ended the run."""
-    rows = results_table(run_dir, cfg)
-    columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    cells = [[c[1] for c in columns] + ["chosen"]] + [
-        [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]
-        for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    # rejected (worse: counts toward the stop), or accepted without a clear gain (the run went on; not chosen)
-    notes = [f"{r['model']}: not {'' if r['selection']['accepted'] is False else 'clearly '}better than "
-             f"{r['selection']['compared_with']} on validation (" + "; ".join(r["selection"]["reasons"]) + ")"
-             + (", run stopped" if r.get("stopped") else "")
-             for r in rows if r.get("selection") and not found_better(r["selection"])]
-    if any(r["model"].startswith("control") for r in rows):
-        notes.append("control N: SFT continued, the starting model trained by SFT on the same rows for as many "
-                     "optimizer steps as iterations 0..N (steps: since the start)")
-    chosen = run_dir.chosen_model()
-    chosen = ("no validation rows: nothing chosen" if chosen is None else "chosen on the validation rows: "
-              + {"start": "the starting model", "iter": f"iteration {chosen.split()[-1]}",
-                 "control": f"SFT continued, {chosen}"}[chosen.split()[0]])
-    versus = run_dir.final_comparison()  # the last line: which won, SPIN or SFT continued
-    return (f"SPIN results for {run_dir.root} (test rows unless marked val)\n"
-            + "\n".join(lines + notes + [chosen] + next_steps(run_dir, cfg) + ([versus["line"]] if versus else [])))
-
-
-def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
-    """The table's last lines: what to do now, as commands. The chosen model's export, or why there is none;
-    with the run's settings (`cfg`), how to go on: continue an unfinished run, or let a run the stop rule ended
-    go on with a higher train.stop_patience."""
-    root, config, best = run_dir.root, run_dir.config_path, run_dir.best_iteration()
-    n = run_dir.resolve_model("best")
-    if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
-        steps = [f"next: export the chosen model: spin-lite export {root} --iteration control-{_n(n)} --out "
-                 f"exports/{root.name}-control-{_n(n):02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
-    elif n >= 0:
-        why = "the chosen model" if best is not None else "nothing chosen (no validation rows): the last iteration"
-        # (export.py says why)
-        merged_only = cfg is not None and cfg.mode == "merge" and (n > 0 or run_dir.start_adapter(cfg))
-        steps = [f"next: export {why}: spin-lite export {root} --iteration {n} --out exports/{root.name}-iter-{n:02d}"
-                 + (" --merged" if merged_only else "  (the adapter; --merged or --gguf q8_0: one model file)")]
-    elif best is not None:  # the starting model beat every iteration
-        steps = ["no iteration was better than the starting model"
-                 + (f", which is the base with your starting adapter {run_dir.start_adapter(cfg)}: keep using it"
-                    if cfg is not None and run_dir.start_adapter(cfg) else ", so there is nothing trained to export")]
-    else:
-        steps = []
-    if cfg is None:
-        return steps
-    n = 0 if isinstance(n, str) else n  # (something to export: "or" below)
-    if run_dir.stopped(cfg):
-        steps.append(f"{'or' if n >= 0 else 'next:'} let SPIN go on past the rejected iteration(s), with a higher "
-                     f"patience: spin-lite run {config} train.stop_patience={run_dir.rejected_in_a_row() + 1}")
-    elif run_dir.completed() < cfg.iterations:
-        steps.append(f"{'or' if n >= 0 else 'next:'} continue the run ({run_dir.completed()} of {cfg.iterations} "
-                     f"iterations done): spin-lite run {config}")
-    return steps

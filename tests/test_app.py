@@ -133,6 +133,17 @@ def test_form_round_trip_and_cli_command_are_the_same_config(tmp_path):
     assert load_config(None, args[2:]) == cfg
 
 
+
+def test_a_changed_ratio_sets_the_rate_in_the_form():
+    """The CPU demo preset sets SPIN's rate as a ratio of the SFT rate; the form shows the rate it gave. Changing
+    the ratio or the SFT rate there sets the rate anew, instead of being refused as disagreeing with the one shown."""
+    keys = [s.key for s in form.settings()]
+    values = form.form_values(load_config(REPO / "examples" / "configs" / "demo.yaml"))
+    values[keys.index("train.lr_ratio_to_sft")] = "0.5"
+    assert form.config_from_form(values).train.learning_rate == pytest.approx(0.5 * 2e-4)
+    values[keys.index("sft.learning_rate")] = 1e-4
+    assert form.config_from_form(values).train.learning_rate == pytest.approx(0.5 * 1e-4)
+
 def test_form_values_typed_by_hand():
     keys = [s.key for s in form.settings()]
     values = form.form_values(SpinConfig())

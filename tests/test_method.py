@@ -9,7 +9,8 @@ import yaml
 
 from spin_lite.config import load_config
 from spin_lite.evaluate import compare, evaluate, is_repetitive, judge
-from spin_lite.run import SpinRun, format_table
+from spin_lite.report import format_table
+from spin_lite.run import SpinRun
 from spin_lite.state import RunDir, read_jsonl
 from spin_lite.train import TrainingDiverged, lr_schedule
 

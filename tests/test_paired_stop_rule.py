@@ -15,7 +15,8 @@ import pytest
 
 from spin_lite.config import ConfigError, load_config
 from spin_lite.evaluate import compare, judge, paired_compare
-from spin_lite.run import SpinRun, format_table
+from spin_lite.report import format_table
+from spin_lite.run import SpinRun
 from spin_lite.state import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

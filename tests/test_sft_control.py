@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from spin_lite.config import ConfigError
 from spin_lite.evaluate import score
 from spin_lite.export import export_adapter
-from spin_lite.run import SpinRun, format_table, versus_line
+from spin_lite.report import format_table, versus_line
+from spin_lite.run import SpinRun
 from spin_lite.state import RunDir, read_json, read_jsonl
 from spin_lite.train import epoch_order
 
@@ -165,3 +166,16 @@ def test_the_last_line_names_the_winner_and_the_gap():
         "(24 steps), by +0.100 val logp/tok, +0.00 val task acc.")
     assert versus_line("start", None, None, val(-2.0, 0.5), None, {}).startswith(
         "Neither SPIN nor SFT continued beat the starting model")
+
+
+def test_the_control_continues_sft_at_the_rate_the_starting_model_was_made_at():
+    """Without an SFT stage, a run that says its starting model's SFT rate (train.sft_learning_rate) gets a control
+    at that rate, not at sft.learning_rate's default; with the stage, the stage's rate."""
+    from types import SimpleNamespace
+
+    from spin_lite.config import load_config
+    from spin_lite.control import ControlArm
+    rate = lambda *over: ControlArm(SimpleNamespace(cfg=load_config(None, list(over)))).sft_rate
+    assert rate("sft.control=true", "train.sft_learning_rate=2e-5", "train.lr_ratio_to_sft=0.25") == 2e-5
+    assert rate("sft.control=true") == 2e-4
+    assert rate("sft.enabled=true", "sft.control=true", "sft.learning_rate=1e-4") == 1e-4

@@ -42,10 +42,11 @@ def export_note(workspace, run_dir: str, which) -> str:
                                                         if n == rd.chosen_model() else "."))
     if n >= 0:
         return f"**Warning: {rd.rejection(n)}.**" if rd.rejection(n) else ""
-    cfg, chosen = rd.settings(), rd.best_iteration() == -1
+    cfg, chosen = rd.settings(), rd.chosen_model() == "start"
     said = "The stop rule chose the starting model: no iteration was better on the validation rows. " if chosen else ""
-    if cfg is not None and cfg.model.adapter:
-        return said + f"It is the base with your starting adapter `{cfg.model.adapter}`, which this exports."
+    start = rd.start_adapter(cfg) if cfg is not None else None  # the SFT stage's adapter, else model.adapter
+    if start:
+        return said + f"It is the base with the starting adapter `{start}`, which this exports."
     return said + ("It is the base model itself, so there is nothing trained to export: use the base as it is, or "
                    "choose an iteration to export it anyway.")
 

@@ -144,6 +144,11 @@ def config_from_form(values: list) -> SpinConfig:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    train = data.get("train", {})
+    if train.get("lr_ratio_to_sft") not in (None, ""):
+        # the form always shows a learning rate (the one the ratio gave when loaded): with a ratio set, the ratio
+        # decides it, so a changed ratio or SFT rate is not refused as disagreeing with the rate on show
+        train.pop("learning_rate", None)
     return SpinConfig.from_dict(data)
 
 

@@ -85,7 +85,7 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
     """The results table as the page shows it: spin-lite table's columns with their plain names, values rounded
     to 3 decimals, `chosen` on the iteration chosen on the validation rows, and the stop rule's reasons on an
     iteration it rejected or did not find clearly better."""
-    from ..run import TABLE_COLUMNS
+    from ..report import TABLE_COLUMNS
 
     rows = iteration_metrics(workspace, run_dir)
     columns = [(key, title) for key, title, _ in TABLE_COLUMNS if any(r.get(key) is not None for r in rows)]

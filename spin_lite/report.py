@@ -1,0 +1,123 @@
+"""The text a run ends with, and what `spin-lite table` prints: the results table (one row per model, the columns
+that have a value), the stop rule's notes, the chosen model, the next steps as commands, and the last line, which
+says whether SPIN or SFT continued won on the validation rows (versus_line, written by spin_lite.control)."""
+from __future__ import annotations
+
+from .evaluate import VAL_COLUMNS
+from .state import RunDir, found_better
+
+
+def results_table(run_dir: RunDir, cfg=None) -> list[dict]:
+    """One row for the starting model, one per complete iteration (RunDir.results_table)."""
+    return run_dir.results_table(cfg)
+
+
+# (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
+TABLE_COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("train_loss", "train loss", "{:.4f}"),
+                 *((f"val_{key}", VAL_COLUMNS[key], "{:.3f}" if key == "logp_per_token" else "{:.2f}")
+                   for key in VAL_COLUMNS),  # every validation metric the stop rule reads, as its reasons name it
+                 ("margin_accuracy", "test margin acc", "{:.2f}"), ("logp_per_token", "test logp/tok", "{:.3f}"),
+                 ("ended_rate", "test ended", "{:.2f}"), ("repetition_rate", "test repetitive", "{:.2f}"),
+                 ("match_rate", "test match", "{:.2f}"), ("task_accuracy", "test task acc", "{:.2f}"),
+                 ("sample_tokens", "answer tokens", "{:.1f}")]
+
+
+def format_table(run_dir: RunDir, cfg=None) -> str:
+    """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `cfg` (the
+    run's settings) says whether the stop rule ended the run."""
+    rows = results_table(run_dir, cfg)
+    columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[c[1] for c in columns] + ["chosen"]] + [
+        [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]
+        for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    # rejected (worse: counts toward the stop), or accepted without a clear gain (the run went on; not chosen)
+    notes = [f"{r['model']}: not {'' if r['selection']['accepted'] is False else 'clearly '}better than "
+             f"{r['selection']['compared_with']} on validation (" + "; ".join(r["selection"]["reasons"]) + ")"
+             + (", run stopped" if r.get("stopped") else "")
+             for r in rows if r.get("selection") and not found_better(r["selection"])]
+    if any(r["model"].startswith("control") for r in rows):
+        notes.append("control N: SFT continued, the starting model trained by SFT on the same rows for as many "
+                     "optimizer steps as iterations 0..N (steps: since the start)")
+    chosen = run_dir.chosen_model()
+    chosen = ("no validation rows: nothing chosen" if chosen is None else "chosen on the validation rows: "
+              + {"start": "the starting model", "iter": f"iteration {chosen.split()[-1]}",
+                 "control": f"SFT continued, {chosen}"}[chosen.split()[0]])
+    versus = run_dir.final_comparison()  # the last line: which won, SPIN or SFT continued
+    return (f"SPIN results for {run_dir.root} (test rows unless marked val)\n"
+            + "\n".join(lines + notes + [chosen] + next_steps(run_dir, cfg) + ([versus["line"]] if versus else [])))
+
+
+def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
+    """The table's last lines: what to do now, as commands. The chosen model's export, or why there is none;
+    with the run's settings (`cfg`), how to go on: continue an unfinished run, or let a run the stop rule ended
+    go on with a higher train.stop_patience."""
+    root, config, best = run_dir.root, run_dir.config_path, run_dir.best_iteration()
+    n = run_dir.resolve_model("best")
+    if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
+        c = model_number(n)
+        steps = [f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
+                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
+    elif n >= 0:
+        why = "the chosen model" if best is not None else "nothing chosen (no validation rows): the last iteration"
+        # (export.py says why)
+        merged_only = cfg is not None and cfg.mode == "merge" and (n > 0 or run_dir.start_adapter(cfg))
+        steps = [f"next: export {why}: spin-lite export {root} --iteration {n} --out exports/{root.name}-iter-{n:02d}"
+                 + (" --merged" if merged_only else "  (the adapter; --merged or --gguf q8_0: one model file)")]
+    elif best is not None:  # the starting model beat every iteration
+        steps = ["no iteration was better than the starting model"
+                 + (f", which is the base with your starting adapter {run_dir.start_adapter(cfg)}: keep using it"
+                    if cfg is not None and run_dir.start_adapter(cfg) else ", so there is nothing trained to export")]
+    else:
+        steps = []
+    if cfg is None:
+        return steps
+    n = 0 if isinstance(n, str) else n  # (something to export: "or" below)
+    if run_dir.stopped(cfg):
+        steps.append(f"{'or' if n >= 0 else 'next:'} let SPIN go on past the rejected iteration(s), with a higher "
+                     f"patience: spin-lite run {config} train.stop_patience={run_dir.rejected_in_a_row() + 1}")
+    elif run_dir.completed() < cfg.iterations:
+        steps.append(f"{'or' if n >= 0 else 'next:'} continue the run ({run_dir.completed()} of {cfg.iterations} "
+                     f"iterations done): spin-lite run {config}")
+    return steps
+
+
+def versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
+                steps: dict[str, int]) -> str:
+    """The run's last line: which won on the validation rows, SPIN or SFT continued, and by how much."""
+    def described(key):
+        if key == "start":
+            return "the starting model"
+        if key.startswith("iter"):
+            return f"SPIN iteration {model_number(key)} ({steps[key]} steps)"
+        return f"SFT continued ({key}, {steps[key]} steps)"
+    if loser is None:
+        return "Neither SPIN nor SFT continued beat the starting model on your validation rows: it stays chosen."
+    gap = _gap(winner_val, loser_val)
+    if winner.startswith("control"):
+        rival = "the starting model (no SPIN iteration beat it)" if loser == "start" else described(loser)
+        return (f"SFT continued beat every SPIN iteration on your validation rows: {winner} ({steps[winner]} steps) "
+                f"over {rival}, by {gap}.")
+    if winner == "start":
+        return (f"Neither SPIN nor SFT continued beat the starting model on your validation rows ({described(loser)}: "
+                f"{_gap(loser_val, winner_val)}): it stays chosen.")
+    if verdict is not None and verdict.better:
+        return f"{described(winner)} beat {described(loser)} by {gap} on your validation rows; it is chosen."
+    return (f"{described(winner)} stays chosen: {described(loser)} did not beat it on your validation rows, nor did "
+            f"it clearly beat that one ({gap}: within the noise of the rows).")
+
+
+def _gap(new: dict | None, old: dict | None) -> str:
+    """`new` - `old` on the validation metrics a reader weighs: logp/token, and the task metric where there is one."""
+    new, old = new or {}, old or {}
+    keys = [k for k in ("logp_per_token", "task_accuracy", "match_rate")
+            if new.get(k) is not None and old.get(k) is not None]
+    parts = [f"{new[k] - old[k]:+{'.3f' if k == 'logp_per_token' else '.2f'}} {VAL_COLUMNS[k]}" for k in keys]
+    return ", ".join(parts) or "no validation metrics"
+
+
+def model_number(key: str) -> int:
+    """N of "iter N" or "control N"."""
+    return int(key.split()[-1])
