@@ -148,8 +148,8 @@ class ControlArm:
         """The final comparison, once control t is judged: SPIN's choice (the stop rule's: the start or an
         iteration) against the control arm's (the start or a control), on the validation rows, by the stop rule's
         test. The control wins only when that test finds it better than SPIN's choice. Where no control beat the
-        start, SPIN's choice is measured against the control with as many steps; `line` says which won and by how
-        much."""
+        start, SPIN's choice is measured against the control with as many steps, which wins if that test finds it
+        better; `line` says which won and by how much."""
         spin = self.dir.best_iteration()
         if selection is None or spin is None:
             return None
@@ -161,11 +161,11 @@ class ControlArm:
         winner, verdict = spin, None
         if against is not None:
             verdict = self._judge(against, spin)
-            if control != "start" and verdict.better:
-                winner = control
+            if verdict.better:  # the arm's choice, or (the arm kept the start) the control with SPIN's steps
+                winner = against
             else:  # how far SPIN's choice is ahead: the same test, the other way round
                 verdict = self._judge(spin, against)
-        loser = spin if winner == control != "start" else against
+        loser = spin if winner != spin else against
         line = versus_line(winner, loser, verdict, self._val(winner)[0], self._val(loser)[0] if loser else None,
                            {key: self._steps(key) for key in (winner, loser) if key})
         return {"spin": spin, "control": control, "winner": winner, "against": loser,

@@ -179,3 +179,33 @@ def test_the_control_continues_sft_at_the_rate_the_starting_model_was_made_at():
     assert rate("sft.control=true", "train.sft_learning_rate=2e-5", "train.lr_ratio_to_sft=0.25") == 2e-5
     assert rate("sft.control=true") == 2e-4
     assert rate("sft.enabled=true", "sft.control=true", "sft.learning_rate=1e-4") == 1e-4
+
+
+def test_the_matched_control_wins_where_the_arm_kept_the_start(tmp_path):
+    """A hand-made run: SPIN's iteration 0 is clearly better than the start and chosen; control 0's own verdict
+    against the start was recorded as not better (so the arm's choice is the start), yet on the validation rows it
+    is clearly better than SPIN's choice. The final comparison, made against the control with SPIN's steps, picks it
+    (it used to keep SPIN's choice and say the control "did not beat it")."""
+    import json
+    from types import SimpleNamespace
+
+    from spin_lite.config import load_config
+    from spin_lite.control import ControlArm
+    from spin_lite.state import RunDir
+    from test_paired_stop_rule import clear_gain, shifted, start_rows, write_model
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "sft.control=true"])
+    rd = RunDir(cfg.run_dir)
+    start = start_rows()
+    spin, control = shifted(start, clear_gain), shifted(start, lambda k: 2 * clear_gain(k))
+    write_model(rd.root / "eval-start.json", start, start=True)
+    write_model(rd.iteration(0) / "eval.json", spin)
+    (rd.iteration(0) / "summary.json").write_text(json.dumps({
+        "iteration": 0, "train": {"steps": 4}, "selection": {"accepted": True, "better": True}}))
+    write_model(rd.control(0) / "eval.json", control)
+    selection = {"accepted": True, "better": False}  # as recorded, the arm kept the start
+    (rd.control(0) / "summary.json").write_text(json.dumps({"control": 0, "selection": selection}))
+    versus = ControlArm(SimpleNamespace(cfg=cfg, dir=rd)).versus(0, selection)
+    assert versus["spin"] == "iter 0" and versus["control"] == "start"
+    assert versus["winner"] == "control 0" and versus["against"] == "iter 0"
+    assert versus["line"].startswith("SFT continued beat every SPIN iteration")
