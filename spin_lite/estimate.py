@@ -121,7 +121,20 @@ def estimate(cfg: SpinConfig, n_train: int, n_val: int, n_test: int, speed: Thro
     answers = answering(e["batches"], e["tokens"])
     ev = answers + e["sequences"] * per_sequence
     ev_first = ev + answers + e["start_sequences"] * per_sequence  # the starting model is evaluated once
-    return [
+    # the SFT stage and the control arm (spin_lite.control): SFT steps on the real responses alone, half a SPIN
+    # micro batch's sequences, so half its time; each model they make is evaluated like an iteration's
+    sft_step = w["train"]["micro"] * speed.train_micro_s / 2
+    extra = []
+    if cfg.sft.enabled:
+        steps = cfg.sft.steps or cfg.train.steps_per_epoch(n_train) * cfg.sft.epochs
+        extra.append(StageEstimate("sft", f"{steps} SFT steps (and the model before it evaluated once)",
+                                   steps * sft_step + answers + e["start_sequences"] * per_sequence, 0.0))
+    if cfg.sft.control:
+        control = lambda steps: steps * sft_step + answers + e["start_sequences"] * per_sequence
+        extra.append(StageEstimate("control", f"{w['train']['first']} SFT steps (later iterations "
+                                   f"{w['train']['later']}), evaluated", control(w["train"]["first"]),
+                                   control(w["train"]["later"])))
+    return extra + [
         StageEstimate("generate", f"{w['generate']['batches']} batches x up to {w['generate']['tokens']} tokens",
                       gen, gen),
         StageEstimate("score", f"{w['score']['first']} sequences (later iterations {w['score']['later']})",

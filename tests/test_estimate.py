@@ -50,3 +50,19 @@ def test_estimate_probes_the_model_and_the_cli_prints_it(tiny_model_dir, tmp_pat
     done = cli("estimate", *tiny_settings(tiny_model_dir, tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert "generate" in done.stdout and "2 iteration(s)" in done.stdout and not done.stderr.strip(), done.stderr
+
+
+def test_the_sft_stage_and_the_control_are_counted():
+    """With sft.enabled and sft.control, the estimate has an SFT stage (once) and a control per iteration: SFT steps
+    at half a SPIN step's time (one sequence a row, not two), and an evaluation of each model they make."""
+    cfg = load_config(None, ["generation.batch_size=4", "generation.max_new_tokens=10", "train.micro_batch_size=2",
+                             "train.gradient_accumulation_steps=2", "train.epochs=1", "iterations=3",
+                             "sft.enabled=true", "sft.epochs=2", "sft.control=true"])
+    speed = Throughput(prefill_s=2.0, decode_step_s=0.5, score_batch_s=4.0, train_micro_s=3.0, device="cpu")
+    stages = {s.stage: s for s in estimate(cfg, n_train=8, n_val=4, n_test=4, speed=speed)}
+    evaluation = 2 * (2.0 + 9 * 0.5) + 8 * 1.0  # greedy answers to 8 held-out prompts, their real responses scored
+    assert stages["sft"].first_s == 4 * 2 * 1.5 + evaluation and stages["sft"].later_s == 0  # 2 epochs of 2 steps
+    assert stages["control"].first_s == 2 * 2 * 1.5 + evaluation  # as many steps as SPIN's iteration 0
+    assert stages["control"].later_s == 4 * 2 * 1.5 + evaluation
+    plain = {s.stage for s in estimate(load_config(None, []), n_train=8, n_val=4, n_test=4, speed=speed)}
+    assert "sft" not in plain and "control" not in plain
