@@ -16,7 +16,9 @@ before the numbers (docs/RESULTS.md "Round 3: protocol"):
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python examples/experiment_round3.py --data style --phase report
     .venv/bin/python examples/experiment_round3.py --data style --phase report --tables-only
 
-Each run folder (OUT/DATA/POINT/seed-S) continues where it stopped when the command is run again. Runs of one data
+Each run folder (OUT/DATA/POINT/seed-S) continues where it stopped when the command is run again; a finished run
+is also kept, light (no adapters), in docs/results/round3/runs/ (committed), from which a new checkout restores it
+instead of running it again. Runs of one data
 set and seed share their SFT stage: the first grid point's sft/, eval-base.json and eval-start.json are copied
 into the others before they start (the SFT stage does not depend on the grid's settings).
 """
@@ -38,6 +40,7 @@ from spin_lite.config import load_config  # noqa: E402
 from spin_lite.state import RunDir, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 CONFIG = REPO / "examples" / "configs" / "round3.yaml"
+KEPT = REPO / "docs" / "results" / "round3" / "runs"  # light copies of the finished runs (keep())
 DATASETS = {  # name: (file, test rows, training rows, settings, task metric)
     "style": ("examples/data/demo_sft.jsonl", 24, 32,
               ["generation.max_new_tokens=40", "eval.max_new_tokens=40",
@@ -83,12 +86,31 @@ def run_dir(out: Path, name: str, point: str, seed: int) -> Path:
     return out / name / point.replace("+", "_") / f"seed-{seed}"
 
 
+def finished(folder: Path) -> bool:
+    return RunDir(folder).completed() >= 2 and RunDir(folder).completed_controls() >= 2
+
+
+def keep(out: Path):
+    """A light copy of every finished run (its JSON, YAML, train logs and greedy samples; no adapters, generations
+    or pairs) into docs/results/round3/runs/, committed: what the tables read, and what the next session restores."""
+    for folder in out.glob("*/*/seed-*"):
+        target = KEPT / folder.relative_to(out)
+        if finished(folder) and not finished(target):
+            shutil.copytree(folder, target, dirs_exist_ok=True, ignore=lambda d, names: [
+                n for n in names if (Path(d) / n).is_file() and not (n.endswith((".json", ".yaml"))
+                                                                     or n in ("train_log.jsonl", "samples.jsonl"))
+                or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
+
+
 def run(out: Path, name: str, point: str, seed: int):
     folder = run_dir(out, name, point, seed)
-    if RunDir(folder).completed() >= 2 and RunDir(folder).completed_controls() >= 2:
+    kept = KEPT / folder.relative_to(out)
+    if not finished(folder) and finished(kept):  # finished in an earlier session: its committed copy
+        shutil.copytree(kept, folder, dirs_exist_ok=True)
+    if finished(folder):
         return
     first = run_dir(out, name, next(iter(GRID)), seed)
-    if folder != first and (first / "sft" / "summary.json").exists() and not (folder / "sft").exists():
+    if folder != first and (first / "sft" / "adapter").exists() and not (folder / "sft").exists():
         folder.mkdir(parents=True, exist_ok=True)  # the shared SFT stage
         shutil.copytree(first / "sft", folder / "sft")
         for f in ("eval-base.json", "eval-start.json"):
@@ -101,6 +123,7 @@ def run(out: Path, name: str, point: str, seed: int):
     if proc.returncode:
         raise SystemExit(f"{name} {point} seed {seed} failed:\n{proc.stderr[-3000:]}")
     print(f"   done in {time.time() - began:.0f} s: {proc.stdout.strip().splitlines()[-1]}", flush=True)
+    keep(out)
 
 
 def rows_of(folder: Path) -> dict[str, dict]:
