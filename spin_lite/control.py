@@ -185,12 +185,7 @@ class ControlArm:
 
     def _val(self, key: str) -> tuple[dict | None, dict | None]:
         """(validation metrics, per-row validation scores) of "start", "iter N" or "control N"."""
-        if key == "start":
-            path = self.dir.root / "eval-start.json"
-        else:
-            folder = self.dir.iteration if key.startswith("iter") else self.dir.control
-            path = folder(model_number(key)) / "eval.json"
-        results = read_json(path) or {}
+        results = self.dir.evaluation(key)
         return results.get("val"), results.get("val_rows")
 
     def evaluate_plain(self, model, t: int | None, path, samples_path=None) -> dict:

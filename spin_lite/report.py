@@ -7,11 +7,6 @@ from .evaluate import VAL_COLUMNS
 from .state import RunDir, found_better
 
 
-def results_table(run_dir: RunDir, cfg=None) -> list[dict]:
-    """One row for the starting model, one per complete iteration (RunDir.results_table)."""
-    return run_dir.results_table(cfg)
-
-
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
 TABLE_COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("train_loss", "train loss", "{:.4f}"),
                  *((f"val_{key}", VAL_COLUMNS[key], "{:.3f}" if key == "logp_per_token" else "{:.2f}")
@@ -25,7 +20,7 @@ TABLE_COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("train_los
 def format_table(run_dir: RunDir, cfg=None) -> str:
     """`spin-lite table`: the results table, the stop rule's verdicts, and the chosen iteration; `cfg` (the
     run's settings) says whether the stop rule ended the run."""
-    rows = results_table(run_dir, cfg)
+    rows = run_dir.results_table(cfg)
     columns = [c for c in TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     cells = [[c[1] for c in columns] + ["chosen"]] + [
         [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in columns] + ["best" if r.get("best") else ""]

@@ -224,27 +224,26 @@ class RunDir:
         """The iteration chosen on the validation rows: the latest one the stop rule found better than the
         best model before it (found_better); -1 when none was (the starting model is the best); None without
         validation rows."""
-        best = None
-        for s in self.summaries():
-            if s.get("selection") is not None:
-                best = s["iteration"] if found_better(s["selection"]) else (-1 if best is None else best)
-        return best
+        return _latest_better(self.summaries(), "iteration")
+
+    def evaluation(self, key: str) -> dict:
+        """What evaluating the model `key` ("start", "iter N" or "control N") wrote: eval-start.json or the model's
+        eval.json ({} before it is written)."""
+        if key == "start":
+            return read_json(self.root / "eval-start.json") or {}
+        folder = self.iteration if key.startswith("iter") else self.control
+        return read_json(folder(int(key.split()[-1])) / "eval.json") or {}
 
     def val_rows(self, t: int) -> dict | None:
         """The per-row validation scores of the model after iteration t (-1: the starting model), by row key, as
         the stop rule's paired test reads them; None for a run made before they were stored."""
-        path = self.root / "eval-start.json" if t < 0 else self.iteration(t) / "eval.json"
-        return (read_json(path) or {}).get("val_rows")
+        return self.evaluation("start" if t < 0 else f"iter {t}").get("val_rows")
 
     def best_control(self) -> int | None:
         """The control arm's own choice, by the stop rule's reading applied to its checkpoints: the latest control
         that was better on the validation rows than the best model before it (the start, or an earlier control);
         -1 when none was; None without verdicts (no control, or no validation rows)."""
-        best = None
-        for s in self.control_summaries():
-            if s.get("selection") is not None:
-                best = s["control"] if found_better(s["selection"]) else (-1 if best is None else best)
-        return best
+        return _latest_better(self.control_summaries(), "control")
 
     def final_comparison(self) -> dict | None:
         """The comparison of SPIN's choice with the control arm's, made when the latest control was evaluated
@@ -481,6 +480,16 @@ def _inherited_lock(path: Path) -> int | None:
     except OSError:
         return None
     return int(fd)
+
+
+def _latest_better(summaries: list[dict], key: str) -> int | None:
+    """The `key` number of the latest summary whose verdict found it better than the best before it; -1 when
+    verdicts exist but none did (the start is the best); None without verdicts."""
+    best = None
+    for s in summaries:
+        if s.get("selection") is not None:
+            best = s[key] if found_better(s["selection"]) else (-1 if best is None else best)
+    return best
 
 
 def found_better(selection: dict) -> bool:
