@@ -54,7 +54,8 @@ def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
     if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
         c = model_number(n)
         steps = [f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
-                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
+                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)",
+                 still_learning(run_dir, n, cfg)]
     elif n >= 0:
         why = "the chosen model" if best is not None else "nothing chosen (no validation rows): the last iteration"
         # (export.py says why)
@@ -77,6 +78,25 @@ def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
         steps.append(f"{'or' if n >= 0 else 'next:'} continue the run ({run_dir.completed()} of {cfg.iterations} "
                      f"iterations done): spin-lite run {config}")
     return steps
+
+
+def still_learning(run_dir: RunDir, control: str, cfg=None) -> str:
+    """Why SFT continued won, when it did: the control's gain over the starting model says the starting model is
+    still learning the training rows, and what to do about it (a longer SFT stage, in a new run directory: a run
+    refuses changed stage settings)."""
+    gain = _gap(run_dir.evaluation(control).get("val"), run_dir.evaluation("start").get("val"))
+    advice = (f"why: SFT continued raised the starting model by {gain}: it is still learning these rows, and more "
+              "SFT is the cheaper way on. SPIN is meant to start where more SFT no longer helps (the paper's SFT "
+              "model gained nothing from another epoch)")
+    if cfg is None:
+        return advice
+    if cfg.sft.enabled:
+        longer = (f"sft.steps={2 * cfg.sft.steps}" if cfg.sft.steps else f"sft.epochs={2 * cfg.sft.epochs}")
+        return (f"{advice}: train the SFT stage longer and compare again: spin-lite run {run_dir.config_path} "
+                f"{longer} run_dir={run_dir.root}-{longer.split('.')[1].replace('=', '')}")
+    if cfg.model.adapter:
+        return f"{advice}: train your SFT adapter ({cfg.model.adapter}) longer and compare again"
+    return f"{advice}: start SPIN from an SFT model (sft.enabled=true: an SFT stage first) and compare again"
 
 
 def versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,

@@ -124,7 +124,9 @@ def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsy
     assert (tmp_path / "c1" / "adapter_model.safetensors").read_bytes() == \
         (rd.control(1) / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(["table", str(rd.root)]) == 0
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("SFT continued beat every SPIN iteration")
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert printed[-1].startswith("SFT continued beat every SPIN iteration")
+    assert printed[-2].startswith("why: SFT continued raised the starting model by +")
 
     # The app, in a workspace holding the run and the model: the Run tab's table, the Compare tab's models.
     from spin_lite.app import chat, views
@@ -209,3 +211,23 @@ def test_the_matched_control_wins_where_the_arm_kept_the_start(tmp_path):
     assert versus["spin"] == "iter 0" and versus["control"] == "start"
     assert versus["winner"] == "control 0" and versus["against"] == "iter 0"
     assert versus["line"].startswith("SFT continued beat every SPIN iteration")
+
+
+def test_a_won_control_says_the_starting_model_is_still_learning(tmp_path):
+    """Where SFT continued won, the next steps say by how much it raised the starting model, and how to give SPIN a
+    starting model that more SFT no longer improves: a longer SFT stage, in a new run directory."""
+    import json
+
+    from spin_lite.config import load_config
+    from spin_lite.report import still_learning
+    from spin_lite.state import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.control(0).mkdir(parents=True)
+    (rd.root / "eval-start.json").write_text(json.dumps({"val": {"logp_per_token": -2.0, "task_accuracy": 0.25}}))
+    (rd.control(0) / "eval.json").write_text(json.dumps({"val": {"logp_per_token": -1.5, "task_accuracy": 0.5}}))
+    line = still_learning(rd, "control 0", load_config(None, ["sft.enabled=true", "sft.epochs=3"]))
+    assert line.startswith("why: SFT continued raised the starting model by +0.500 val logp/tok, +0.25 val task acc:")
+    assert line.endswith(f"spin-lite run {rd.config_path} sft.epochs=6 run_dir={rd.root}-epochs6")
+    assert still_learning(rd, "control 0", load_config(None, ["model.adapter=sft-out"])).endswith(
+        "train your SFT adapter (sft-out) longer and compare again")
