@@ -58,6 +58,7 @@ GRID = {  # objective and anchor, at a quarter of the SFT rate (the README's rec
     "dpop": ["train.loss_type=dpop", "train.sft_weight=0.0"],
 }
 SELECTION_SEEDS, REPORT_SEEDS = (10, 11), (1, 2, 3)
+CONVERGED = ["sft.epochs=8"]  # round 3b: the SFT model at round 2's plateau (docs/RESULTS.md "Round 3b: protocol")
 TEST_SPLIT_SEED = 1234
 
 
@@ -74,16 +75,17 @@ def data_files(out: Path, name: str) -> tuple[Path, Path]:
     return test, pool
 
 
-def settings(out: Path, name: str, point: str, seed: int) -> list[str]:
+def settings(out: Path, name: str, point: str, seed: int, converged: bool = False) -> list[str]:
     test, pool = data_files(out, name)
     _, n_test, n_train, extra, _ = DATASETS[name]
-    return [f"run_dir={run_dir(out, name, point, seed)}", f"seed={seed}", f"data.path={pool}",
+    return [f"run_dir={run_dir(out, name, point, seed, converged)}", f"seed={seed}", f"data.path={pool}",
             f"data.eval_path={test}", f"data.eval_size={n_test}", f"data.max_examples={n_train}", *extra,
-            *GRID[point]]
+            *GRID[point], *(CONVERGED if converged else [])]
 
 
-def run_dir(out: Path, name: str, point: str, seed: int) -> Path:
-    return out / name / point.replace("+", "_") / f"seed-{seed}"
+def run_dir(out: Path, name: str, point: str, seed: int, converged: bool = False) -> Path:
+    """OUT/DATA/POINT/seed-S; round 3b's runs (from the converged SFT model) under OUT/DATA/converged/."""
+    return out / name / ("converged" if converged else "") / point.replace("+", "_") / f"seed-{seed}"
 
 
 def finished(folder: Path) -> bool:
@@ -93,7 +95,7 @@ def finished(folder: Path) -> bool:
 def keep(out: Path):
     """A light copy of every finished run (its JSON, YAML, train logs and greedy samples; no adapters, generations
     or pairs) into docs/results/round3/runs/, committed: what the tables read, and what the next session restores."""
-    for folder in out.glob("*/*/seed-*"):
+    for folder in [*out.glob("*/*/seed-*"), *out.glob("*/converged/*/seed-*")]:
         target = KEPT / folder.relative_to(out)
         if finished(folder) and not finished(target):
             shutil.copytree(folder, target, dirs_exist_ok=True, ignore=lambda d, names: [
@@ -102,22 +104,23 @@ def keep(out: Path):
                 or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
 
 
-def run(out: Path, name: str, point: str, seed: int):
-    folder = run_dir(out, name, point, seed)
+def run(out: Path, name: str, point: str, seed: int, converged: bool = False):
+    folder = run_dir(out, name, point, seed, converged)
     kept = KEPT / folder.relative_to(out)
     if not finished(folder) and finished(kept):  # finished in an earlier session: its committed copy
         shutil.copytree(kept, folder, dirs_exist_ok=True)
     if finished(folder):
         return
-    first = run_dir(out, name, next(iter(GRID)), seed)
+    first = run_dir(out, name, next(iter(GRID)), seed, converged)
     if folder != first and (first / "sft" / "adapter").exists() and not (folder / "sft").exists():
         folder.mkdir(parents=True, exist_ok=True)  # the shared SFT stage
         shutil.copytree(first / "sft", folder / "sft")
         for f in ("eval-base.json", "eval-start.json"):
             shutil.copy(first / f, folder / f)
     began = time.time()
-    print(f"== {name} {point} seed {seed}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "spin_lite", "run", str(CONFIG), *settings(out, name, point, seed)],
+    print(f"== {name} {point} seed {seed}{' (converged SFT)' if converged else ''}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "spin_lite", "run", str(CONFIG),
+                           *settings(out, name, point, seed, converged)],
                           cwd=REPO, text=True, capture_output=True)
     (folder / "experiment.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -158,17 +161,18 @@ def select(out: Path, name: str) -> dict:
     return result
 
 
-def report(out: Path, name: str, point: str) -> str:
+def report(out: Path, name: str, point: str, converged: bool = False) -> str:
     """The report table of the chosen point: test metrics of every model, and SPIN's choice minus the control's."""
     task = DATASETS[name][4]
+    title = f"{name}, from the converged SFT model ({' '.join(CONVERGED)})" if converged else name
     keys = [(task, "task"), ("logp_per_token", "logp/tok"), ("ended_rate", "ended"), ("repetition_rate", "repetitive")]
-    lines = [f"#### {name}: grid point {point}, seeds {', '.join(map(str, REPORT_SEEDS))} (test rows)", "",
+    lines = [f"#### {title}: grid point {point}, seeds {', '.join(map(str, REPORT_SEEDS))} (test rows)", "",
              "| seed | model | " + " | ".join(t for _, t in keys) + " | val " + keys[0][1] + " | val logp/tok | chosen |",
              "|---|---|" + "---|" * (len(keys) + 3)]
     diffs = {k: [] for k, _ in keys}
     finals = []
     for seed in REPORT_SEEDS:
-        folder = run_dir(out, name, point, seed)
+        folder = run_dir(out, name, point, seed, converged)
         table = rows_of(folder)
         spin, control = spin_choice(folder), control_choice(folder)
         final = RunDir(folder).chosen_model() or "?"
@@ -192,14 +196,15 @@ def report(out: Path, name: str, point: str) -> str:
                          f"sd {spread:.3f})")
     lines.append(f"- the product's final choice per seed: {', '.join(finals)}")
     text = "\n".join(lines) + "\n"
-    atomic_write_text(out / name / "report.md", text)
+    atomic_write_text(out / name / ("report-converged.md" if converged else "report.md"), text)
     return text
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, choices=list(DATASETS))
-    parser.add_argument("--phase", required=True, choices=["select", "report"])
+    parser.add_argument("--phase", required=True, choices=["select", "report", "converged"],
+                        help="converged: round 3b, the report's runs from the SFT model at its plateau")
     parser.add_argument("--out", default=str(REPO / "runs" / "round3"))
     parser.add_argument("--points", nargs="*", choices=list(GRID), help="select: only these grid points")
     parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
@@ -216,10 +221,11 @@ def main():
         chosen = read_json(out / args.data / "selection.json")
         if not chosen:
             raise SystemExit(f"no {out / args.data / 'selection.json'}: run --phase select first")
+        converged = args.phase == "converged"
         if not args.tables_only:
             for seed in args.seeds or REPORT_SEEDS:
-                run(out, args.data, chosen["chosen"], seed)
-        print(report(out, args.data, chosen["chosen"]))
+                run(out, args.data, chosen["chosen"], seed, converged)
+        print(report(out, args.data, chosen["chosen"], converged))
 
 
 if __name__ == "__main__":
