@@ -91,9 +91,9 @@ def still_learning(run_dir: RunDir, control: str, cfg=None) -> str:
     if cfg is None:
         return advice
     if cfg.sft.enabled:
-        longer = (f"sft.steps={2 * cfg.sft.steps}" if cfg.sft.steps else f"sft.epochs={2 * cfg.sft.epochs}")
+        setting, twice = ("steps", 2 * cfg.sft.steps) if cfg.sft.steps else ("epochs", 2 * cfg.sft.epochs)
         return (f"{advice}: train the SFT stage longer and compare again: spin-lite run {run_dir.config_path} "
-                f"{longer} run_dir={run_dir.root}-{longer.split('.')[1].replace('=', '')}")
+                f"sft.{setting}={twice} run_dir={run_dir.root}-{setting}{twice}")
     if cfg.model.adapter:
         return f"{advice}: train your SFT adapter ({cfg.model.adapter}) longer and compare again"
     return f"{advice}: start SPIN from an SFT model (sft.enabled=true: an SFT stage first) and compare again"
