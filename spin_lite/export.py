@@ -114,9 +114,7 @@ def adapters_to_merge(run_dir, iteration: int | str) -> list[str]:
     """The adapters that, merged into the base in this order, give the model after `iteration`
     (the run directory's answer: RunDir.adapters_after)."""
     rd, cfg = _run(run_dir)
-    if isinstance(iteration, str):  # a control's adapter stands alone (it continues the starting adapter itself)
-        return [str(rd.control(_control(iteration)) / "adapter")]
-    return rd.adapters_after(iteration, cfg.mode, rd.start_adapter(cfg))
+    return rd.adapters_of(iteration, cfg)
 
 
 def base_reference(cfg) -> str:

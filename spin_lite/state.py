@@ -183,6 +183,22 @@ class RunDir:
         chain = ([start_adapter] if start_adapter else []) + [str(self.iteration(k) / "adapter") for k in range(n + 1)]
         return chain[-1:] if mode == "stack" else chain
 
+    def adapters_of(self, which: int | str, cfg) -> list[str]:
+        """The adapters that make the model `which` names (resolve_model's answer: an iteration, -1 for the starting
+        model, or "control N"), in order: what the chat, the export and the notebook load on the base."""
+        if isinstance(which, str):  # SFT continued: its adapter stands alone (it continued the starting adapter)
+            return [str(self.control(int(which.split()[-1])) / "adapter")]
+        return self.adapters_after(which, cfg.mode, self.start_adapter(cfg))
+
+    def samples_of(self, which: int | str) -> list[dict]:
+        """The held-out samples (prompt, real, opponent and model responses) of the model `which` names, as in
+        adapters_of; [] when it has none yet."""
+        if which == -1:
+            return (read_json(self.root / "eval-start.json") or {}).get("samples", [])
+        folder = self.control(int(which.split()[-1])) if isinstance(which, str) else self.iteration(which)
+        path = folder / "samples.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
     def start_adapter(self, cfg) -> str | None:
         """The adapter of SPIN's starting model: the SFT stage's (sft.enabled), else model.adapter (or None)."""
         return str(self.sft_dir / "adapter") if cfg.sft.enabled else cfg.model.adapter

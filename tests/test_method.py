@@ -213,6 +213,17 @@ def test_run_directory_contract(tmp_path):
     assert rd.adapters_after(1, "stack", "sft") == [str(tmp_path / "iter-01" / "adapter")]
     assert rd.adapters_after(1, "merge", "sft") == ["sft", str(tmp_path / "iter-00" / "adapter"),
                                                    str(tmp_path / "iter-01" / "adapter")]
+    # the model resolve_model names, as the chat, the export and the notebook load it: a control stands alone
+    sft = load_config(None, [f"run_dir={tmp_path}", "sft.enabled=true"])
+    assert rd.adapters_of(-1, sft) == [str(tmp_path / "sft" / "adapter")]
+    assert rd.adapters_of(-1, load_config(None, [f"run_dir={tmp_path}"])) == []
+    assert rd.adapters_of(1, sft) == [str(tmp_path / "iter-01" / "adapter")]
+    assert rd.adapters_of("control 1", sft) == [str(tmp_path / "control-01" / "adapter")]
+    assert rd.samples_of(-1) == [] and rd.samples_of("control 1") == []  # nothing evaluated yet
+    (tmp_path / "control-01").mkdir()
+    (tmp_path / "control-01" / "samples.jsonl").write_text('{"prompt": "p", "model": "m"}\n')
+    (tmp_path / "eval-start.json").write_text('{"samples": [{"prompt": "q"}]}')
+    assert rd.samples_of("control 1") == [{"prompt": "p", "model": "m"}] and rd.samples_of(-1) == [{"prompt": "q"}]
     assert rd.next_stage(0) == "generate" and rd.trained_iterations() == []
     (tmp_path / "iter-00" / "adapter").mkdir(parents=True)
     (tmp_path / "iter-00" / "pairs.jsonl").write_text("")

@@ -59,19 +59,18 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert "SPIN results for" in "".join(outputs)
     run = tmp_path / "work" / "run"
     assert (run / "iter-00" / "summary.json").exists() and (run / "iter-00" / "train_log.jsonl").exists()
-    # the chat and the export use the model the stop rule chose, and say which
+    # the whole pipeline ran: the SFT stage, the iteration and the control matched to it
+    assert (run / "sft" / "adapter").is_dir() and (run / "control-00" / "summary.json").exists()
+    # the chat and the export use the model chosen among the start (the SFT model), the iteration and the control
     from spin_lite.state import RunDir
     rd = RunDir(run)
     chosen = rd.resolve_model()
     said = "".join(outputs)
     assert f"the chosen model: {rd.model_label(chosen)}" in said
-    export = tmp_path / "work" / "export"
-    if chosen >= 0:
-        assert json.loads((export / "adapter" / "spin_lite_export.json").read_text())["iteration"] == chosen
-        assert json.loads((export / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
-    else:  # the starting model (the base) chosen: said plainly, nothing exported
-        assert "the starting model (chosen: no iteration was better)" in said
-        assert "nothing exported: the model the stop rule chose" in said and not export.exists()
+    assert f"{rd.model_label(chosen)}: " in said and "base model (no adapter): " in said  # the chat, side by side
+    export = tmp_path / "work" / "export"  # the start is the SFT model: whatever was chosen has an adapter
+    assert json.loads((export / "adapter" / "spin_lite_export.json").read_text())["iteration"] == chosen
+    assert json.loads((export / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_notebook_uses_the_chosen_model():

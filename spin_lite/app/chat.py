@@ -18,18 +18,17 @@ from .workspace import AppError, run_config
 
 def chat_model(workspace, run_dir: str, which: str):
     """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N, with the
-    adapters RunDir.adapters_after names, built by model.build_model for inference."""
+    adapters RunDir.adapters_of names, built by model.build_model for inference."""
     cfg = run_config(workspace, run_dir)
     rd = RunDir(cfg.run_dir)
     n = -1 if which == "start" else number_of(which)
-    if str(which).startswith("control"):  # SFT continued: its adapter stands alone
+    if str(which).startswith("control"):  # SFT continued
         if n not in rd.trained_controls():
             raise AppError(f"control {n} of {run_dir} has no trained adapter")
-        adapters = (str(rd.control(n) / "adapter"),)
+        n = f"control {n}"
     elif n >= 0 and n not in rd.trained_iterations():
         raise AppError(f"iteration {n} of {run_dir} has no trained adapter")
-    else:
-        adapters = tuple(rd.adapters_after(n, cfg.mode, rd.start_adapter(cfg)))
+    adapters = tuple(rd.adapters_of(n, cfg))
     stamp = tuple(os.path.getmtime(Path(a) / "adapter_config.json") if Path(a).exists() else 0 for a in adapters)
     with _LOADING:
         return _load_chat_model(dataclasses.astuple(cfg.model), cfg.mode, adapters, stamp)
