@@ -111,8 +111,8 @@ def _label(iteration: int | str) -> str:
 
 
 def adapters_to_merge(run_dir, iteration: int | str) -> list[str]:
-    """The adapters that, merged into the base in this order, give the model after `iteration`
-    (the run directory's answer: RunDir.adapters_after)."""
+    """The adapters that, merged into the base in this order, give the model after `iteration` (an iteration, -1
+    for the start, or "control N"; the run directory's answer: RunDir.adapters_of)."""
     rd, cfg = _run(run_dir)
     return rd.adapters_of(iteration, cfg)
 

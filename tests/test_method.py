@@ -219,6 +219,10 @@ def test_run_directory_contract(tmp_path):
     assert rd.adapters_of(-1, load_config(None, [f"run_dir={tmp_path}"])) == []
     assert rd.adapters_of(1, sft) == [str(tmp_path / "iter-01" / "adapter")]
     assert rd.adapters_of("control 1", sft) == [str(tmp_path / "control-01" / "adapter")]
+    merge = load_config(None, [f"run_dir={tmp_path}", "mode=merge", "model.adapter=made-elsewhere"])
+    assert rd.adapters_of(1, merge) == ["made-elsewhere", str(tmp_path / "iter-00" / "adapter"),
+                                        str(tmp_path / "iter-01" / "adapter")]
+    assert rd.adapters_of("control 0", merge) == [str(tmp_path / "control-00" / "adapter")]
     assert rd.samples_of(-1) == [] and rd.samples_of("control 1") == []  # nothing evaluated yet
     (tmp_path / "control-01").mkdir()
     (tmp_path / "control-01" / "samples.jsonl").write_text('{"prompt": "p", "model": "m"}\n')

@@ -67,7 +67,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     chosen = rd.resolve_model()
     said = "".join(outputs)
     assert f"the chosen model: {rd.model_label(chosen)}" in said
-    assert f"{rd.model_label(chosen)}: " in said and "base model (no adapter): " in said  # the chat, side by side
+    assert f"\n{rd.model_label(chosen)}: " in said and "base model (no adapter): " in said  # the chat, side by side
     export = tmp_path / "work" / "export"  # the start is the SFT model: whatever was chosen has an adapter
     assert json.loads((export / "adapter" / "spin_lite_export.json").read_text())["iteration"] == chosen
     assert json.loads((export / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -17,8 +17,8 @@ from .workspace import AppError, run_config
 
 
 def chat_model(workspace, run_dir: str, which: str):
-    """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N, with the
-    adapters RunDir.adapters_of names, built by model.build_model for inference."""
+    """(model, tokenizer): "start" is the run's starting model, "iter N" the model after iteration N, "control N"
+    SFT continued, with the adapters RunDir.adapters_of names, built by model.build_model for inference."""
     cfg = run_config(workspace, run_dir)
     rd = RunDir(cfg.run_dir)
     n = -1 if which == "start" else number_of(which)
