@@ -206,9 +206,14 @@ def fill_tiny_form(page, iterations: int, run_dir: str):
     checkbox(page, "sft.control").uncheck()
     if not page.locator("#advanced-data").is_visible():
         page.locator("#advanced .label-wrap").first.click()
+    page.locator("#advanced-data").wait_for(state="visible")
+    looked_at = set()  # each topic clicked at most once: a second click while it opens would close it again
     for key in [*TINY_ADVANCED, "train.stop_when", "train.gradient_checkpointing"]:
-        if not page.locator(f"#cfg-{key.replace('.', '-')}").is_visible():  # its topic is closed: open it
+        box = page.locator(f"#cfg-{key.replace('.', '-')}")
+        if form.topic(key) not in looked_at and not box.is_visible():  # its topic is closed: open it
             page.locator(f"#advanced-{form.topic(key)} .label-wrap").first.click()
+        looked_at.add(form.topic(key))
+        box.wait_for(state="visible")
     for key, value in TINY_ADVANCED.items():
         set_field(page, key, value)
     checkbox(page, "train.gradient_checkpointing").uncheck()
