@@ -112,11 +112,29 @@ class SpinRun:
             self.log(f"  skipped {line}")
         return self
 
+    def close(self):
+        """Release the run directory (its lock) so that another process, or another SpinRun in this one, may go
+        on with it; nothing on disk changes. run() does this when it ends, an error included: a notebook keeps a
+        failed run's objects alive in its traceback, and the directory must not stay locked by them."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def run(self) -> list[dict]:
+        """Every stage not done yet (the SFT stage, the iterations, the controls); then the table and summary.json.
+        The run directory is locked while it runs and released when it ends, however it ends."""
         if self.tokenizer is None:
             self.prepare()
+        elif self.rank == 0 and self._lock is None:  # prepared, then run before and released: lock it again
+            self._lock = self.dir.lock()
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> list[dict]:
         # The SFT stage and the control arm (spin_lite.control). Made here and not kept in self: a reference back
-        # would make a cycle, and the run's lock (its open file) would outlive the run until the garbage collector.
+        # would make a cycle, and the run's loaded model would outlive the run until the garbage collector.
         arm = ControlArm(self)
         arm.sft_stage()
         first = self.dir.completed()
