@@ -100,9 +100,13 @@ class SpinRun:
         self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
             self._lock = self.dir.lock()
-            for path in self.dir.remove_stale_temporaries():  # a killed run's half-written files (never read)
-                self.log(f"removed {path.relative_to(self.dir.root)}, left by an interrupted write")
-            atomic_write_text(self.dir.config_path, self.cfg.to_yaml())
+            try:
+                for path in self.dir.remove_stale_temporaries():  # a killed run's half-written files (never read)
+                    self.log(f"removed {path.relative_to(self.dir.root)}, left by an interrupted write")
+                atomic_write_text(self.dir.config_path, self.cfg.to_yaml())
+            except BaseException:
+                self.close()
+                raise
             fault_point("set_up", 1)  # the end of set-up: locked, config.yaml written, nothing run (no progress.json)
         s = self.splits
         self.log(f"backend: {self.backend} (model.backend={self.cfg.model.backend})")
@@ -123,14 +127,17 @@ class SpinRun:
     def run(self) -> list[dict]:
         """Every stage not done yet (the SFT stage, the iterations, the controls); then the table and summary.json.
         The run directory is locked while it runs and released when it ends, however it ends."""
-        if self.tokenizer is None:
-            self.prepare()
-        elif self.rank == 0 and self._lock is None:  # prepared, then run before and released: lock it again
-            self._lock = self.dir.lock()
+        self._claim()
         try:
             return self._run()
         finally:
             self.close()
+
+    def _claim(self):
+        """prepare() unless this process holds the run directory already: the first time, and again after a run()
+        that ended released it (another process may have gone on with it since: its settings are checked again)."""
+        if self.tokenizer is None or (self.rank == 0 and self._lock is None):
+            self.prepare()
 
     def _run(self) -> list[dict]:
         # The SFT stage and the control arm (spin_lite.control). Made here and not kept in self: a reference back
@@ -162,6 +169,7 @@ class SpinRun:
     def iteration(self, t: int, only: str | None = None):
         """Run the stages of iteration t that are not done yet, or the one stage `only` (its earlier stages
         must be done: `spin-lite generate|train|evaluate`)."""
+        self._claim()
         if t == 0:
             ControlArm(self).sft_stage()  # (the stage commands too: the SFT model is iteration 0's opponent)
         began = time.time()

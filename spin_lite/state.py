@@ -493,6 +493,7 @@ def _inherited_lock(path: Path) -> int | None:
         if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
             return None
         fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: already ours
+        os.set_inheritable(int(fd), False)  # ours alone now: a child process must not keep the run locked
     except OSError:
         return None
     return int(fd)

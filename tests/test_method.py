@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from spin_lite.config import load_config
+from spin_lite.config import ConfigError, load_config
 from spin_lite.evaluate import compare, evaluate, is_repetitive, judge
 from spin_lite.report import format_table
 from spin_lite.run import SpinRun
@@ -161,6 +161,15 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     again = SpinRun(cfg, log=said.append)
     again.run()
     assert rd.completed() == 2
+    # released, the directory may be changed by another run: run() on the same object checks its settings again
+    saved_config = rd.config_path.read_text()
+    changed = yaml.safe_load(saved_config)
+    changed["lora"]["r"] += 1
+    rd.config_path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="started with a different config; changed: lora.r"):
+        again.run()
+    rd.config_path.write_text(saved_config)
+    assert not rd.is_locked()
     assert any(line.startswith("the stop rule ended this run after iteration 1 (1 not better in a row, "
                                "train.stop_patience=1); to go on") for line in said)
     # the app says the same: finished by the stop rule; Continue refuses to launch a run that would do nothing
