@@ -104,11 +104,17 @@ def keep(out: Path):
                 or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
 
 
-def run(out: Path, name: str, point: str, seed: int, converged: bool = False):
+def restore(out: Path, name: str, point: str, seed: int, converged: bool = False) -> Path:
+    """The run's folder, with the committed light copy of it put back when the run finished in an earlier session."""
     folder = run_dir(out, name, point, seed, converged)
     kept = KEPT / folder.relative_to(out)
-    if not finished(folder) and finished(kept):  # finished in an earlier session: its committed copy
+    if not finished(folder) and finished(kept):
         shutil.copytree(kept, folder, dirs_exist_ok=True)
+    return folder
+
+
+def run(out: Path, name: str, point: str, seed: int, converged: bool = False):
+    folder = restore(out, name, point, seed, converged)
     if finished(folder):
         return
     first = run_dir(out, name, next(iter(GRID)), seed, converged)
@@ -212,19 +218,17 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     if args.phase == "select":
-        if not args.tables_only:
-            for seed in args.seeds or SELECTION_SEEDS:
-                for point in args.points or GRID:
-                    run(out, args.data, point, seed)
+        for seed in args.seeds or SELECTION_SEEDS:
+            for point in args.points or GRID:
+                (restore if args.tables_only else run)(out, args.data, point, seed)
         print(json.dumps(select(out, args.data), indent=1))
     else:
-        chosen = read_json(out / args.data / "selection.json")
+        chosen = read_json(out / args.data / "selection.json") or read_json(KEPT.parent / f"{args.data}-selection.json")
         if not chosen:
             raise SystemExit(f"no {out / args.data / 'selection.json'}: run --phase select first")
         converged = args.phase == "converged"
-        if not args.tables_only:
-            for seed in args.seeds or REPORT_SEEDS:
-                run(out, args.data, chosen["chosen"], seed, converged)
+        for seed in args.seeds or REPORT_SEEDS:
+            (restore if args.tables_only else run)(out, args.data, chosen["chosen"], seed, converged)
         print(report(out, args.data, chosen["chosen"], converged))
 
 
