@@ -18,23 +18,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 import experiment_round3 as e  # noqa: E402
-from spin_lite.state import RunDir, read_json  # noqa: E402
+from spin_lite.state import RunDir  # noqa: E402
 
-KEPT = REPO / "docs" / "results" / "round3" / "runs"
 TASK = {"style": "match", "units": "task", "arith": "task"}
 
 
 def test_rows(rd: RunDir, model: str) -> dict:
-    if model == "sft":
-        return read_json(rd.root / "eval-start.json")["test_rows"]
-    kind, n = model.split()
-    return read_json((rd.iteration if kind == "iter" else rd.control)(int(n)) / "eval.json")["test_rows"]
+    """The per-row test scores of `model` as experiment_round3 names it ("sft", "iter N", "control N")."""
+    return rd.evaluation("start" if model == "sft" else model)["test_rows"]
 
 
 def gap(name: str, converged: bool, resamples: int = 2000, confidence: float = 0.9) -> dict:
     pairs = []
     for seed in e.REPORT_SEEDS:
-        folder = e.run_dir(KEPT, name, "logistic+anchor", seed, converged)
+        folder = e.run_dir(e.KEPT, name, "logistic+anchor", seed, converged)
         rd = RunDir(folder)
         pairs.append((test_rows(rd, e.spin_choice(folder)), test_rows(rd, e.control_choice(folder))))
     keys = sorted(set.intersection(*(set(s) & set(c) for s, c in pairs)))
