@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .model import ModelError
+    from .records import RunRecordError
     from .report import format_table
     from .run import RunError, SpinRun
     from .train import TrainingDiverged
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"`spin-lite run {run_dir.config_path} train.stop_patience=N` with a higher N "
                                "(or train.stop_when=never)")
             SpinRun(cfg).prepare().iteration(t, only=args.command)
-    except (ConfigError, DataError, ModelError, RunError, RunLockedError, TrainingDiverged) as e:
+    except (ConfigError, DataError, ModelError, RunError, RunLockedError, RunRecordError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

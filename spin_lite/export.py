@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def _check_iteration(rd, cfg, iteration: int | str | None) -> int:
     if not done and iteration != "start":
         raise ExportError(f"run {rd.root} has no trained adapter yet; run (or continue) it with spin-lite run")
     n = rd.resolve_model(iteration)
+    if isinstance(n, int) and n < -1:
+        raise ExportError(f"iteration {n} is no model of run {rd.root}: an iteration number (0, 1, ...), -1 or start "
+                          "(the starting model), best, or control N")
     if isinstance(n, str):  # "control N": SFT continued, the control arm (sft.control)
         if _control(n) not in rd.trained_controls():
             raise ExportError(f"{n} of run {rd.root} has no trained adapter (the control arm runs with sft.control: "
@@ -144,12 +148,11 @@ def _check_out(out_dir: Path):
 
 
 def _start(out_dir: Path) -> Path:
+    """A new temporary folder beside `out_dir` (OUT.tmp-RANDOM, created here: no existing folder is reused or
+    removed), which _finish renames into place."""
     _check_out(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
 
 
 def _finish(tmp: Path, out_dir: Path, info: dict) -> Path:
@@ -449,15 +452,20 @@ def iteration_arg(value: str) -> int | str:
     if control:
         return f"control {int(control[1])}"
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an iteration number, best, start, control or control-N"
-                                         ) from None
+        number = None
+    if number is None or number < -1:  # (-1: the start, as resolve_model numbers it; -5 is no model)
+        raise argparse.ArgumentTypeError(f"{value!r} is not an iteration number (0, 1, ...; -1 or start: the starting "
+                                         "model), best, start, control or control-N")
+    return number
 
 
 def main(args) -> int:
     """Run `spin-lite export` with parsed arguments; user mistakes print `error: ...` and return 2."""
     import sys
+
+    from .records import RunRecordError
 
     try:
         if args.push_to_hub and not hub_token(args.token):  # say so before the export's work, not after
@@ -482,7 +490,7 @@ def main(args) -> int:
             print(f"export: wrote the adapter to {out}")
         if args.push_to_hub:
             print(f"export: pushed to {push_to_hub(out, args.push_to_hub, args.token, args.private)}")
-    except ExportError as e:
+    except (ExportError, RunRecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,11 @@
 """The text a run ends with, and what `spin-lite table` prints: the results table (one row per model, the columns
-that have a value), the stop rule's notes, the chosen model, the next steps as commands, and the last line, which
-says whether SPIN or SFT continued won on the validation rows (versus_line, written by spin_lite.control)."""
+that have a value), the stop rule's notes, the chosen model (or why none was chosen), the line that says whether SPIN
+or SFT continued won on the validation rows (versus_line, written by spin_lite.control), and last the next steps as
+commands, so that a run's last line is what to do now."""
 from __future__ import annotations
 
 from .evaluate import VAL_COLUMNS
-from .state import RunDir, found_better
+from .state import RunDir, compared_with, found_better
 
 
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
@@ -30,19 +31,39 @@ def format_table(run_dir: RunDir, cfg=None) -> str:
     lines.insert(1, "-+-".join("-" * w for w in widths))
     # rejected (worse: counts toward the stop), or accepted without a clear gain (the run went on; not chosen)
     notes = [f"{r['model']}: not {'' if r['selection']['accepted'] is False else 'clearly '}better than "
-             f"{r['selection']['compared_with']} on validation (" + "; ".join(r["selection"]["reasons"]) + ")"
+             f"{compared_with(r['selection'])} on validation (" + "; ".join(r["selection"].get("reasons") or []) + ")"
              + (", run stopped" if r.get("stopped") else "")
              for r in rows if r.get("selection") and not found_better(r["selection"])]
     if any(r["model"].startswith("control") for r in rows):
         notes.append("control N: SFT continued, the starting model trained by SFT on the same rows for as many "
                      "optimizer steps as iterations 0..N (steps: since the start)")
     chosen = run_dir.chosen_model()
-    chosen = ("no validation rows: nothing chosen" if chosen is None else "chosen on the validation rows: "
-              + {"start": "the starting model", "iter": f"iteration {chosen.split()[-1]}",
-                 "control": f"SFT continued, {chosen}"}[chosen.split()[0]])
-    versus = run_dir.final_comparison()  # the last line: which won, SPIN or SFT continued
+    chosen = (nothing_chosen(run_dir, cfg) if chosen is None else "chosen on the validation rows: "
+              + ("the starting model" if chosen == "start" else f"iteration {chosen.split()[-1]}"
+                 if chosen.startswith("iter") else f"SFT continued, {chosen}"))
+    versus = run_dir.final_comparison()  # which won, SPIN or SFT continued; then what to do now, last
     return (f"SPIN results for {run_dir.root} (test rows unless marked val)\n"
-            + "\n".join(lines + notes + [chosen] + next_steps(run_dir, cfg) + ([versus["line"]] if versus else [])))
+            + "\n".join(lines + notes + [chosen] + ([versus["line"]] if versus else []) + next_steps(run_dir, cfg)))
+
+
+def nothing_chosen(run_dir: RunDir, cfg=None) -> str:
+    """Why the run has no chosen model yet (RunDir.chosen_model is None), as the table says it: evaluation off, no
+    validation rows, or validation rows but no iteration judged on them yet."""
+    start = run_dir.evaluation("start")
+    rows = len(start.get("val_rows") or {})
+    if cfg is not None and not cfg.eval.enabled:
+        return ("nothing chosen: evaluation is off (eval.enabled: false), so no model was judged on the validation "
+                "rows")
+    if start.get("val"):
+        measured = f"the starting model was evaluated on {rows} validation rows" if rows else \
+            "the starting model was evaluated on the validation rows"
+        if not run_dir.completed():
+            return f"nothing chosen yet: no iteration is complete ({measured})"
+        return f"nothing chosen: no complete iteration was judged on the validation rows ({measured})"
+    if start:
+        return ("no validation rows (data.val_size: 0, and no data.val_path): nothing chosen, since choosing reads "
+                "only validation rows")
+    return "nothing chosen yet: the starting model is not evaluated yet"
 
 
 def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
@@ -53,31 +74,43 @@ def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
     n = run_dir.resolve_model("best")
     if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
         c = model_number(n)
-        steps = [f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
-                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)",
-                 still_learning(run_dir, n, cfg)]
+        steps = [still_learning(run_dir, n, cfg),
+                 f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
+                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
     elif n >= 0:
-        why = "the chosen model" if best is not None else "nothing chosen (no validation rows): the last iteration"
-        # (export.py says why)
+        why = "the chosen model" if best is not None else "the last iteration (nothing chosen: see above)"
         merged_only = cfg is not None and cfg.mode == "merge" and (n > 0 or run_dir.start_adapter(cfg))
         steps = [f"next: export {why}: spin-lite export {root} --iteration {n} --out exports/{root.name}-iter-{n:02d}"
                  + (" --merged" if merged_only else "  (the adapter; --merged or --gguf q8_0: one model file)")]
     elif best is not None:  # the starting model beat every iteration
-        steps = ["no iteration was better than the starting model"
-                 + (f", which is the base with your starting adapter {run_dir.start_adapter(cfg)}: keep using it"
-                    if cfg is not None and run_dir.start_adapter(cfg) else ", so there is nothing trained to export")]
+        steps = [starting_model_chosen(run_dir, cfg)]
     else:
         steps = []
     if cfg is None:
         return steps
-    n = 0 if isinstance(n, str) else n  # (something to export: "or" below)
+    said = "or" if any(s.startswith("next:") for s in steps) else "next:"  # (an export said first: "or" below)
     if run_dir.stopped(cfg):
-        steps.append(f"{'or' if n >= 0 else 'next:'} let SPIN go on past the rejected iteration(s), with a higher "
+        steps.append(f"{said} let SPIN go on past the rejected iteration(s), with a higher "
                      f"patience: spin-lite run {config} train.stop_patience={run_dir.rejected_in_a_row() + 1}")
     elif run_dir.completed() < cfg.iterations:
-        steps.append(f"{'or' if n >= 0 else 'next:'} continue the run ({run_dir.completed()} of {cfg.iterations} "
+        steps.append(f"{said} continue the run ({run_dir.completed()} of {cfg.iterations} "
                      f"iterations done): spin-lite run {config}")
     return steps
+
+
+def starting_model_chosen(run_dir: RunDir, cfg=None) -> str:
+    """What to do when no iteration beat the starting model: export it when this run made it (the SFT stage's
+    adapter), keep using it when it is the user's own (model.adapter), or use the base, which holds nothing trained."""
+    start = run_dir.start_adapter(cfg) if cfg is not None else None
+    root = run_dir.root
+    if start is None:
+        return "no iteration was better than the starting model, the base itself, so there is nothing trained to export"
+    export = f"spin-lite export {root} --iteration start --out exports/{root.name}-start"
+    if cfg.sft.enabled:  # this run's own SFT stage made it: it is the run's result
+        return (f"next: export the chosen model, the SFT stage's (no iteration was better): {export}  (the adapter; "
+                "--merged or --gguf q8_0: one model file)")
+    return (f"no iteration was better than the starting model, the base with your starting adapter {start}: keep "
+            f"using it (or export it as one model: {export} --merged)")
 
 
 def still_learning(run_dir: RunDir, control: str, cfg=None) -> str:

@@ -43,15 +43,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
+from .records import RunRecordError, read_record, read_records
 
 _TMP_NAME = re.compile(r"\.\d+-\d+\.tmp$")  # atomic_write_text's temporary names
 
@@ -83,30 +86,50 @@ def atomic_write_json(path: Path, obj):
 
 
 def read_json(path: Path, default=None):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
+    """A JSON file of a run directory, checked against its record (spin_lite.records: by its place in the run
+    directory), as parsed; `default` when there is no file. RunRecordError (the file, the field, what was expected)
+    when it is not JSON or does not fit its record."""
+    return read_record(path, default)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The lines of a JSON-lines file of a run directory, each checked against its record; [] without the file."""
+    return read_records(path)
 
 
 def replace_dir(tmp: Path, target: Path):
-    """Move the finished folder `tmp` to `target`; the old `target` survives until the new one is in place."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
+    """Move the finished folder `tmp` to `target`; the old `target` survives until the new one is in place.
+
+    The old folder is set aside under a name of this call's own (TARGET.old-PID-RANDOM, created by the rename, never
+    an existing name), so nothing this call did not create is ever removed: a folder the user named TARGET.old stays.
+    A kill between the two renames leaves TARGET missing and the old folder under that name: recover_dir puts it back.
+    """
+    old = target.with_name(f"{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    if target.exists() or target.is_symlink():
+        os.rename(target, old)  # (old is a fresh name: the rename cannot replace anything)
+        fault_point("replace_dir", 1)  # killed here: TARGET missing, the old folder set aside (recover_dir's case)
     os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink() or old.is_file():  # (what stood at target was a link or a file: removed as itself)
+        old.unlink()
+    elif old.exists():
+        shutil.rmtree(old)
+
+
+def set_aside(target: Path) -> list[Path]:
+    """The folders replace_dir set aside for `target` (TARGET.old-PID-RANDOM) and did not remove: a kill came first."""
+    pattern = re.compile(re.escape(target.name) + r"\.old-\d+-[0-9a-f]{8}")
+    return [p for p in target.parent.glob(f"{glob.escape(target.name)}.old-*") if pattern.fullmatch(p.name)
+            and p.is_dir() and not p.is_symlink()]
 
 
 def recover_dir(target: Path):
-    """After a kill inside replace_dir: put the surviving old folder back if the new one never landed."""
-    old = target.with_name(target.name + ".old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
+    """After a kill inside replace_dir (called by the process that holds the run directory): put the old folder back
+    if the new one never landed, and remove what replace_dir set aside and a kill kept it from removing."""
+    aside = sorted(set_aside(target), key=lambda p: p.stat().st_ctime)  # (a rename sets ctime: the latest last)
+    if aside and not target.exists():
+        os.replace(aside.pop(), target)
+    for p in aside:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # The stages of an iteration, in order, and the file whose presence marks each one done.
@@ -270,8 +293,24 @@ class RunDir:
         versus = controls[-1].get("versus") if controls else None
         if not versus:
             return None
+        path = self.control(len(controls) - 1) / "summary.json"
+        for field in ("winner", "against"):
+            self.check_choice(versus.get(field), path, f"versus.{field}")
         best = self.best_iteration()
         return versus if versus["spin"] == ("start" if best is None or best < 0 else f"iter {best}") else None
+
+    def models(self) -> list[str]:
+        """The models this run has evaluated, as chosen_model names them: "start", "iter N" for each complete
+        iteration, "control N" (or "control-ARM N", of another control arm) for each complete control."""
+        controls = sorted((m[1], int(m[2])) for p in self.root.glob("control*-[0-9][0-9]*/summary.json")
+                          if (m := re.fullmatch(r"(control(?:-[a-z]+)?)-(\d{2,4})", p.parent.name)))
+        return ["start"] + [f"iter {t}" for t in range(self.completed())] + [f"{arm} {t}" for arm, t in controls]
+
+    def check_choice(self, key: str | None, path: Path, field: str):
+        """A choice recorded in `path` (its `field`: a model key, or None) refused by name unless it names a model of
+        this run (models): a summary naming "control 99" is a damaged or forged file, not the run's choice."""
+        if key is not None and key not in self.models():
+            raise RunRecordError(path, field, "one of this run's models (" + ", ".join(self.models()) + ")", key)
 
     def chosen_model(self) -> str | None:
         """The one answer to "which model did this run choose?", among the start, the SPIN iterations and the
@@ -330,8 +369,8 @@ class RunDir:
             return None
         best = self.best_iteration()
         chosen = "the starting model" if best is None or best < 0 else f"iteration {best}"
-        return (f"the stop rule rejected iteration {n}: not better than {s['compared_with']} on the validation rows "
-                f"({'; '.join(s['reasons'])}); the model it chose is {chosen}")
+        return (f"the stop rule rejected iteration {n}: not better than {compared_with(s)} on the validation rows "
+                f"({'; '.join(s.get('reasons') or ['no reasons recorded'])}); the model it chose is {chosen}")
 
     def rejected_in_a_row(self, before: int | None = None) -> int:
         """How many of the latest complete iterations (those before iteration `before`) the stop rule did not
@@ -372,22 +411,23 @@ class RunDir:
         chosen = self.chosen_model()
         base, start = read_json(self.root / "eval-base.json"), read_json(self.root / "eval-start.json")
         if base and self.sft_done():
-            rows.append({"model": "base", **base["metrics"], **_prefixed(base.get("val")), "best": False})
+            rows.append({"model": "base", **(base.get("metrics") or {}), **_prefixed(base.get("val")), "best": False})
         if start:
-            rows.append({"model": "sft" if self.sft_done() else "start", **start["metrics"],
+            rows.append({"model": "sft" if self.sft_done() else "start", **(start.get("metrics") or {}),
                          **_prefixed(start.get("val")), "best": chosen == "start"})
         steps = 0
-        for s in self.summaries():
-            steps += s["train"].get("steps") or 0
+        for s in self.summaries():  # (records of earlier versions, or made by hand, may lack train and its fields)
+            train = s.get("train") or {}
+            steps += train.get("steps") or 0
             row = {"model": f"iter {s['iteration']}", **(s.get("eval") or {}), **_prefixed(s.get("val"))}
-            row.update(steps=steps, train_loss=s["train"]["loss"], train_accuracy=s["train"]["accuracy"],
+            row.update(steps=steps, train_loss=train.get("loss"), train_accuracy=train.get("accuracy"),
                        best=chosen == f"iter {s['iteration']}", selection=s.get("selection"), stopped=False)
             rows.append(row)
         if cfg is not None and self.completed() and self.stopped(cfg):
             rows[-1]["stopped"] = True
         for s in self.control_summaries():  # (its training loss is SFT's, not SPIN's: not in the loss column)
             rows.append({"model": f"control {s['control']}", **(s.get("eval") or {}), **_prefixed(s.get("val")),
-                         "steps": s["cumulative_steps"], "best": chosen == f"control {s['control']}"})
+                         "steps": s.get("cumulative_steps"), "best": chosen == f"control {s['control']}"})
         return rows
 
     # -- progress ---------------------------------------------------------------------------------------
@@ -425,7 +465,11 @@ class RunDir:
         return read_json(self.state_path, {})
 
     def set_state(self, **fields):
-        state = {**self.state(), **fields, "updated": time.time()}
+        try:
+            state = self.state()
+        except RunRecordError:  # for display only: a damaged state.json is replaced whole
+            state = {}
+        state = {**state, **fields, "updated": time.time()}
         atomic_write_json(self.state_path, state)
 
     def remove_stale_temporaries(self) -> list[Path]:
@@ -475,12 +519,40 @@ class RunDir:
         return False
 
     def lock_holder(self) -> int | None:
-        """The pid written in the lock file by the process holding it, or None."""
+        """The pid written in the lock file by the process holding it, or None. The file is only a record, which
+        anyone may have written: a pid is believed only when that process has the lock file open (Linux:
+        /proc/PID/fd; elsewhere, when it is alive), and never when it names this process, so that a message never
+        says to kill the process showing it (the app)."""
+        path = self.root / ".lock"
         try:
-            text = (self.root / ".lock").read_text().strip()
+            text = path.read_text().strip()
+            lock = os.stat(path, follow_symlinks=False)
         except OSError:
             return None
-        return int(text) if text.isdigit() and int(text) > 1 else None
+        pid = int(text) if text.isdigit() and len(text) < 10 and int(text) > 1 else None
+        if pid is None or pid == os.getpid():
+            return None
+        return pid if _holds_open(pid, (lock.st_dev, lock.st_ino)) else None
+
+
+def _holds_open(pid: int, file: tuple[int, int]) -> bool:
+    """Whether process `pid` has the file (st_dev, st_ino) open; without /proc, whether it is alive."""
+    fds = Path(f"/proc/{pid}/fd")
+    if not Path("/proc/self/fd").is_dir():
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    try:
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                there = os.stat(fd)
+                if (there.st_dev, there.st_ino) == file:
+                    return True
+    except OSError:  # no such process, or another user's
+        return False
+    return False
 
 
 def _inherited_lock(path: Path) -> int | None:
@@ -514,6 +586,12 @@ def found_better(selection: dict) -> bool:
     with, and so chosen. The paired rule records `better` apart from `accepted` (not worse: the run goes on); a
     verdict of the aggregate rule, or of a run made before the paired one, has only `accepted`, which meant both."""
     return selection.get("better", selection["accepted"])
+
+
+def compared_with(selection: dict) -> str:
+    """The model a verdict compared with, as it names it ("the starting model", "iteration 2"); a verdict written by
+    hand or by an early version may not say."""
+    return selection.get("compared_with") or "the model before it"
 
 
 def _prefixed(metrics: dict | None) -> dict:

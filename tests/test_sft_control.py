@@ -105,8 +105,10 @@ def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsy
     # The choice, on the validation rows: SFT continued beat SPIN's choice, and the run's last line says so.
     assert rd.best_iteration() >= 0  # SPIN's own choice, by the stop rule (its semantics unchanged)
     assert rd.chosen_model() == "control 0"
-    assert logs[-1].splitlines()[-1].startswith("SFT continued beat every SPIN iteration on your validation rows: "
+    # (the verdict, why, and last what to do: the export command)
+    assert logs[-1].splitlines()[-3].startswith("SFT continued beat every SPIN iteration on your validation rows: "
                                                 "control 0 (2 steps) over SPIN iteration")
+    assert logs[-1].splitlines()[-1].startswith("next: export the chosen model: spin-lite export")
     table = format_table(rd, cfg).splitlines()
     assert [line.split("|")[0].strip() for line in table[4:8]] == ["iter 0", "iter 1", "control 0", "control 1"]
     assert table[6].rstrip().endswith("best") and "chosen on the validation rows: SFT continued, control 0" in table
@@ -125,8 +127,9 @@ def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsy
         (rd.control(1) / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(["table", str(rd.root)]) == 0
     printed = capsys.readouterr().out.rstrip().splitlines()
-    assert printed[-1].startswith("SFT continued beat every SPIN iteration")
+    assert printed[-3].startswith("SFT continued beat every SPIN iteration")
     assert printed[-2].startswith("why: SFT continued raised the starting model by +")
+    assert printed[-1].startswith(f"next: export the chosen model: spin-lite export {rd.root} --iteration control-0")
 
     # The app, in a workspace holding the run and the model: the Run tab's table, the Compare tab's models.
     from spin_lite.app import chat, views

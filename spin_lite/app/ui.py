@@ -26,7 +26,7 @@ from . import form, processes, views
 from .ui_models import compare_tab, export_tab, inspect_tab
 from .ui_run import run_tab
 from .ui_setup import setup_tab
-from .workspace import EXPORTS, error_md
+from .workspace import EXPORTS, error_md, user_message
 
 CSS = (".spin-bar progress { width: 100%; height: 14px; } .spin-error { color: #b91c1c; }"
        " .spin-best { color: #15803d; font-weight: 600; }"
@@ -84,7 +84,8 @@ def iteration_choices(ws, run_dir, sample_dd, chat_dd, export_dd) -> dict:
     one."""
     try:
         menus = views.model_menus(ws, run_dir) if run_dir else {}
-    except Exception:
+    except Exception as e:  # said, not an empty menu without a word: e.g. a damaged record (spin_lite.records)
+        gr.Warning(user_message(e))
         menus = {}
     pick = lambda tab: (lambda choices, value: gr.update(choices=choices, value=value))(*menus.get(tab, ([], None)))
     return {sample_dd: pick("inspect"), chat_dd: pick("compare"), export_dd: pick("export")}

@@ -12,7 +12,8 @@ import re
 import time
 from pathlib import Path
 
-from ..state import RunDir, found_better, read_json, read_jsonl
+from ..records import RunRecordError
+from ..state import RunDir, compared_with, found_better, read_json, read_jsonl
 from .processes import LAUNCH_CONFIG, LOG_FILE, log_lines, run_status
 from .workspace import AppError, inside
 
@@ -42,7 +43,11 @@ def list_runs(workspace, depth: int = 3) -> list[str]:
 def runs_overview(workspace) -> list[dict]:
     rows = []
     for run in list_runs(workspace):
-        s = run_status(workspace, run)
+        try:
+            s = run_status(workspace, run)
+        except RunRecordError as e:  # one damaged run is named in its own row; the others are listed as ever
+            rows.append({"run_dir": run, "status": "unreadable", "iterations": "", "stage": str(e), "updated": ""})
+            continue
         rows.append({"run_dir": run, "status": s["status"],
                      "iterations": f"{s['iterations_done']}/{s['iterations'] if s['iterations'] else '?'}",
                      "stage": s["stage"] or "",
@@ -70,7 +75,7 @@ def step_metrics(workspace, run_dir: str) -> list[dict]:
     for folder in sorted(rd.root.glob("iter-[0-9][0-9]")):
         for r in read_jsonl(folder / "train_log.jsonl"):
             rows.append({"iteration": int(folder.name[5:]), "step": r["step"], "global_step": len(rows) + 1,
-                         "loss": r["loss"], "margin": r["margin"], "accuracy": r["accuracy"]})
+                         "loss": r["loss"], "margin": r.get("margin"), "accuracy": r.get("accuracy")})
     return rows
 
 
@@ -96,7 +101,7 @@ def results_rows(workspace, run_dir: str) -> list[dict]:
         s = r.get("selection") or {}
         line["validation"] = ("" if not s or found_better(s) else
                               ("rejected: not better than " if s["accepted"] is False else "not clearly better than ")
-                              + f"{s['compared_with']} (" + "; ".join(s["reasons"]) + ")"
+                              + f"{compared_with(s)} (" + "; ".join(s.get("reasons") or []) + ")"
                               + ("; run stopped" if r.get("stopped") else ""))
         table.append(line)
     return table

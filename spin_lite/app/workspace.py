@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import ConfigError, SpinConfig, load_config
 from ..data import DataError
 from ..model import EMBEDDED, ModelError
+from ..records import RunRecordError
 from ..state import RunLockedError
 
 UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
@@ -34,7 +35,7 @@ class AppError(ValueError):
     """A request the app refuses; the message is shown on the page as it is."""
 
 
-USER_ERRORS = (AppError, ConfigError, DataError, ModelError, RunLockedError)
+USER_ERRORS = (AppError, ConfigError, DataError, ModelError, RunLockedError, RunRecordError)
 
 
 def user_message(error: BaseException) -> str:
