@@ -484,7 +484,7 @@ def test_chat_streams_both_models(ws, finished_run):
 def test_export_adapter_zip_and_merged_folder(ws, finished_run):
     assert views.trained_iterations(ws, finished_run)[0] == 0
     archive = app_export.export(ws, finished_run, 0, kind="adapter")
-    assert archive == ws / "exports" / "tiny-iter-00-adapter.zip"
+    assert archive == ws / "exports" / "runs+tiny-iter-00-adapter.zip"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipfile.ZipFile(archive).namelist())
     merged = app_export.export(ws, finished_run, 0, kind="merged")
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
@@ -542,7 +542,7 @@ def test_menus_open_on_the_chosen_model_and_mark_the_rejected(tmp_path):
     with pytest.raises(workspace.AppError, match="is the starting model: no iteration of run runs/s was better.*nothing "
                                          "trained to export"):
         app_export.export(tmp_path, "runs/s", "best")  # the CLI's refusal, in the page
-    assert not (tmp_path / "exports" / "s-start-adapter").exists()
+    assert not (tmp_path / "exports" / "runs+s-start-adapter").exists()
 
     fake_run(tmp_path / "runs" / "none", [])  # nothing trained yet: empty menus
     assert views.model_menus(tmp_path, "runs/none") == {"inspect": ([("start", "start")], "start"),
@@ -553,7 +553,7 @@ def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tm
     """The Export tab's GGUF file, and a Hub push: no token is a clear refusal before any work; a token from the
     form reaches the export process (its environment, not its command line) and an unreachable Hub is named."""
     gguf = app_export.export(ws, finished_run, 0, kind="gguf", gguf_type="f16")
-    assert gguf == ws / "exports" / "tiny-iter-00-gguf-f16" / gguf.name and gguf.suffix == ".gguf"
+    assert gguf == ws / "exports" / "runs+tiny-iter-00-gguf-f16" / gguf.name and gguf.suffix == ".gguf"
     assert gguf.read_bytes()[:4] == b"GGUF"
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login

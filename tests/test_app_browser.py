@@ -354,11 +354,11 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     page.get_by_role("tab", name="Export").click()
     opens_on_the_chosen_model(page, ws, "export", "export-which", then="iter 1")  # "best = ...", then iteration 1
     page.locator("#export-adapter").click()
-    wait_for_text(page, "#export-msg", r"web-iter-01-adapter\.zip", timeout_s=300)
-    assert (ws / "exports" / "web-iter-01-adapter.zip").exists()
+    wait_for_text(page, "#export-msg", r"runs\+web-iter-01-adapter\.zip", timeout_s=300)
+    assert (ws / "exports" / "runs+web-iter-01-adapter.zip").exists()
     page.locator("#export-gguf").click()  # one GGUF file, of the default type (q8_0)
-    wait_for_text(page, "#export-msg", r"web-iter-01-gguf-q8_0/\S+\.gguf", timeout_s=300)
-    assert list((ws / "exports" / "web-iter-01-gguf-q8_0").glob("*.gguf"))
+    wait_for_text(page, "#export-msg", r"runs\+web-iter-01-gguf-q8_0/\S+\.gguf", timeout_s=300)
+    assert list((ws / "exports" / "runs+web-iter-01-gguf-q8_0").glob("*.gguf"))
     shot(page, "export")
 
 

@@ -37,13 +37,23 @@ def test_killed_runs_continue_to_the_same_result(tiny_model_dir, tmp_path):
     assert (crashed / "iter-00" / "checkpoint" / "trainer_state.pt").exists()
     assert not (crashed / "iter-00" / "adapter").exists()
 
-    # 3. resumed to the end
-    third = cli(*args(crashed))
-    assert third.returncode == 0, third.stderr[-3000:]
+    # 3. resumed, then killed inside the replacement of a checkpoint (iteration 1, 6 steps: the one of step 2
+    # replacing step 1's), between its two renames: the checkpoint folder is missing, the old one set aside
+    (crashed / "iter-01").mkdir()
+    (crashed / "iter-01" / "checkpoint.old").mkdir()  # a folder of the user's with a name like it: never touched
+    third = cli(*args(crashed), env={"SPIN_LITE_KILL_AT": "replace_dir:1"})
+    assert third.returncode == -9, third.stderr[-3000:]
     # nothing redone: iteration 0's pairs were on disk, so its generate stage did not run again
     assert "generate iter 0" not in third.stdout + third.stderr and "generate iter 1" in third.stdout + third.stderr
     assert "resumed from the checkpoint at step 2 of 3" in third.stdout
-    assert "iter 1" in third.stdout
+    aside = [p.name for p in (crashed / "iter-01").glob("checkpoint.old-*")]
+    assert not (crashed / "iter-01" / "checkpoint").exists() and len(aside) == 1
+
+    # 4. resumed to the end: the set-aside checkpoint put back (recover_dir), training goes on from its step 1
+    fourth = cli(*args(crashed))
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "resumed from the checkpoint at step 1 of 6" in fourth.stdout and "iter 1" in fourth.stdout
+    assert (crashed / "iter-01" / "checkpoint.old").is_dir() and not list((crashed / "iter-01").glob("*.old-*"))
 
     lines = (crashed / "iter-00" / "generations.jsonl").read_text().splitlines()
     keys = [json.loads(l)["key"] for l in lines]

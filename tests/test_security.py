@@ -141,7 +141,7 @@ def test_export_never_writes_through_a_link(ws, outside):
     (run / "iter-00" / "adapter" / "adapter_config.json").write_text("{}")
     (run / "config.yaml").write_text(tiny_config("runs/exp").to_yaml())
     (ws / "exports").mkdir(exist_ok=True)
-    (ws / "exports" / "exp-iter-00-adapter.zip").symlink_to(outside / "stolen.zip")
+    (ws / "exports" / "runs+exp-iter-00-adapter.zip").symlink_to(outside / "stolen.zip")
     with pytest.raises(workspace.AppError, match="symbolic link"):
         app_export.export(ws, "runs/exp", 0, kind="adapter")
     assert untouched(outside)

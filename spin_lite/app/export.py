@@ -83,7 +83,7 @@ def export(workspace, run_dir: str, iteration: int | str, kind: str = "adapter",
         raise AppError(f"Hub repository {push_repo[:80]!r} is not of the form OWNER/NAME")
     suffix = {"adapter": "adapter", "merged": f"merged-{dtype}", "gguf": f"gguf-{gguf_type}"}[kind]
     model = f"control-{number_of(control):02d}" if control else f"iter-{n:02d}" if n >= 0 else "start"
-    name = f"{Path(run_dir).name}-{model}-{suffix}"
+    name = f"{export_name(run_dir)}-{model}-{suffix}"
     out = inside(workspace, Path(EXPORTS) / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     for written in out.parent.glob(name + "*"):  # the folder, its .tmp-PID/.old siblings and the zip
@@ -104,6 +104,12 @@ def export(workspace, run_dir: str, iteration: int | str, kind: str = "adapter",
     if kind == "gguf":
         return next(out.glob("*.gguf"))
     return Path(shutil.make_archive(str(out), "zip", root_dir=out))
+
+
+def export_name(run_dir: str) -> str:
+    """The export's name for a run: its whole path in the workspace, "/" written "+" (a character no run directory
+    name holds: workspace.RUN_NAME), so that runs/a/dup and runs/b/dup never share an export folder."""
+    return run_dir.replace("/", "+")
 
 
 def last_error_text(text: str) -> str | None:
