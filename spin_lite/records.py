@@ -97,10 +97,10 @@ RowScores = dict[str, RowScore]
 class Sample(Record):
     """A held-out row side by side (samples.jsonl, eval-start.json's samples): prompt, real, opponent, model."""
     key: str | None = None
-    prompt: str
-    real: str
+    prompt: str | None = None  # (each present in every sample the engine writes; a sample made by hand may lack one)
+    real: str | None = None
     opponent: str | None = None
-    model: str
+    model: str | None = None
     model_tokens: Count | None = None
     model_truncated: bool | None = None
     scores: dict | None = None
