@@ -129,8 +129,8 @@ class ControlArm:
                    "wall_s": round(wall_s, 1)}
         summary["versus"] = self.versus(t, selection)
         atomic_write_json(out / "summary.json", summary)
-        if summary["versus"]:
-            self.run.log(summary["versus"]["line"])
+        if summary["versus"] and t + 1 < self.cfg.iterations and not self.dir.stopped(self.cfg):
+            self.run.log(summary["versus"]["line"])  # (after the run's last control, the table says it: once)
 
     def control_selection(self, t: int, val: dict | None) -> dict | None:
         """The control arm's own choice, by the stop rule's test: is control t better, on the validation rows, than
@@ -214,7 +214,9 @@ class ControlArm:
         """SFT for `steps` optimizer steps at sft_rate (train_sft: the one loop, checkpoints in out/checkpoint/),
         then the adapter saved in out/adapter/ (rank 0)."""
         train_sft(model, self.run.splits.train, self.cfg, self.run.tokenizer.pad_token_id, out, steps,
-                  lr=self.sft_rate, order_key=order_key, desc=desc, progress=progress)
+                  lr=self.sft_rate, order_key=order_key, desc=desc, progress=progress,
+                  lr_setting="train.sft_learning_rate" if not self.cfg.sft.enabled and
+                  self.cfg.train.sft_learning_rate is not None else "sft.learning_rate")  # (sft_rate's source)
         if self.run.rank == 0:
             tmp = out / f"adapter.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -95,13 +95,14 @@ def run_sft(cfg: SpinConfig, steps: int | None = None, save_at: tuple[int, ...] 
 
 def train_sft(model, rows: list[Encoded], cfg: SpinConfig, pad_id: int, out_dir: Path, steps: int | None = None,
               save_at: tuple[int, ...] = (), *, lr: float | None = None, order_key: int = 0, desc: str = "sft",
-              progress=None) -> list[dict]:
+              progress=None, lr_setting: str = "train.learning_rate") -> list[dict]:
     """Fit the model's trainable (LoRA) parameters to the rows' responses (spin_lite.train.fit with the SFT
-    objective); returns the step records. lr: the peak rate (default: train.learning_rate's first value);
-    order_key: picks the data orders (a run's SFT stage and each of its controls use their own)."""
+    objective); returns the step records. lr: the peak rate (default: train.learning_rate's first value), and
+    lr_setting the setting it comes from (a divergence message says to lower it); order_key: picks the data orders
+    (a run's SFT stage and each of its controls use their own)."""
     return fit(model, rows, sft_objective(pad_id), cfg.train, Path(out_dir), lr=cfg.lr_at(0) if lr is None else lr,
                seed=cfg.seed, order_key=order_key, steps=steps, save_at=save_at, rank=int(os.environ.get("RANK", 0)),
-               world_size=int(os.environ.get("WORLD_SIZE", 1)), progress=progress, desc=desc)
+               world_size=int(os.environ.get("WORLD_SIZE", 1)), progress=progress, desc=desc, lr_setting=lr_setting)
 
 
 def heldout_logp_per_token(model, rows: list[Encoded], pad_id: int, batch_size: int) -> float | None:

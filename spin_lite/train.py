@@ -55,10 +55,12 @@ def lr_schedule(optimizer, kind: str, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str, params=()):
+def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str, params=(),
+               lr_setting: str = "train.learning_rate"):
     """Raise TrainingDiverged when a step's loss or gradient norm is not finite, the loss exceeds max_loss, the
     gradient vanished while the loss did not (norm exactly 0: the model saturated, as after a far too large
-    step), or a trainable parameter is not finite."""
+    step), or a trainable parameter is not finite. `lr_setting`: the setting whose rate the training ran at, which
+    the message says to lower."""
     problem = None
     if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > max_loss:
         problem = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}, train.max_loss={max_loss:g}"
@@ -69,7 +71,7 @@ def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where:
     if problem:
         raise TrainingDiverged(
             f"{where}: training diverged at step {step} ({problem}). Nothing of this iteration after its last "
-            "checkpoint was saved, and earlier iterations are untouched; lower train.learning_rate and start a "
+            f"checkpoint was saved, and earlier iterations are untouched; lower {lr_setting} and start a "
             "new run_dir (or continue this one with the same settings to retry from the checkpoint).")
 
 
@@ -151,8 +153,8 @@ class _Scorer(torch.nn.Module):
 # -- the loop -------------------------------------------------------------------------------------------------
 def fit(model, items: list, objective: Objective, settings: TrainSettings, out_dir: Path, *, lr: float, seed: int,
         order_key: int = 0, steps: int | None = None, save_at: tuple[int, ...] = (), rank: int = 0,
-        world_size: int = 1, progress=None, desc: str = "train", tracker=None, log_extra: dict | None = None
-        ) -> list[dict]:
+        world_size: int = 1, progress=None, desc: str = "train", tracker=None, log_extra: dict | None = None,
+        lr_setting: str = "train.learning_rate") -> list[dict]:
     """Train the model's trainable (LoRA) parameters on `items`; returns the step records.
 
     Steps: `steps`, or settings.epochs passes; the data order of each epoch comes from (seed, order_key, epoch).
@@ -207,7 +209,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         if objective.name == "sft":  # SFT's loss: per token over the step, not per row
             record = {"step": step + 1, "epoch": epoch, "loss": sums["nll"] / sums["tokens"]}
         if not skipped:
-            check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc)
+            check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc, lr_setting=lr_setting)
         record.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],  # the rate this step runs at
                       tokens_per_s=tokens / (time.perf_counter() - began), **(log_extra or {}))
         if scaler is not None:
@@ -219,7 +221,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         if not skipped:  # a skipped step leaves the weights, AdamW and the learning-rate schedule as they were
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        check_step(0.0, 1.0, s.max_loss, step + 1, desc, params)  # the step left every weight finite
+        check_step(0.0, 1.0, s.max_loss, step + 1, desc, params, lr_setting)  # the step left every weight finite
         records.append(record)
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:
