@@ -126,8 +126,9 @@ def test_install_cell_finds_its_source(tmp_path, monkeypatch):
     assert calls[-1] == "git+https://git.example/me/spin_lite.git"
 
     monkeypatch.chdir(tmp_path)  # no checkout, no wheel, no Colab: what to do, and pip never asked
-    with pytest.raises(RuntimeError, match=r"No spin_lite checkout or wheel found here .* `pip wheel --no-deps \. "
-                                           r"-w dist`.*Kaggle: add it to the notebook as a dataset"):
+    with pytest.raises(RuntimeError, match=r"No spin_lite checkout, wheel or zip found here .* has no public "
+                                           r"repository yet.* `pip wheel --no-deps \. -w dist`.*Kaggle: add it to the "
+                                           r"notebook as a dataset"):
         exec(cell, dict(settings))
     assert len(calls) == 2
     kaggle = tmp_path / "kaggle-input"  # Kaggle's /kaggle/input, with the wheel uploaded as a dataset
@@ -196,6 +197,30 @@ def _as_on_colab(tmp_path, wheel_place, upload=None):
     return folder, target, out.stdout
 
 
+def test_install_cell_installs_a_zip_of_the_project(tmp_path, monkeypatch):
+    """A Colab-only user has the project as a zip of its folder (no PyPI release, no public repository): the cell finds
+    it in its folder (where Colab's upload puts it), unpacks it and installs the folder holding pyproject.toml; a zip
+    of something else is not taken for it."""
+    import importlib.util
+    import zipfile
+
+    cell, calls, real_find_spec = _install_cell(), [], importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "spin_lite" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args[-1]) or
+                        subprocess.CompletedProcess(args, 0))
+    monkeypatch.chdir(tmp_path)
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        z.writestr("pyproject.toml", '[project]\nname = "other"\n')
+    with zipfile.ZipFile(tmp_path / "spin_lite.zip", "w") as z:  # a folder zipped: its files one folder down
+        z.write(REPO / "pyproject.toml", "spin_lite-main/pyproject.toml")
+        z.writestr("spin_lite-main/spin_lite/__init__.py", "")
+    exec(cell, {"CI": False, "SPIN_LITE_GIT_URL": None})
+    installed = Path(calls[-1])
+    assert installed.name == "spin_lite-main" and (installed / "spin_lite" / "__init__.py").is_file()
+    assert 'name = "spin-lite"' in (installed / "pyproject.toml").read_text()
+
+
 def test_notebook_installs_an_uploaded_wheel_as_on_colab(wheel, tmp_path):
     """The wheel where Colab's upload puts it (the notebook's folder, /content): installed from there."""
     assert wheel.name == "spin_lite-0.1.0-py3-none-any.whl"
@@ -209,6 +234,6 @@ def test_notebook_asks_for_the_wheel_on_colab(wheel, tmp_path):
     """No wheel yet: the cell opens Colab's file chooser (files.upload); a second upload, which Colab names
     "... (1).whl", is installed under the name pip expects."""
     _, target, said = _as_on_colab(tmp_path, None, upload=("spin_lite-0.1.0-py3-none-any (1).whl", str(wheel)))
-    assert "Choose the spin_lite wheel" in said
+    assert "Choose the spin_lite project to upload: a zip of its folder (spin_lite.zip), or its wheel" in said
     assert re.search(r"installing spin_lite from \S*/spin-lite-wheel-\w+/spin_lite-0\.1\.0-py3-none-any\.whl\n", said)
     assert f"imported from {target / 'spin_lite' / '__init__.py'}" in said
