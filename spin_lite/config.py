@@ -27,12 +27,13 @@ class ConfigError(ValueError):
 Mode = Literal["stack", "merge"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["auto", "hf", "unsloth"]
-LossType = Literal["logistic", "hinge", "apo_zero", "dpop"]
+LossType = Literal["logistic", "hinge", "apo_zero", "dpop", "tspin", "space"]
 LrScheduler = Literal["linear", "cosine", "constant"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 StopWhen = Literal["no_gain", "never"]
 DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
+ChooseBy = Literal["auto", "task", "logp"]
 
 
 @dataclass
@@ -131,7 +132,16 @@ class TrainSettings:
     log(1 + exp(-u)) (paper's choice), or hinge, max(0, 1 - u); or one that keeps the real responses' likelihood:
     apo_zero, (1 - sigmoid(beta x real log-ratio)) + sigmoid(beta x generated log-ratio) (APO-zero, TRL's
     "apo_zero"), or dpop, the logistic loss with a penalty dpop_lambda x max(0, -real log-ratio) inside u (DPOP,
-    "Smaug"). Formulas and sources: spin_lite/loss.py."""
+    "Smaug"); or one built against SPIN's vanishing advantage: tspin, reference-free, the current advantage plus a
+    historical one over the starting model's own samples (T-SPIN; beta is its alpha, 1 in the paper), or space, the
+    real and generated responses classified on their own rewards (SPACE, noise-contrastive; beta 1 is the paper's).
+    Formulas and sources: spin_lite/loss.py."""
+    history_weight: float = 0.1
+    """With loss_type=tspin: weight of the historical advantage, the opponent's response over the starting model's
+    own (proto-synthetic) one (T-SPIN's beta; 0.1 in the paper, left out at iteration 0, where the two are the same
+    samples)."""
+    space_mu: float = 1.0
+    """With loss_type=space: SPACE's noise ratio mu, the weight of the generated responses' term (1 in the paper)."""
     dpop_lambda: float = 50.0
     """With loss_type=dpop: weight of the penalty on a real response whose log-prob fell below the opponent's
     (in nats, summed over its tokens). Pal et al. 2024 use 50; 0 makes dpop the logistic loss."""
@@ -217,6 +227,18 @@ class EvalSettings:
     answer_regex: str | None = None
     """Optional task metric: the regex's first group is the answer, in the real response and in the model's
     greedy one; task_accuracy is the share where they are equal (e.g. "= *(-?[0-9]+)" for arithmetic)."""
+    choose_by: ChooseBy = "auto"
+    """The metric that decides which model is better on the validation rows (the stop rule, the control arm's
+    choice, the final comparison): task, the task metric (task_accuracy with answer_regex, else match_rate with
+    match_regex); logp, the real responses' log-likelihood per token; auto, task where one is set, else logp.
+    Choosing by the task metric, likelihood is reported and does not veto (at the plateau SFT continued lowered
+    val logp/tok while it raised correct answers); the answers' ended and repetition rates veto either way."""
+
+    @property
+    def deciding_metric(self) -> str:
+        """The evaluation metric that decides (choose_by): task_accuracy, match_rate or logp_per_token."""
+        task = "task_accuracy" if self.answer_regex else "match_rate" if self.match_regex else None
+        return task if self.choose_by != "logp" and task else "logp_per_token"
 
 
 @dataclass
@@ -342,6 +364,9 @@ class SpinConfig:
             value = self.get(key)
             if isinstance(value, float) and not math.isfinite(value) and not any(e.startswith(key + " ") for e in errors):
                 errors.append(f"{key} must be a finite number, got {value}")
+        if self.eval.choose_by == "task" and not (self.eval.answer_regex or self.eval.match_regex):
+            errors.append("eval.choose_by=task needs a task metric: set eval.answer_regex (or eval.match_regex), "
+                          "or choose_by=auto/logp")
         if self.eval.match_regex is not None:
             try:
                 re.compile(self.eval.match_regex)
@@ -386,6 +411,10 @@ class SpinConfig:
             errors.append(f"train.sft_weight must be a finite number >= 0, got {t.sft_weight!r}")
         if not (isinstance(t.max_loss, (int, float)) and t.max_loss > 0):
             errors.append(f"train.max_loss must be a number > 0, got {t.max_loss!r}")
+        if not (isinstance(t.history_weight, (int, float)) and math.isfinite(t.history_weight) and t.history_weight >= 0):
+            errors.append(f"train.history_weight must be a finite number >= 0, got {t.history_weight!r}")
+        if not (isinstance(t.space_mu, (int, float)) and math.isfinite(t.space_mu) and t.space_mu > 0):
+            errors.append(f"train.space_mu must be a finite number > 0, got {t.space_mu!r}")
         if not (isinstance(t.dpop_lambda, (int, float)) and math.isfinite(t.dpop_lambda) and t.dpop_lambda >= 0):
             errors.append(f"train.dpop_lambda must be a finite number >= 0, got {t.dpop_lambda!r}")
         errors += _relative_lr_problems(self)

@@ -175,7 +175,8 @@ class ControlArm:
         """The stop rule's test (spin_lite.evaluate.judge) of the model `new` against `old` ("start", "iter N",
         "control N") on the validation rows."""
         (new_val, new_rows), (old_val, old_rows) = self._val(new), self._val(old)
-        return judge(new_val, old_val, new_rows, old_rows, self.cfg.train.stop_confidence)
+        return judge(new_val, old_val, new_rows, old_rows, self.cfg.train.stop_confidence,
+                     self.cfg.eval.deciding_metric)
 
     def _steps(self, key: str) -> int:
         """Optimizer steps since the start of "iter N" or "control N": as many as iterations 0..N took together."""

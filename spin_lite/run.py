@@ -4,6 +4,7 @@ Iteration t (see README, "The method"):
   0. build the model of iteration t: the opponent (the model after iteration t-1, RunDir.adapters_after) plus
      one trainable adapter that starts equal to it (spin_lite.model.build_model)
   1. generate: the opponent answers every training, validation and test prompt            -> generations.jsonl
+     (at t = 0 the starting model's answers, kept as tspin's proto-synthetic responses)    -> ../proto.jsonl
      and scores the real and generated responses once (from t = 1 the previous iteration's
      training pairs are rescored and mixed in)                                             -> pairs.jsonl
   2. train the adapter with the SPIN loss (+ the optional likelihood anchor)               -> adapter/
@@ -291,7 +292,8 @@ class SpinRun:
         else:
             before, name = read_json(self.dir.iteration(best) / "summary.json")["val"], f"iteration {best}"
         verdict = (judge(val, before, self.dir.val_rows(t), self.dir.val_rows(best),
-                         self.cfg.train.stop_confidence).to_dict() if before else {"worse": False, "better": True})
+                         self.cfg.train.stop_confidence, self.cfg.eval.deciding_metric).to_dict()
+                   if before else {"worse": False, "better": True})
         rejected = 1 + self.dir.rejected_in_a_row(before=t) if verdict["worse"] else 0  # in a row, this one included
         return {"compared_with": name, "accepted": not verdict.pop("worse"), "reasons": [], **verdict,
                 "rejected_in_a_row": rejected, "stop": self.cfg.train.stops_after(rejected)}
@@ -365,6 +367,12 @@ class SpinRun:
         if t > 0 and self.cfg.train.mix_previous:
             pairs += [p | {"split": "train_prev"} for p in read_jsonl(self.dir.iteration(t - 1) / "pairs.jsonl")
                       if p["split"] == "train"]
+        if t == 0 and self.rank == 0:  # the starting model's own samples: tspin's proto-synthetic responses
+            atomic_write_text(self.dir.proto_path, "".join(json.dumps({"key": p["key"], "ids": p["gen_ids"]}) + "\n"
+                                                           for p in pairs))
+        if t > 0 and self.cfg.train.loss_type == "tspin":
+            proto = self.dir.proto_responses()
+            pairs = [p | {"proto_ids": proto[p["key"]]} if p["key"] in proto else p for p in pairs]
         mine = pairs[self.rank::self.world_size]
         bs = self.cfg.train.micro_batch_size * 2
         pad = self.tokenizer.pad_token_id

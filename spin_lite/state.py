@@ -11,6 +11,8 @@
       eval-base.json         with the SFT stage: validation and test metrics of the model before it
       eval-start.json        validation and test metrics of the starting model, and its per-row scores (val_rows,
                              test_rows: spin_lite.evaluate.row_scores), which the stop rule's paired test reads
+      proto.jsonl            the starting model's own responses (iteration 0's), by row key: tspin's proto-synthetic
+                             responses, the same at every iteration
       iter-00/
         generations.jsonl    the opponent's responses, appended one finished batch at a time
         pairs.jsonl          (prompt, real, generated) token ids with the opponent's log-probs   <- generate done
@@ -122,7 +124,7 @@ RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_eve
 # Settings added after runs were made without them, with the value that reproduces such a run: a run
 # directory whose config.yaml lacks one continues with this value.
 LEGACY_VALUES = {"data.val_size": 0, "data.val_path": None, "train.sft_weight": 0.0, "train.stop_when": "never",
-                 "eval.answer_regex": None, "sft.enabled": False}
+                 "eval.answer_regex": None, "sft.enabled": False, "eval.choose_by": "logp"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -164,6 +166,17 @@ class RunDir:
         """config.yaml's settings, flattened."""
         import yaml
         return flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
+
+    @property
+    def proto_path(self) -> Path:
+        return self.root / "proto.jsonl"
+
+    def proto_responses(self) -> dict[str, list[int]]:
+        """The starting model's own responses by row key (iteration 0's generated responses: tspin's proto-synthetic
+        responses), from proto.jsonl, or from iteration 0's pairs in a run made before proto.jsonl existed."""
+        if self.proto_path.exists():
+            return {r["key"]: r["ids"] for r in read_jsonl(self.proto_path)}
+        return {p["key"]: p["gen_ids"] for p in read_jsonl(self.iteration(0) / "pairs.jsonl") if p["split"] != "train_prev"}
 
     # -- iterations and their stages -------------------------------------------------------------------
     def stage_done(self, t: int, stage: str) -> bool:
