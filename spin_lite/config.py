@@ -34,6 +34,7 @@ StopWhen = Literal["no_gain", "never"]
 DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
 ChooseBy = Literal["auto", "task", "logp"]
+ControlRate = Literal["sft", "spin"]
 
 
 @dataclass
@@ -91,6 +92,9 @@ class DataConfig:
     """Prompt tokens kept (from the end) after the chat template; longer prompts are cut and counted. Paper: 512."""
     max_length: int = 1024
     """Prompt + response tokens; a response that does not fit is cut and counted. Paper: 1024."""
+    allow_shared_prompts: bool = False
+    """Accept prompts that occur in more than one of the training, validation and test rows (eval_path and val_path
+    rows included); by default such data is refused, naming the rows, since held-out rows must not be trained on."""
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping with an error naming them."""
 
@@ -263,6 +267,11 @@ class SftSettings:
     training rows for as many optimizer steps as iterations 0..t took together (continuing the control of t-1), and
     evaluated on the same validation and test rows (run_dir/control-NN/). The chosen model is then picked among the
     start, the SPIN iterations and the control, on the validation rows (RunDir.chosen_model)."""
+    control_rates: list[ControlRate] = field(default_factory=lambda: ["sft"])
+    """The control arms, each at its rate: sft, at sft.learning_rate (SFT continued as SFT would go on), and spin, at
+    SPIN's own rate train.learning_rate (control-spin-NN/): with both, the report separates SPIN's objective from its
+    step size (SPIN usually runs at a fraction of the SFT rate). Both are matched step for step, judged and chosen
+    alike."""
 
 
 @dataclass
@@ -275,7 +284,8 @@ class SpinConfig:
     """stack: adapter t+1 starts as a copy of adapter t. merge: adapters 0..t stay on the base as frozen, active
     LoRA layers (never merged into a 4-bit base and re-quantized) and adapter t+1 starts fresh over them; they are
     merged into 16/32-bit weights only at export. (Backend unsloth holds one adapter a model: it merges them into a
-    16-bit copy of the base, re-quantized for a 4-bit base.)"""
+    16-bit copy of the base; with a 4-bit base that would re-quantize it, so auto takes hf there and an explicit
+    unsloth is refused.)"""
     seed: int = 42
     """Seed for the data split, sampling and data order."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -385,6 +395,11 @@ class SpinConfig:
             errors.append(f"sft.steps must be an integer >= 1 or null (sft.epochs passes), got {s.steps!r}")
         if not (isinstance(s.learning_rate, (int, float)) and 0 < s.learning_rate < math.inf):
             errors.append(f"sft.learning_rate must be a finite number > 0, got {s.learning_rate!r}")
+        rates = s.control_rates
+        if not (isinstance(rates, list) and rates and len(set(map(str, rates))) == len(rates)
+                and all(r in get_args(ControlRate) for r in rates)):
+            errors.append(f"sft.control_rates must be a non-empty list of distinct values among "
+                          f"{_one_of(get_args(ControlRate))}, got {rates!r}")
         declared = getattr(self.train, "sft_learning_rate", None)  # the rate SPIN's rate is set relative to
         if s.enabled and declared is not None and declared != s.learning_rate:
             errors.append(f"train.sft_learning_rate ({declared!r}) names the rate the starting model's SFT was "

@@ -4,7 +4,7 @@ says whether SPIN or SFT continued won on the validation rows (versus_line, writ
 from __future__ import annotations
 
 from .evaluate import VAL_COLUMNS
-from .state import RunDir, found_better
+from .state import RunDir, control_key, found_better
 
 
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
@@ -33,16 +33,24 @@ def format_table(run_dir: RunDir, cfg=None) -> str:
              f"{r['selection']['compared_with']} on validation (" + "; ".join(r["selection"]["reasons"]) + ")"
              + (", run stopped" if r.get("stopped") else "")
              for r in rows if r.get("selection") and not found_better(r["selection"])]
-    if any(r["model"].startswith("control") for r in rows):
+    if any(r["model"].startswith("control ") for r in rows):
         notes.append("control N: SFT continued, the starting model trained by SFT on the same rows for as many "
                      "optimizer steps as iterations 0..N (steps: since the start)")
+    if any(r["model"].startswith("control-spin") for r in rows):
+        notes.append("control-spin N: the same at SPIN's own learning rate, to tell SPIN's objective from its step "
+                     "size")
     chosen = run_dir.chosen_model()
+    decided = {"task_accuracy": "val task acc", "match_rate": "val match"}.get(
+        cfg.eval.deciding_metric if cfg is not None else "", "val logp/tok")
     chosen = ("no validation rows: nothing chosen" if chosen is None else "chosen on the validation rows: "
-              + {"start": "the starting model", "iter": f"iteration {chosen.split()[-1]}",
-                 "control": f"SFT continued, {chosen}"}[chosen.split()[0]])
-    versus = run_dir.final_comparison()  # the last line: which won, SPIN or SFT continued
+              + ("the starting model" if chosen == "start" else f"iteration {chosen.split()[-1]}"
+                 if chosen.startswith("iter") else f"SFT continued, {chosen}") + f" (decided by {decided})")
+    # the last lines: which won, SPIN or SFT continued, for each control arm; the deciding arm's last
+    versus = run_dir.final_comparisons()
+    decisive = run_dir.final_comparison()
+    lines_versus = [v["line"] for v in versus if v != decisive] + ([decisive["line"]] if decisive else [])
     return (f"SPIN results for {run_dir.root} (test rows unless marked val)\n"
-            + "\n".join(lines + notes + [chosen] + next_steps(run_dir, cfg) + ([versus["line"]] if versus else [])))
+            + "\n".join(lines + notes + [chosen] + next_steps(run_dir, cfg) + lines_versus))
 
 
 def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
@@ -52,9 +60,10 @@ def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
     root, config, best = run_dir.root, run_dir.config_path, run_dir.best_iteration()
     n = run_dir.resolve_model("best")
     if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
-        c = model_number(n)
-        steps = [f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
-                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)",
+        c, arm = control_key(n)
+        name = "control" if arm == "sft" else f"control-{arm}"
+        steps = [f"next: export the chosen model: spin-lite export {root} --iteration {name}-{c} --out "
+                 f"exports/{root.name}-{name}-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)",
                  still_learning(run_dir, n, cfg)]
     elif n >= 0:
         why = "the chosen model" if best is not None else "nothing chosen (no validation rows): the last iteration"
@@ -101,13 +110,22 @@ def still_learning(run_dir: RunDir, control: str, cfg=None) -> str:
 
 def versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
                 steps: dict[str, int]) -> str:
-    """The run's last line: which won on the validation rows, SPIN or SFT continued, and by how much."""
+    """The run's last line: which won on the validation rows, SPIN or SFT continued, by how much, and which metric
+    decided (eval.choose_by)."""
+    line = _versus_line(winner, loser, verdict, winner_val, loser_val, steps)
+    decided = getattr(verdict, "decided_by", None)
+    return line + (f" (decided by {VAL_COLUMNS[decided]})" if decided in VAL_COLUMNS and verdict.rule == "paired" else "")
+
+
+def _versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
+                 steps: dict[str, int]) -> str:
     def described(key):
         if key == "start":
             return "the starting model"
         if key.startswith("iter"):
             return f"SPIN iteration {model_number(key)} ({steps[key]} steps)"
-        return f"SFT continued ({key}, {steps[key]} steps)"
+        rate = ", at SPIN's rate" if key.startswith("control-") else ""
+        return f"SFT continued ({key}, {steps[key]} steps{rate})"
     if loser is None:
         return "Neither SPIN nor SFT continued beat the starting model on your validation rows: it stays chosen."
     gap = _gap(winner_val, loser_val)

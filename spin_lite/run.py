@@ -96,7 +96,7 @@ class SpinRun:
         tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
-        self.backend = resolve_backend(self.cfg.model)
+        self.backend = resolve_backend(self.cfg.model, self.cfg.mode)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
@@ -143,10 +143,11 @@ class SpinRun:
     def _run(self) -> list[dict]:
         # The SFT stage and the control arm (spin_lite.control). Made here and not kept in self: a reference back
         # would make a cycle, and the run's loaded model would outlive the run until the garbage collector.
-        arm = ControlArm(self)
-        arm.sft_stage()
+        ControlArm(self).sft_stage()
+        arms = [ControlArm(self, rate) for rate in self.cfg.sft.control_rates]  # SFT continued, at each rate
         first = self.dir.completed()
-        arm.controls()  # of iterations completed before (a resumed run, or sft.control turned on since)
+        for arm in arms:
+            arm.controls()  # of iterations completed before (a resumed run, or sft.control turned on since)
         for t in range(first, self.cfg.iterations):
             if self.dir.stopped(self.cfg):
                 if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
@@ -154,7 +155,8 @@ class SpinRun:
                              "with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
-            arm.controls()
+            for arm in arms:
+                arm.controls()
         if self.rank == 0:
             self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration(),
                             chosen=self.dir.chosen_model())
@@ -314,7 +316,7 @@ class SpinRun:
         # A fresh adapter's random A matrices come from this seed, not from whatever the process did before:
         # the same in every process of a data-parallel run, and after a resume.
         torch.manual_seed(self.cfg.seed * 1009 + t)
-        self.backend = self.backend or resolve_backend(self.cfg.model)
+        self.backend = self.backend or resolve_backend(self.cfg.model, self.cfg.mode)
         if self.cfg.mode == "merge" and self.backend == "unsloth":  # one adapter a model: merge for real
             return build_model(self._merged_base(adapters), self.cfg.lora, [], log=self.log)
         return build_model(self.loaded_base(), self.cfg.lora, adapters, self.cfg.mode, log=self.log)
