@@ -102,9 +102,10 @@ def finished(folder: Path, controls: bool) -> bool:
     return rd.completed() >= 2 and (not controls or min(rd.completed_controls(a) for a in ("sft", "spin")) >= 2)
 
 
-def keep(out: Path):
-    """Light copies of the finished runs (JSON, YAML, train logs, greedy samples; no adapters, generations or pairs)."""
-    for folder in out.glob("*/*/*/seed-*"):
+def keep(out: Path, name: str):
+    """Light copies of a data set's finished runs (JSON, YAML, train logs, greedy samples; no adapters, generations or
+    pairs)."""
+    for folder in out.glob(f"{name}/*/*/seed-*"):
         target = KEPT / folder.relative_to(out)
         controls = folder.parts[-3] == "report"
         if finished(folder, controls) and not finished(target, controls):
@@ -138,7 +139,7 @@ def run(out: Path, name: str, phase: str, point: str, seed: int):
     if proc.returncode:
         raise SystemExit(f"{name} {phase} {point} seed {seed} failed:\n{proc.stderr[-3000:]}")
     print(f"   done in {time.time() - began:.0f} s: {proc.stdout.strip().splitlines()[-1]}", flush=True)
-    keep(out)
+    keep(out, name)
 
 
 # -- the plateau, on validation rows ---------------------------------------------------------------------------
