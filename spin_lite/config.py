@@ -181,7 +181,8 @@ class TrainSettings:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     sft_weight: float = 0.0
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
-    added to each pair's SPIN loss (iterative RPO; TRL's loss_type=["sigmoid", "sft"]). 0 turns it off."""
+    added to each pair's SPIN loss (iterative RPO; like TRL's loss_type=["sigmoid", "sft"], except that the NLL is
+    normalised per sequence, each pair weighted alike, where TRL's averages over the batch's tokens). 0 turns it off."""
     stop_when: StopWhen = "no_gain"
     """Stop rule, checked on the validation rows after each iteration against the best model before it, by a paired
     test over the rows (spin_lite.evaluate.judge): an iteration worse on some metric with stop_confidence is
