@@ -61,7 +61,7 @@ OBJECTIVES = {  # each at its paper's reward scale: SPIN's beta 0.1; T-SPIN's al
 }
 RATES = {"sftrate": ["train.lr_ratio_to_sft=1.0"], "quarter": ["train.lr_ratio_to_sft=0.25"]}
 GRID = {f"{o}@{r}": OBJECTIVES[o] + RATES[r] for o in OBJECTIVES for r in RATES}
-SELECTION_SEEDS, REPORT_SEEDS, SELECT_TOP = (10, 11), (1, 2, 3), 3
+SELECTION_SEEDS, REPORT_SEEDS, SELECT_TOP = (10, 11), (1, 2, 3), 2
 PLATEAU_EPOCHS, PLATEAU_LOGP, PLATEAU_ROWS = (4, 8, 12), 0.01, 2
 TEST_SPLIT_SEED = 1234
 
@@ -165,11 +165,12 @@ def plateau(out: Path, name: str) -> dict:
     splits = load_splits(cfg.data, tokenizer, seed)
     flag = DATASETS[name][4]
     items = [{"key": f"val:{e.row}", "prompt_ids": e.prompt_ids, "real_ids": e.response_ids} for e in splits.val]
-    found = {}
-    for epochs in PLATEAU_EPOCHS:
+    found, chosen = {}, PLATEAU_EPOCHS[-1]
+    for k, epochs in enumerate(PLATEAU_EPOCHS):
         torch.manual_seed(cfg.seed)  # the SFT stage's initialisation of a fresh adapter
         model = with_adapter(load_base(cfg.model), cfg.lora, None, print)
         steps = epochs * cfg.train.steps_per_epoch(len(splits.train))
+        (out / name / "plateau" / f"sft-{epochs}").mkdir(parents=True, exist_ok=True)
         train_sft(model, splits.train, cfg, tokenizer.pad_token_id, out / name / "plateau" / f"sft-{epochs}", steps,
                   lr=cfg.sft.learning_rate, desc=f"sft {epochs} epochs")
         metrics, samples = evaluate(model, tokenizer, items, cfg, None, stop_token_ids(tokenizer, model))
@@ -178,11 +179,10 @@ def plateau(out: Path, name: str) -> dict:
                          "steps": steps}
         print(f"   {name}: {epochs} SFT epochs: val logp/token {metrics['logp_per_token']:.3f}, task {task}/{len(items)}",
               flush=True)
-    chosen = PLATEAU_EPOCHS[-1]
-    for a, b in zip(PLATEAU_EPOCHS, PLATEAU_EPOCHS[1:]):
-        if (found[b]["val_logp_per_token"] - found[a]["val_logp_per_token"] <= PLATEAU_LOGP
-                and found[b]["val_task_rows"] - found[a]["val_task_rows"] <= PLATEAU_ROWS):
-            chosen = a
+        if k and (found[epochs]["val_logp_per_token"] - found[PLATEAU_EPOCHS[k - 1]]["val_logp_per_token"]
+                  <= PLATEAU_LOGP and found[epochs]["val_task_rows"] - found[PLATEAU_EPOCHS[k - 1]]["val_task_rows"]
+                  <= PLATEAU_ROWS):
+            chosen = PLATEAU_EPOCHS[k - 1]  # the rule has fired: the larger counts are not needed
             break
     result = {"data": name, "seed": seed, "by_epochs": found, "epochs": chosen,
               "rule": f"fewest epochs after which {PLATEAU_EPOCHS} next count gains <= {PLATEAU_LOGP} val logp/token "
@@ -298,6 +298,14 @@ def report(out: Path, name: str, point: str) -> str:
     return text
 
 
+def run_all(out: Path, name: str, phase: str, jobs: list[tuple[str, int]], parallel: int):
+    """The runs (point, seed) of a phase, `parallel` at a time (each a process on one core: OMP_NUM_THREADS=1)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(parallel) as pool:
+        for done in [pool.submit(run, out, name, phase, point, seed) for point, seed in jobs]:
+            done.result()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, choices=list(DATASETS))
@@ -306,25 +314,26 @@ def main():
     parser.add_argument("--points", nargs="*", choices=list(GRID))
     parser.add_argument("--seeds", nargs="*", type=int)
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one core each)")
     args = parser.parse_args()
     out = Path(args.out)
     KEPT.mkdir(parents=True, exist_ok=True)
+    (out / args.data).mkdir(parents=True, exist_ok=True)
     if args.phase == "plateau":
         print(json.dumps(plateau(out, args.data), indent=1))
     elif args.phase == "select":
         for seed in args.seeds or SELECTION_SEEDS:
             points = args.points or (list(GRID) if seed == SELECTION_SEEDS[0] else select(out, args.data)["top_on_first_seed"])
-            for point in points:
-                if not args.tables_only:
-                    run(out, args.data, "select", point, seed)
+            if not args.tables_only:
+                run(out, args.data, "select", points[0], seed)  # the SFT stage, shared by the others
+                run_all(out, args.data, "select", [(p, seed) for p in points[1:]], args.parallel)
         print(json.dumps(select(out, args.data), indent=1))
     else:
         chosen = read_json(out / args.data / "selection.json") or read_json(KEPT.parent / f"{args.data}-selection.json")
         if not chosen or not chosen.get("chosen"):
             raise SystemExit(f"{args.data}: no selection yet: run --phase select first")
-        for seed in args.seeds or REPORT_SEEDS:
-            if not args.tables_only:
-                run(out, args.data, "report", chosen["chosen"], seed)
+        if not args.tables_only:
+            run_all(out, args.data, "report", [(chosen["chosen"], s) for s in args.seeds or REPORT_SEEDS], args.parallel)
         print(report(out, args.data, chosen["chosen"]))
 
 
