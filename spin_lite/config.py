@@ -27,12 +27,14 @@ class ConfigError(ValueError):
 Mode = Literal["stack", "merge"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Backend = Literal["auto", "hf", "unsloth"]
-LossType = Literal["logistic", "hinge", "apo_zero", "dpop"]
+LossType = Literal["logistic", "hinge", "apo_zero", "dpop", "tspin", "space"]
 LrScheduler = Literal["linear", "cosine", "constant"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 StopWhen = Literal["no_gain", "never"]
 DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
+ChooseBy = Literal["auto", "task", "logp"]
+ControlRate = Literal["sft", "spin"]
 
 
 @dataclass
@@ -90,6 +92,9 @@ class DataConfig:
     """Prompt tokens kept (from the end) after the chat template; longer prompts are cut and counted. Paper: 512."""
     max_length: int = 1024
     """Prompt + response tokens; a response that does not fit is cut and counted. Paper: 1024."""
+    allow_shared_prompts: bool = False
+    """Accept prompts that occur in more than one of the training, validation and test rows (eval_path and val_path
+    rows included); by default such data is refused, naming the rows, since held-out rows must not be trained on."""
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping with an error naming them."""
 
@@ -131,7 +136,16 @@ class TrainSettings:
     log(1 + exp(-u)) (paper's choice), or hinge, max(0, 1 - u); or one that keeps the real responses' likelihood:
     apo_zero, (1 - sigmoid(beta x real log-ratio)) + sigmoid(beta x generated log-ratio) (APO-zero, TRL's
     "apo_zero"), or dpop, the logistic loss with a penalty dpop_lambda x max(0, -real log-ratio) inside u (DPOP,
-    "Smaug"). Formulas and sources: spin_lite/loss.py."""
+    "Smaug"); or one built against SPIN's vanishing advantage: tspin, reference-free, the current advantage plus a
+    historical one over the starting model's own samples (T-SPIN; beta is its alpha, 1 in the paper), or space, the
+    real and generated responses classified on their own rewards (SPACE, noise-contrastive; beta 1 is the paper's).
+    Formulas and sources: spin_lite/loss.py."""
+    history_weight: float = 0.1
+    """With loss_type=tspin: weight of the historical advantage, the opponent's response over the starting model's
+    own (proto-synthetic) one (T-SPIN's beta; 0.1 in the paper, left out at iteration 0, where the two are the same
+    samples)."""
+    space_mu: float = 1.0
+    """With loss_type=space: SPACE's noise ratio mu, the weight of the generated responses' term (1 in the paper)."""
     dpop_lambda: float = 50.0
     """With loss_type=dpop: weight of the penalty on a real response whose log-prob fell below the opponent's
     (in nats, summed over its tokens). Pal et al. 2024 use 50; 0 makes dpop the logistic loss."""
@@ -167,7 +181,8 @@ class TrainSettings:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     sft_weight: float = 0.0
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
-    added to each pair's SPIN loss (iterative RPO; TRL's loss_type=["sigmoid", "sft"]). 0 turns it off."""
+    added to each pair's SPIN loss (iterative RPO; like TRL's loss_type=["sigmoid", "sft"], except that the NLL is
+    normalised per sequence, each pair weighted alike, where TRL's averages over the batch's tokens). 0 turns it off."""
     stop_when: StopWhen = "no_gain"
     """Stop rule, checked on the validation rows after each iteration against the best model before it, by a paired
     test over the rows (spin_lite.evaluate.judge): an iteration worse on some metric with stop_confidence is
@@ -217,6 +232,18 @@ class EvalSettings:
     answer_regex: str | None = None
     """Optional task metric: the regex's first group is the answer, in the real response and in the model's
     greedy one; task_accuracy is the share where they are equal (e.g. "= *(-?[0-9]+)" for arithmetic)."""
+    choose_by: ChooseBy = "auto"
+    """The metric that decides which model is better on the validation rows (the stop rule, the control arm's
+    choice, the final comparison): task, the task metric (task_accuracy with answer_regex, else match_rate with
+    match_regex); logp, the real responses' log-likelihood per token; auto, task where one is set, else logp.
+    Choosing by the task metric, likelihood is reported and does not veto (at the plateau SFT continued lowered
+    val logp/tok while it raised correct answers); the answers' ended and repetition rates veto either way."""
+
+    @property
+    def deciding_metric(self) -> str:
+        """The evaluation metric that decides (choose_by): task_accuracy, match_rate or logp_per_token."""
+        task = "task_accuracy" if self.answer_regex else "match_rate" if self.match_regex else None
+        return task if self.choose_by != "logp" and task else "logp_per_token"
 
 
 @dataclass
@@ -241,6 +268,11 @@ class SftSettings:
     training rows for as many optimizer steps as iterations 0..t took together (continuing the control of t-1), and
     evaluated on the same validation and test rows (run_dir/control-NN/). The chosen model is then picked among the
     start, the SPIN iterations and the control, on the validation rows (RunDir.chosen_model)."""
+    control_rates: list[ControlRate] = field(default_factory=lambda: ["sft"])
+    """The control arms, each at its rate: sft, at sft.learning_rate (SFT continued as SFT would go on), and spin, at
+    SPIN's own rate train.learning_rate (control-spin-NN/): with both, the report separates SPIN's objective from its
+    step size (SPIN usually runs at a fraction of the SFT rate). Both are matched step for step, judged and chosen
+    alike."""
 
 
 @dataclass
@@ -253,7 +285,8 @@ class SpinConfig:
     """stack: adapter t+1 starts as a copy of adapter t. merge: adapters 0..t stay on the base as frozen, active
     LoRA layers (never merged into a 4-bit base and re-quantized) and adapter t+1 starts fresh over them; they are
     merged into 16/32-bit weights only at export. (Backend unsloth holds one adapter a model: it merges them into a
-    16-bit copy of the base, re-quantized for a 4-bit base.)"""
+    16-bit copy of the base; with a 4-bit base that would re-quantize it, so auto takes hf there and an explicit
+    unsloth is refused.)"""
     seed: int = 42
     """Seed for the data split, sampling and data order."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,6 +375,9 @@ class SpinConfig:
             value = self.get(key)
             if isinstance(value, float) and not math.isfinite(value) and not any(e.startswith(key + " ") for e in errors):
                 errors.append(f"{key} must be a finite number, got {value}")
+        if self.eval.choose_by == "task" and not (self.eval.answer_regex or self.eval.match_regex):
+            errors.append("eval.choose_by=task needs a task metric: set eval.answer_regex (or eval.match_regex), "
+                          "or choose_by=auto/logp")
         if self.eval.match_regex is not None:
             try:
                 re.compile(self.eval.match_regex)
@@ -360,6 +396,11 @@ class SpinConfig:
             errors.append(f"sft.steps must be an integer >= 1 or null (sft.epochs passes), got {s.steps!r}")
         if not (isinstance(s.learning_rate, (int, float)) and 0 < s.learning_rate < math.inf):
             errors.append(f"sft.learning_rate must be a finite number > 0, got {s.learning_rate!r}")
+        rates = s.control_rates
+        if not (isinstance(rates, list) and rates and len(set(map(str, rates))) == len(rates)
+                and all(r in get_args(ControlRate) for r in rates)):
+            errors.append(f"sft.control_rates must be a non-empty list of distinct values among "
+                          f"{_one_of(get_args(ControlRate))}, got {rates!r}")
         declared = getattr(self.train, "sft_learning_rate", None)  # the rate SPIN's rate is set relative to
         if s.enabled and declared is not None and declared != s.learning_rate:
             errors.append(f"train.sft_learning_rate ({declared!r}) names the rate the starting model's SFT was "
@@ -386,6 +427,10 @@ class SpinConfig:
             errors.append(f"train.sft_weight must be a finite number >= 0, got {t.sft_weight!r}")
         if not (isinstance(t.max_loss, (int, float)) and t.max_loss > 0):
             errors.append(f"train.max_loss must be a number > 0, got {t.max_loss!r}")
+        if not (isinstance(t.history_weight, (int, float)) and math.isfinite(t.history_weight) and t.history_weight >= 0):
+            errors.append(f"train.history_weight must be a finite number >= 0, got {t.history_weight!r}")
+        if not (isinstance(t.space_mu, (int, float)) and math.isfinite(t.space_mu) and t.space_mu > 0):
+            errors.append(f"train.space_mu must be a finite number > 0, got {t.space_mu!r}")
         if not (isinstance(t.dpop_lambda, (int, float)) and math.isfinite(t.dpop_lambda) and t.dpop_lambda >= 0):
             errors.append(f"train.dpop_lambda must be a finite number >= 0, got {t.dpop_lambda!r}")
         errors += _relative_lr_problems(self)

@@ -21,7 +21,8 @@ from .evaluate import judge, row_scores
 from .model import with_adapter
 from .report import model_number, versus_line
 from .sft import train_sft
-from .state import atomic_write_json, atomic_write_text, found_better, read_json, read_jsonl, replace_dir
+from .state import (atomic_write_json, atomic_write_text, control_name, found_better, read_json, read_jsonl,
+                    replace_dir)
 
 
 class ControlArm:
@@ -29,12 +30,25 @@ class ControlArm:
     tokenizer, loaded base and collectives: `run` is the SpinRun that made it (read through it, since
     SpinRun.prepare may replace the settings of a run made by an earlier version)."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, arm: str = "sft"):
+        self.run, self.arm = run, arm  # arm: which control arm (sft.control_rates): "sft" or "spin" (SPIN's rate)
 
     @property
     def cfg(self):
         return self.run.cfg
+
+    def rate(self, t: int) -> float:
+        """The peak learning rate of control t: the SFT rate (arm "sft"), or SPIN's own rate at iteration t (arm
+        "spin", train.learning_rate), so that the two controls separate SPIN's objective from its step size."""
+        return self.sft_rate if self.arm == "sft" else self.cfg.lr_at(t)
+
+    @property
+    def rate_setting(self) -> str:
+        """The setting this arm's SFT rate comes from (rate, sft_rate), which a divergence message says to lower."""
+        if self.arm == "spin":
+            return "train.learning_rate"
+        return ("train.sft_learning_rate" if not self.cfg.sft.enabled and self.cfg.train.sft_learning_rate is not None
+                else "sft.learning_rate")
 
     @property
     def sft_rate(self) -> float:
@@ -85,18 +99,18 @@ class ControlArm:
     def controls(self):
         """The control arm (sft.control): the control of every complete iteration that has none yet."""
         if self.cfg.sft.control:
-            for t in range(self.dir.completed_controls(), self.dir.completed()):
+            for t in range(self.dir.completed_controls(self.arm), self.dir.completed()):
                 self.control(t)
 
     def control(self, t: int):
         """Control t, "SFT continued": control t-1 (for t = 0, the starting model) trained by SFT on the training rows
         for as many optimizer steps as SPIN iteration t took, so that it has taken as many as iterations 0..t
         together; then evaluated on the same validation and test rows, and judged (control-NN/summary.json)."""
-        began, out = time.time(), self.dir.control(t)
+        began, out = time.time(), self.dir.control(t, self.arm)
         out.mkdir(parents=True, exist_ok=True)
         self.run._set_state(iteration=t, stage="control", status="running")
-        trained = self.dir.control_stage_done(t, "train")
-        source = (out / "adapter" if trained else self.dir.control(t - 1) / "adapter" if t > 0
+        trained = self.dir.control_stage_done(t, "train", self.arm)
+        source = (out / "adapter" if trained else self.dir.control(t - 1, self.arm) / "adapter" if t > 0
                   else self.dir.start_adapter(self.cfg))
         torch.manual_seed(self.cfg.seed)  # control 0 without a starting adapter: a fresh one, as the SFT stage's
         model = self._sft_model(None if source is None else str(source))
@@ -104,8 +118,9 @@ class ControlArm:
             steps = read_json(self.dir.iteration(t) / "summary.json")["train"]["steps"]
             self.run._set_state(stage="control train")
             # the data orders of control t: keys 1000 + t, apart from the SFT stage's (0)
-            self._train_sft(model, out, steps, order_key=1000 + t, desc=f"control {t}",
-                            progress=self.run._progress(t, "control train"))
+            # (the same keys in both arms: their controls see the same rows in the same order, only the rate differs)
+            self._train_sft(model, out, steps, order_key=1000 + t, desc=control_name(t, self.arm),
+                            progress=self.run._progress(t, "control train"), lr=self.rate(t))
         if self.run.rank == 0:
             self.run._set_state(stage="control evaluate")
             self.finish_control(t, model, time.time() - began)
@@ -114,16 +129,16 @@ class ControlArm:
 
     def finish_control(self, t: int, model, wall_s: float):
         """Control t's evaluation (eval.json, samples.jsonl), its verdicts and summary.json (rank 0)."""
-        out = self.dir.control(t)
+        out = self.dir.control(t, self.arm)
         results = read_json(out / "eval.json")
         if results is None and self.cfg.eval.enabled:
             results = self.evaluate_plain(model, t, out / "eval.json", out / "samples.jsonl")
         results = results or {}
         log = read_jsonl(out / "train_log.jsonl")
-        before = read_json(self.dir.control(t - 1) / "summary.json")["cumulative_steps"] if t > 0 else 0
+        before = read_json(self.dir.control(t - 1, self.arm) / "summary.json")["cumulative_steps"] if t > 0 else 0
         selection = self.control_selection(t, results.get("val"))
-        summary = {"control": t, "steps": len(log), "cumulative_steps": before + len(log),
-                   "learning_rate": self.sft_rate,
+        summary = {"control": t, "arm": self.arm, "steps": len(log), "cumulative_steps": before + len(log),
+                   "learning_rate": self.rate(t),
                    "train": {"steps": len(log), "sft_loss": sum(r["loss"] for r in log) / max(len(log), 1)},
                    "eval": results.get("test"), "val": results.get("val"), "selection": selection,
                    "wall_s": round(wall_s, 1)}
@@ -137,9 +152,9 @@ class ControlArm:
         the best model before it (the starting model, or the best earlier control)? None without validation rows."""
         if not val:
             return None
-        best = self.dir.best_control()
-        before = "start" if best is None or best < 0 else f"control {best}"
-        verdict = (self._judge(f"control {t}", before).to_dict() if self._val(before)[0]
+        best = self.dir.best_control(self.arm)
+        before = "start" if best is None or best < 0 else control_name(best, self.arm)
+        verdict = (self._judge(control_name(t, self.arm), before).to_dict() if self._val(before)[0]
                    else {"worse": False, "better": True, "reasons": []})
         return {"compared_with": "the starting model" if before == "start" else before,
                 "accepted": not verdict.pop("worse"), **verdict}
@@ -153,11 +168,11 @@ class ControlArm:
         spin = self.dir.best_iteration()
         if selection is None or spin is None:
             return None
-        control = t if found_better(selection) else self.dir.best_control()
+        control = t if found_better(selection) else self.dir.best_control(self.arm)
         spin = "start" if spin < 0 else f"iter {spin}"
-        control = "start" if control is None or control < 0 else f"control {control}"
+        control = "start" if control is None or control < 0 else control_name(control, self.arm)
         against = (control if control != "start" else None if spin == "start"
-                   else f"control {min(model_number(spin), t)}")
+                   else control_name(min(model_number(spin), t), self.arm))
         winner, verdict = spin, None
         if against is not None:
             verdict = self._judge(against, spin)
@@ -175,7 +190,8 @@ class ControlArm:
         """The stop rule's test (spin_lite.evaluate.judge) of the model `new` against `old` ("start", "iter N",
         "control N") on the validation rows."""
         (new_val, new_rows), (old_val, old_rows) = self._val(new), self._val(old)
-        return judge(new_val, old_val, new_rows, old_rows, self.cfg.train.stop_confidence)
+        return judge(new_val, old_val, new_rows, old_rows, self.cfg.train.stop_confidence,
+                     self.cfg.eval.deciding_metric)
 
     def _steps(self, key: str) -> int:
         """Optimizer steps since the start of "iter N" or "control N": as many as iterations 0..N took together."""
@@ -210,13 +226,12 @@ class ControlArm:
         """The base with one trainable adapter: a copy of `adapter`, or a fresh one."""
         return with_adapter(self.run.loaded_base(), self.cfg.lora, adapter, self.run.log)
 
-    def _train_sft(self, model, out, steps: int, order_key: int, desc: str, progress=None):
-        """SFT for `steps` optimizer steps at sft_rate (train_sft: the one loop, checkpoints in out/checkpoint/),
-        then the adapter saved in out/adapter/ (rank 0)."""
+    def _train_sft(self, model, out, steps: int, order_key: int, desc: str, progress=None, lr: float | None = None):
+        """SFT for `steps` optimizer steps at `lr` (default sft_rate; train_sft: the one loop, checkpoints in
+        out/checkpoint/), then the adapter saved in out/adapter/ (rank 0)."""
         train_sft(model, self.run.splits.train, self.cfg, self.run.tokenizer.pad_token_id, out, steps,
-                  lr=self.sft_rate, order_key=order_key, desc=desc, progress=progress,
-                  lr_setting="train.sft_learning_rate" if not self.cfg.sft.enabled and
-                  self.cfg.train.sft_learning_rate is not None else "sft.learning_rate")  # (sft_rate's source)
+                  lr=self.sft_rate if lr is None else lr, order_key=order_key, desc=desc, progress=progress,
+                  lr_setting=self.rate_setting)
         if self.run.rank == 0:
             tmp = out / f"adapter.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

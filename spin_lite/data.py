@@ -428,7 +428,28 @@ def load_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     train = [examples[k] for k in sorted(order)]
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]
-    return Splits(train, parts["val"], parts["test"], report)
+    splits = Splits(train, parts["val"], parts["test"], report)
+    shared = shared_prompts(splits)
+    if shared and not cfg.allow_shared_prompts:
+        raise DataError(f"{len(shared)} prompt(s) are in more than one of the training, validation and test rows, so "
+                        "the held-out rows are not held out: " + "; ".join(shared[:5]) + (" ..." if len(shared) > 5
+                        else "") + ". Remove the duplicates (or set data.allow_shared_prompts=true to accept them)")
+    return splits
+
+
+def shared_prompts(splits: Splits) -> list[str]:
+    """The prompts that occur in two or more of the splits (the same token ids after the chat template), each as
+    "'<prompt start>' in train row 3 and test row 12". A model trained on a validation or test prompt is judged on
+    what it saw: the choice and the report would both flatter it."""
+    where: dict[tuple, list[str]] = {}
+    for name, rows in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        for e in rows:
+            where.setdefault(tuple(e.prompt_ids), []).append(f"{name} row {e.row}")
+    found = []
+    for places in where.values():
+        if len({p.split()[0] for p in places}) > 1:
+            found.append(" and ".join(places))
+    return found
 
 
 def _held_out_file(cfg: DataConfig, tokenizer, report: DataReport, path: str, size: int, name: str):

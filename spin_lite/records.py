@@ -18,6 +18,7 @@ its type and range. Which model a run chose is checked against the models the ru
 (check_choice), which knows them.
 
     state.json, progress.json, summary.json        RunState, RunProgress, RunSummary
+    proto.jsonl                                    ProtoResponse (tspin's proto-synthetic responses)
     eval-start.json, eval-base.json                StartEvaluation
     iter-NN/  summary.json, eval.json, train_metrics.json, samples.jsonl, train_log.jsonl, pairs.jsonl
               IterationSummary, Evaluation, TrainMetrics, Sample, StepRecord, Pair
@@ -72,6 +73,7 @@ class Metrics(Record):
     """A model's metrics on a set of rows (spin_lite.evaluate: its module docstring defines each)."""
     logp_per_token: float | None = None
     margin_accuracy: Share | None = None
+    tie_share: Share | None = None
     spin_loss: float | None = None
     sample_tokens: Annotated[float, Field(ge=0)] | None = None
     ended_rate: Share | None = None
@@ -177,6 +179,7 @@ class IterationSummary(Record):
 class ControlSummary(Record):
     """control-NN/summary.json, written last: the control is complete. `control` is the folder's number."""
     control: Count
+    arm: str | None = None  # which control arm: "sft", or "spin" (SPIN's rate; folder control-spin-NN)
     steps: Count | None = None
     cumulative_steps: Count | None = None
     learning_rate: Annotated[float, Field(gt=0)] | None = None
@@ -246,6 +249,12 @@ class Pair(Record):
     opponent_gen: float | None = None
 
 
+class ProtoResponse(Record):
+    """One line of proto.jsonl: the starting model's own response to a training prompt (token ids), by row key."""
+    key: str
+    ids: list[int]
+
+
 class AppProcess(Record):
     """app-run.json: the process the app launched for a run (spin_lite.app.processes) and how it ended."""
     pid: int
@@ -261,7 +270,7 @@ class AppProcess(Record):
 RECORDS: dict[tuple[str, str], type[Record]] = {
     ("", "state.json"): RunState, ("", "progress.json"): RunProgress, ("", "summary.json"): RunSummary,
     ("", "eval-start.json"): StartEvaluation, ("", "eval-base.json"): StartEvaluation,
-    ("", "app-run.json"): AppProcess,
+    ("", "app-run.json"): AppProcess, ("", "proto.jsonl"): ProtoResponse,
     ("iter", "summary.json"): IterationSummary, ("iter", "eval.json"): Evaluation,
     ("iter", "train_metrics.json"): TrainMetrics, ("iter", "samples.jsonl"): Sample,
     ("iter", "train_log.jsonl"): StepRecord, ("iter", "pairs.jsonl"): Pair,

@@ -5,7 +5,7 @@ commands, so that a run's last line is what to do now."""
 from __future__ import annotations
 
 from .evaluate import VAL_COLUMNS
-from .state import RunDir, compared_with, found_better
+from .state import RunDir, compared_with, control_key, found_better
 
 
 # (key, title, format) of the columns `spin-lite table` prints; columns without any value are left out.
@@ -34,16 +34,24 @@ def format_table(run_dir: RunDir, cfg=None) -> str:
              f"{compared_with(r['selection'])} on validation (" + "; ".join(r["selection"].get("reasons") or []) + ")"
              + (", run stopped" if r.get("stopped") else "")
              for r in rows if r.get("selection") and not found_better(r["selection"])]
-    if any(r["model"].startswith("control") for r in rows):
+    if any(r["model"].startswith("control ") for r in rows):
         notes.append("control N: SFT continued, the starting model trained by SFT on the same rows for as many "
                      "optimizer steps as iterations 0..N (steps: since the start)")
+    if any(r["model"].startswith("control-spin") for r in rows):
+        notes.append("control-spin N: the same at SPIN's own learning rate, to tell SPIN's objective from its step "
+                     "size")
     chosen = run_dir.chosen_model()
+    decided = {"task_accuracy": "val task acc", "match_rate": "val match"}.get(
+        cfg.eval.deciding_metric if cfg is not None else "", "val logp/tok")
     chosen = (nothing_chosen(run_dir, cfg) if chosen is None else "chosen on the validation rows: "
               + ("the starting model" if chosen == "start" else f"iteration {chosen.split()[-1]}"
-                 if chosen.startswith("iter") else f"SFT continued, {chosen}"))
-    versus = run_dir.final_comparison()  # which won, SPIN or SFT continued; then what to do now, last
+                 if chosen.startswith("iter") else f"SFT continued, {chosen}") + f" (decided by {decided})")
+    # which won, SPIN or SFT continued, for each control arm, the deciding arm's last; then what to do now, last
+    versus = run_dir.final_comparisons()
+    decisive = run_dir.final_comparison()
+    lines_versus = [v["line"] for v in versus if v != decisive] + ([decisive["line"]] if decisive else [])
     return (f"SPIN results for {run_dir.root} (test rows unless marked val)\n"
-            + "\n".join(lines + notes + [chosen] + ([versus["line"]] if versus else []) + next_steps(run_dir, cfg)))
+            + "\n".join(lines + notes + [chosen] + lines_versus + next_steps(run_dir, cfg)))
 
 
 def nothing_chosen(run_dir: RunDir, cfg=None) -> str:
@@ -73,10 +81,11 @@ def next_steps(run_dir: RunDir, cfg=None) -> list[str]:
     root, config, best = run_dir.root, run_dir.config_path, run_dir.best_iteration()
     n = run_dir.resolve_model("best")
     if isinstance(n, str):  # "control N": SFT continued won; its adapter stands alone in either mode
-        c = model_number(n)
+        c, arm = control_key(n)
+        name = "control" if arm == "sft" else f"control-{arm}"
         steps = [still_learning(run_dir, n, cfg),
-                 f"next: export the chosen model: spin-lite export {root} --iteration control-{c} --out "
-                 f"exports/{root.name}-control-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
+                 f"next: export the chosen model: spin-lite export {root} --iteration {name}-{c} --out "
+                 f"exports/{root.name}-{name}-{c:02d}  (the adapter; --merged or --gguf q8_0: one model file)"]
     elif n >= 0:
         why = "the chosen model" if best is not None else "the last iteration (nothing chosen: see above)"
         merged_only = cfg is not None and cfg.mode == "merge" and (n > 0 or run_dir.start_adapter(cfg))
@@ -134,13 +143,22 @@ def still_learning(run_dir: RunDir, control: str, cfg=None) -> str:
 
 def versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
                 steps: dict[str, int]) -> str:
-    """The run's last line: which won on the validation rows, SPIN or SFT continued, and by how much."""
+    """The run's last line: which won on the validation rows, SPIN or SFT continued, by how much, and which metric
+    decided (eval.choose_by)."""
+    line = _versus_line(winner, loser, verdict, winner_val, loser_val, steps)
+    decided = getattr(verdict, "decided_by", None)
+    return line + (f" (decided by {VAL_COLUMNS[decided]})" if decided in VAL_COLUMNS and verdict.rule == "paired" else "")
+
+
+def _versus_line(winner: str, loser: str | None, verdict, winner_val: dict | None, loser_val: dict | None,
+                 steps: dict[str, int]) -> str:
     def described(key):
         if key == "start":
             return "the starting model"
         if key.startswith("iter"):
             return f"SPIN iteration {model_number(key)} ({steps[key]} steps)"
-        return f"SFT continued ({key}, {steps[key]} steps)"
+        rate = ", at SPIN's rate" if key.startswith("control-") else ""
+        return f"SFT continued ({key}, {steps[key]} steps{rate})"
     if loser is None:
         return "Neither SPIN nor SFT continued beat the starting model on your validation rows: it stays chosen."
     gap = _gap(winner_val, loser_val)

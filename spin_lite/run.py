@@ -4,6 +4,7 @@ Iteration t (see README, "The method"):
   0. build the model of iteration t: the opponent (the model after iteration t-1, RunDir.adapters_after) plus
      one trainable adapter that starts equal to it (spin_lite.model.build_model)
   1. generate: the opponent answers every training, validation and test prompt            -> generations.jsonl
+     (at t = 0 the starting model's answers, kept as tspin's proto-synthetic responses)    -> ../proto.jsonl
      and scores the real and generated responses once (from t = 1 the previous iteration's
      training pairs are rescored and mixed in)                                             -> pairs.jsonl
   2. train the adapter with the SPIN loss (+ the optional likelihood anchor)               -> adapter/
@@ -95,7 +96,7 @@ class SpinRun:
         tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
-        self.backend = resolve_backend(self.cfg.model)
+        self.backend = resolve_backend(self.cfg.model, self.cfg.mode)
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:
@@ -142,10 +143,11 @@ class SpinRun:
     def _run(self) -> list[dict]:
         # The SFT stage and the control arm (spin_lite.control). Made here and not kept in self: a reference back
         # would make a cycle, and the run's loaded model would outlive the run until the garbage collector.
-        arm = ControlArm(self)
-        arm.sft_stage()
+        ControlArm(self).sft_stage()
+        arms = [ControlArm(self, rate) for rate in self.cfg.sft.control_rates]  # SFT continued, at each rate
         first = self.dir.completed()
-        arm.controls()  # of iterations completed before (a resumed run, or sft.control turned on since)
+        for arm in arms:
+            arm.controls()  # of iterations completed before (a resumed run, or sft.control turned on since)
         for t in range(first, self.cfg.iterations):
             if self.dir.stopped(self.cfg):
                 if t == first and self.rank == 0:  # (a stop in this invocation has said so already)
@@ -153,7 +155,8 @@ class SpinRun:
                              "with a higher train.stop_patience or train.stop_when=never")
                 break
             self.iteration(t)
-            arm.controls()
+            for arm in arms:
+                arm.controls()
         if self.rank == 0:
             self._set_state(status="finished", stage="done", best_iteration=self.dir.best_iteration(),
                             chosen=self.dir.chosen_model())
@@ -291,7 +294,8 @@ class SpinRun:
         else:
             before, name = read_json(self.dir.iteration(best) / "summary.json")["val"], f"iteration {best}"
         verdict = (judge(val, before, self.dir.val_rows(t), self.dir.val_rows(best),
-                         self.cfg.train.stop_confidence).to_dict() if before else {"worse": False, "better": True})
+                         self.cfg.train.stop_confidence, self.cfg.eval.deciding_metric).to_dict()
+                   if before else {"worse": False, "better": True})
         rejected = 1 + self.dir.rejected_in_a_row(before=t) if verdict["worse"] else 0  # in a row, this one included
         return {"compared_with": name, "accepted": not verdict.pop("worse"), "reasons": [], **verdict,
                 "rejected_in_a_row": rejected, "stop": self.cfg.train.stops_after(rejected)}
@@ -312,7 +316,7 @@ class SpinRun:
         # A fresh adapter's random A matrices come from this seed, not from whatever the process did before:
         # the same in every process of a data-parallel run, and after a resume.
         torch.manual_seed(self.cfg.seed * 1009 + t)
-        self.backend = self.backend or resolve_backend(self.cfg.model)
+        self.backend = self.backend or resolve_backend(self.cfg.model, self.cfg.mode)
         if self.cfg.mode == "merge" and self.backend == "unsloth":  # one adapter a model: merge for real
             return build_model(self._merged_base(adapters), self.cfg.lora, [], log=self.log)
         return build_model(self.loaded_base(), self.cfg.lora, adapters, self.cfg.mode, log=self.log)
@@ -365,6 +369,12 @@ class SpinRun:
         if t > 0 and self.cfg.train.mix_previous:
             pairs += [p | {"split": "train_prev"} for p in read_jsonl(self.dir.iteration(t - 1) / "pairs.jsonl")
                       if p["split"] == "train"]
+        if t == 0 and self.rank == 0:  # the starting model's own samples: tspin's proto-synthetic responses
+            atomic_write_text(self.dir.proto_path, "".join(json.dumps({"key": p["key"], "ids": p["gen_ids"]}) + "\n"
+                                                           for p in pairs))
+        if t > 0 and self.cfg.train.loss_type == "tspin":
+            proto = self.dir.proto_responses()
+            pairs = [p | {"proto_ids": proto[p["key"]]} if p["key"] in proto else p for p in pairs]
         mine = pairs[self.rank::self.world_size]
         bs = self.cfg.train.micro_batch_size * 2
         pad = self.tokenizer.pad_token_id

@@ -11,6 +11,8 @@
       eval-base.json         with the SFT stage: validation and test metrics of the model before it
       eval-start.json        validation and test metrics of the starting model, and its per-row scores (val_rows,
                              test_rows: spin_lite.evaluate.row_scores), which the stop rule's paired test reads
+      proto.jsonl            the starting model's own responses (iteration 0's), by row key: tspin's proto-synthetic
+                             responses, the same at every iteration
       iter-00/
         generations.jsonl    the opponent's responses, appended one finished batch at a time
         pairs.jsonl          (prompt, real, generated) token ids with the opponent's log-probs   <- generate done
@@ -136,16 +138,37 @@ def recover_dir(target: Path):
 STAGES = (("generate", "pairs.jsonl"), ("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
 # The stages of a control (control-NN/), likewise.
 CONTROL_STAGES = (("train", "adapter/adapter_config.json"), ("evaluate", "summary.json"))
+# The control arms (sft.control_rates): SFT continued at the SFT rate, and at SPIN's own rate.
+CONTROL_ARMS = ("sft", "spin")
+
+
+def control_name(t: int, arm: str = "sft") -> str:
+    """The model name of control t of an arm: "control N" (SFT rate) or "control-spin N" (SPIN's rate)."""
+    return f"control {t}" if arm == "sft" else f"control-{arm} {t}"
+
+
+def control_key(name: str) -> tuple[int, str]:
+    """(t, arm) of "control N" or "control-spin N" (control_name's inverse)."""
+    head, _, number = name.strip().rpartition(" ")
+    return int(number), "sft" if head == "control" else head[len("control-"):]
+
+
+def _gain(versus: dict) -> float:
+    """A control's gain over SPIN's choice in its final comparison, on the metric that decided it."""
+    verdict = versus.get("verdict") or {}
+    decided = (verdict.get("differences") or {}).get(verdict.get("decided_by", "logp_per_token")) or {}
+    return decided.get("difference", 0.0)
 
 # Settings that may change between invocations of the same run directory without changing its results.
 RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_every", "eval.enabled",
                      "train.stop_when", "train.stop_patience", "train.stop_confidence",
-                     "sft.control"}  # the control arm adds a model beside SPIN's and changes none of them
+                     "sft.control", "sft.control_rates"}  # the control arms add models beside SPIN's, change none
 
 # Settings added after runs were made without them, with the value that reproduces such a run: a run
 # directory whose config.yaml lacks one continues with this value.
 LEGACY_VALUES = {"data.val_size": 0, "data.val_path": None, "train.sft_weight": 0.0, "train.stop_when": "never",
-                 "eval.answer_regex": None, "sft.enabled": False}
+                 "eval.answer_regex": None, "sft.enabled": False, "eval.choose_by": "logp", "data.allow_shared_prompts": True,
+                 "sft.control_rates": ["sft"]}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -188,6 +211,17 @@ class RunDir:
         import yaml
         return flatten(yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {})
 
+    @property
+    def proto_path(self) -> Path:
+        return self.root / "proto.jsonl"
+
+    def proto_responses(self) -> dict[str, list[int]]:
+        """The starting model's own responses by row key (iteration 0's generated responses: tspin's proto-synthetic
+        responses), from proto.jsonl, or from iteration 0's pairs in a run made before proto.jsonl existed."""
+        if self.proto_path.exists():
+            return {r["key"]: r["ids"] for r in read_jsonl(self.proto_path)}
+        return {p["key"]: p["gen_ids"] for p in read_jsonl(self.iteration(0) / "pairs.jsonl") if p["split"] != "train_prev"}
+
     # -- iterations and their stages -------------------------------------------------------------------
     def stage_done(self, t: int, stage: str) -> bool:
         return (self.iteration(t) / dict(STAGES)[stage]).exists()
@@ -208,9 +242,10 @@ class RunDir:
 
     def adapters_of(self, which: int | str, cfg) -> list[str]:
         """The adapters that make the model `which` names (resolve_model's answer: an iteration, -1 for the starting
-        model, or "control N"), in order: what the chat, the export and the notebook load on the base."""
+        model, or "control N" / "control-spin N"), in order: what the chat, the export and the notebook load on the
+        base."""
         if isinstance(which, str):  # SFT continued: its adapter stands alone (it continued the starting adapter)
-            return [str(self.control(int(which.split()[-1])) / "adapter")]
+            return [str(self.control(*control_key(which)) / "adapter")]
         return self.adapters_after(which, cfg.mode, self.start_adapter(cfg))
 
     def samples_of(self, which: int | str) -> list[dict]:
@@ -218,7 +253,7 @@ class RunDir:
         adapters_of; [] when it has none yet."""
         if which == -1:
             return (read_json(self.root / "eval-start.json") or {}).get("samples", [])
-        folder = self.control(int(which.split()[-1])) if isinstance(which, str) else self.iteration(which)
+        folder = self.control(*control_key(which)) if isinstance(which, str) else self.iteration(which)
         path = folder / "samples.jsonl"
         return read_jsonl(path) if path.exists() else []
 
@@ -234,29 +269,30 @@ class RunDir:
     def sft_done(self) -> bool:
         return (self.sft_dir / "summary.json").exists()
 
-    def control(self, t: int) -> Path:
-        """The folder of the control matched to iteration t."""
-        return self.root / f"control-{t:02d}"
+    def control(self, t: int, arm: str = "sft") -> Path:
+        """The folder of the control matched to iteration t in the control arm `arm` (sft.control_rates): "sft",
+        SFT continued at the SFT rate (control-NN/), or "spin", at SPIN's own rate (control-spin-NN/)."""
+        return self.root / (f"control-{t:02d}" if arm == "sft" else f"control-{arm}-{t:02d}")
 
-    def control_stage_done(self, t: int, stage: str) -> bool:
-        return (self.control(t) / dict(CONTROL_STAGES)[stage]).exists()
+    def control_stage_done(self, t: int, stage: str, arm: str = "sft") -> bool:
+        return (self.control(t, arm) / dict(CONTROL_STAGES)[stage]).exists()
 
-    def completed_controls(self) -> int:
-        """Number of leading complete controls."""
+    def completed_controls(self, arm: str = "sft") -> int:
+        """Number of leading complete controls of an arm."""
         t = 0
-        while self.control_stage_done(t, "evaluate"):
+        while self.control_stage_done(t, "evaluate", arm):
             t += 1
         return t
 
-    def trained_controls(self) -> list[int]:
-        """Controls with a trained adapter, complete or not (the unbroken chain from control 0)."""
+    def trained_controls(self, arm: str = "sft") -> list[int]:
+        """Controls of an arm with a trained adapter, complete or not (the unbroken chain from control 0)."""
         t = 0
-        while self.control_stage_done(t, "train"):
+        while self.control_stage_done(t, "train", arm):
             t += 1
         return list(range(t))
 
-    def control_summaries(self) -> list[dict]:
-        return [read_json(self.control(t) / "summary.json") for t in range(self.completed_controls())]
+    def control_summaries(self, arm: str = "sft") -> list[dict]:
+        return [read_json(self.control(t, arm) / "summary.json") for t in range(self.completed_controls(arm))]
 
     # -- results ----------------------------------------------------------------------------------------
     def best_iteration(self) -> int | None:
@@ -270,34 +306,52 @@ class RunDir:
         eval.json ({} before it is written)."""
         if key == "start":
             return read_json(self.root / "eval-start.json") or {}
-        folder = self.iteration if key.startswith("iter") else self.control
-        return read_json(folder(int(key.split()[-1])) / "eval.json") or {}
+        folder = self.iteration(int(key.split()[-1])) if key.startswith("iter") else self.control(*control_key(key))
+        return read_json(folder / "eval.json") or {}
 
     def val_rows(self, t: int) -> dict | None:
         """The per-row validation scores of the model after iteration t (-1: the starting model), by row key, as
         the stop rule's paired test reads them; None for a run made before they were stored."""
         return self.evaluation("start" if t < 0 else f"iter {t}").get("val_rows")
 
-    def best_control(self) -> int | None:
-        """The control arm's own choice, by the stop rule's reading applied to its checkpoints: the latest control
+    def best_control(self, arm: str = "sft") -> int | None:
+        """A control arm's own choice, by the stop rule's reading applied to its checkpoints: the latest control
         that was better on the validation rows than the best model before it (the start, or an earlier control);
         -1 when none was; None without verdicts (no control, or no validation rows)."""
-        return _latest_better(self.control_summaries(), "control")
+        return _latest_better(self.control_summaries(arm), "control")
+
+    def control_arms(self) -> list[str]:
+        """The control arms this run has evaluated controls of: "sft" (SFT continued at the SFT rate) and "spin"
+        (at SPIN's own rate), in that order."""
+        return [arm for arm in CONTROL_ARMS if self.completed_controls(arm)]
+
+    def final_comparisons(self) -> list[dict]:
+        """Each control arm's comparison of SPIN's choice with the arm's own, made when its latest control was
+        evaluated (its summary's `versus`: spin, control, winner, reasons, line), while it still stands: none before
+        a control was evaluated, and none when SPIN's choice moved since (an iteration accepted whose control is
+        not done yet)."""
+        best = self.best_iteration()
+        spin = "start" if best is None or best < 0 else f"iter {best}"
+        found = []
+        for arm in self.control_arms():
+            controls = self.control_summaries(arm)
+            versus = controls[-1].get("versus")
+            if versus and versus["spin"] == spin:  # a choice on disk that stands names a model the run has
+                path = self.control(len(controls) - 1, arm) / "summary.json"
+                for field in ("winner", "against"):
+                    self.check_choice(versus.get(field), path, f"versus.{field}")
+                if versus["winner"] not in (spin, versus.get("against")):
+                    raise RunRecordError(path, "versus.winner", f"one of the two models compared: {spin} or "
+                                         f"{versus.get('against')}", versus["winner"])
+                found.append(versus)
+        return found
 
     def final_comparison(self) -> dict | None:
-        """The comparison of SPIN's choice with the control arm's, made when the latest control was evaluated
-        (its summary's `versus`: spin, control, winner, reasons, line), while it still stands: None before a
-        control was evaluated, and when SPIN's choice moved since (an iteration accepted whose control is not
-        done yet)."""
-        controls = self.control_summaries()
-        versus = controls[-1].get("versus") if controls else None
-        if not versus:
-            return None
-        path = self.control(len(controls) - 1) / "summary.json"
-        for field in ("winner", "against"):
-            self.check_choice(versus.get(field), path, f"versus.{field}")
-        best = self.best_iteration()
-        return versus if versus["spin"] == ("start" if best is None or best < 0 else f"iter {best}") else None
+        """The comparison that decided the run's choice (see chosen_model): the winning control arm's, else the
+        first arm's; None before a control was evaluated."""
+        comparisons = self.final_comparisons()
+        won = [v for v in comparisons if v["winner"] != v["spin"]]
+        return max(won, key=_gain) if won else comparisons[0] if comparisons else None
 
     def models(self) -> list[str]:
         """The models this run has evaluated, as chosen_model names them: "start", "iter N" for each complete
@@ -314,9 +368,11 @@ class RunDir:
 
     def chosen_model(self) -> str | None:
         """The one answer to "which model did this run choose?", among the start, the SPIN iterations and the
-        control, on the validation rows: "start", "iter N" or "control N" (the control matched to iteration N);
-        None when nothing was chosen (no validation rows, or nothing evaluated yet). SPIN's choice is the stop rule's
-        (best_iteration); a control replaces it only when the final comparison says it is better."""
+        controls, on the validation rows: "start", "iter N", "control N" (the control matched to iteration N) or
+        "control-spin N" (the same at SPIN's rate); None when nothing was chosen (no validation rows, or nothing
+        evaluated yet). SPIN's choice is the stop rule's (best_iteration); a control replaces it only when its arm's
+        final comparison says it is better, and where both arms' controls are, the one with the larger gain on the
+        deciding metric (eval.choose_by) over SPIN's choice."""
         versus = self.final_comparison()
         if versus:
             return versus["winner"]
@@ -332,11 +388,15 @@ class RunDir:
         none was chosen (no validation rows, nothing evaluated yet) the last trained iteration, else the start.
         Whether iteration N has an adapter is the caller's check (its message names what it was asked for)."""
         if isinstance(which, str) and which.startswith("control"):
-            number = which[len("control"):].strip(" -")  # "control 2", "control-2", or "control": the arm's choice
-            if not number:
-                best, trained = self.best_control(), self.trained_controls()
+            # "control 2", "control-2", "control-spin 2", or "control" / "control-spin": the arm's choice
+            found = re.fullmatch(r"control(?:[- ](spin))?(?:[- ]?(\d+))?", which.strip())
+            if not found:
+                raise ValueError(f"{which!r} names no control: control N, control-spin N, control or control-spin")
+            arm, number = found[1] or "sft", found[2]
+            if number is None:
+                best, trained = self.best_control(arm), self.trained_controls(arm)
                 number = best if best is not None and best >= 0 else trained[-1] if trained else 0
-            return f"control {int(number)}"
+            return control_name(int(number), arm)
         if which in (None, "best"):
             chosen = self.chosen_model()
             if chosen is not None and chosen.startswith("control"):
@@ -425,9 +485,11 @@ class RunDir:
             rows.append(row)
         if cfg is not None and self.completed() and self.stopped(cfg):
             rows[-1]["stopped"] = True
-        for s in self.control_summaries():  # (its training loss is SFT's, not SPIN's: not in the loss column)
-            rows.append({"model": f"control {s['control']}", **(s.get("eval") or {}), **_prefixed(s.get("val")),
-                         "steps": s.get("cumulative_steps"), "best": chosen == f"control {s['control']}"})
+        for arm in self.control_arms():  # (its training loss is SFT's, not SPIN's: not in the loss column)
+            for s in self.control_summaries(arm):
+                name = control_name(s["control"], arm)
+                rows.append({"model": name, **(s.get("eval") or {}), **_prefixed(s.get("val")),
+                             "steps": s.get("cumulative_steps"), "best": chosen == name})
         return rows
 
     # -- progress ---------------------------------------------------------------------------------------

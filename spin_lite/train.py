@@ -101,31 +101,53 @@ class Objective:
     """A training objective over items (SPIN pairs or SFT rows).
 
     batch(items) -> the sequences to score; loss(items, logps, counts) -> (per-item losses [n] that sum into the
-    step's loss, per-item metrics to log); norm(step_items) -> what the step's summed loss is divided by."""
+    step's loss, per-item metrics to log); norm(step_items) -> what the step's summed loss is divided by;
+    record(sums, n) -> the step's logged values from the metrics summed over its n items (default: their means)."""
     name: str
     batch: Callable[[list], Batch]
     loss: Callable[[list, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     norm: Callable[[list], float]
+    record: Callable[[dict, int], dict] = lambda sums, n: {k: v / n for k, v in sums.items()}
+
+
+def with_proto(pairs: list, loss_type: str) -> bool:
+    """Whether these pairs are scored with their proto-synthetic responses too (tspin from iteration 1 on: the pairs
+    carry `proto_ids`, the starting model's own samples; spin_lite.run attaches them)."""
+    return loss_type == "tspin" and any("proto_ids" in p for p in pairs)
 
 
 def spin_objective(beta: float, settings: TrainSettings, pad_id: int) -> Objective:
     """The SPIN loss (+ the likelihood anchor) per pair, averaged over the step's pairs."""
-    def batch(pairs):  # 2B sequences: B real responses, then B generated ones, same prompts
-        prompts = [p["prompt_ids"] for p in pairs]
-        return collate(prompts + prompts, [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs], pad_id)
+    def batch(pairs):  # 2B sequences: B real responses, then B generated ones, same prompts (+ B proto: tspin)
+        prompts, responses = [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs]
+        if with_proto(pairs, settings.loss_type):
+            return collate(prompts * 3, responses + [p.get("proto_ids", p["gen_ids"]) for p in pairs], pad_id)
+        return collate(prompts * 2, responses, pad_id)
 
     def loss(pairs, logps, counts):
         n = len(pairs)
         opponent = lambda key: torch.tensor([p[key] for p in pairs], dtype=logps.dtype, device=logps.device)
-        out = spin_loss(logps[:n], logps[n:], opponent("opponent_real"), opponent("opponent_gen"), beta,
-                        settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype), settings.dpop_lambda)
-        # logratio_real below 0 is likelihood displacement: the real responses lost likelihood to the opponent
-        return out.losses, {"loss": out.losses.detach(), "reward_real": out.reward_real, "reward_gen": out.reward_gen,
-                            "logratio_real": out.logratio_real, "logratio_gen": out.logratio_gen,
-                            "margin": out.margin, "accuracy": out.accuracy, "nll_real": out.nll_real,
-                            "logp_real": logps[:n].detach(), "logp_gen": logps[n:].detach()}
+        out = spin_loss(logps[:n], logps[n:2 * n], opponent("opponent_real"), opponent("opponent_gen"), beta,
+                        settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype), settings.dpop_lambda,
+                        logps[2 * n:] if len(logps) > 2 * n else None, settings.history_weight, settings.space_mu)
+        out.identical = torch.tensor([p["gen_ids"] == p["real_ids"] for p in pairs])
+        # logratio_real below 0 is likelihood displacement: the real responses lost likelihood to the opponent;
+        # margin is the current advantage (reward_real - reward_gen), history tspin's historical one
+        metrics = {"loss": out.losses.detach(), "reward_real": out.reward_real, "reward_gen": out.reward_gen,
+                   "logratio_real": out.logratio_real, "logratio_gen": out.logratio_gen,
+                   "margin": out.margin, "correct": out.correct, "tie": out.tie, "nll_real": out.nll_real,
+                   "logp_real": logps[:n].detach(), "logp_gen": logps[n:2 * n].detach()}
+        if out.history is not None:
+            metrics |= {"history": out.history, "logp_proto": logps[2 * n:].detach()}
+        return out.losses, metrics
 
-    return Objective("spin", batch, loss, lambda pairs: len(pairs))
+    def record(sums, n):  # margin accuracy over the informative pairs; ties are counted apart (spin_lite.loss)
+        means = {k: v / n for k, v in sums.items() if k not in ("correct", "tie")}
+        informative = n - sums["tie"]
+        return means | {"accuracy": sums["correct"] / informative if informative > 0.5 else None,
+                        "tie_share": sums["tie"] / n, "informative": round(informative)}
+
+    return Objective("spin", batch, loss, lambda pairs: len(pairs), record)
 
 
 def sft_objective(pad_id: int) -> Objective:
@@ -135,7 +157,8 @@ def sft_objective(pad_id: int) -> Objective:
         return -logps, {"nll": -logps.detach(), "tokens": counts.to(logps.dtype)}
 
     return Objective("sft", lambda rows: collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], pad_id),
-                     loss, lambda rows: sum(len(r.response_ids) for r in rows))
+                     loss, lambda rows: sum(len(r.response_ids) for r in rows),
+                     lambda sums, n: {"loss": sums["nll"] / sums["tokens"]})  # per token over the step, not per row
 
 
 class _Scorer(torch.nn.Module):
@@ -205,9 +228,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise TrainingDiverged(f"{desc}: training diverged at step {step + 1} ({skipped_in_a_row} steps in a "
                                    "row with non-finite float16 gradients, at every loss scale)")
-        record = {"step": step + 1, "epoch": epoch, **{k: v / len(step_items) for k, v in sums.items()}}
-        if objective.name == "sft":  # SFT's loss: per token over the step, not per row
-            record = {"step": step + 1, "epoch": epoch, "loss": sums["nll"] / sums["tokens"]}
+        record = {"step": step + 1, "epoch": epoch, **objective.record(sums, len(step_items))}
         if not skipped:
             check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc, lr_setting=lr_setting)
         record.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],  # the rate this step runs at
@@ -233,7 +254,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
             if step + 1 in save_at:
                 model.save_pretrained(out_dir / f"step-{step + 1:06d}", selected_adapters=["default"])
         bar.update(1)
-        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if k in record})
+        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if record.get(k) is not None})
         if (step + 1) % s.save_every == 0 and step + 1 < total_steps and rank == 0:
             _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict, scaler)
         fault_point("train_step", step + 1)
@@ -323,11 +344,23 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                   progress=progress, desc=f"train iter {iteration}", log_extra={"beta": cfg.beta_at(iteration)},
                   tracker=_tracker(cfg, out_dir, iteration) if rank == 0 else None)
     last_epoch = records[-cfg.train.steps_per_epoch(len(pairs)):]
-    keys = [k for k in ("loss", "accuracy", "margin", "reward_real", "reward_gen", "logratio_real", "logratio_gen",
-                        "nll_real")
+    keys = [k for k in ("loss", "margin", "history", "reward_real", "reward_gen", "logratio_real", "logratio_gen",
+                        "nll_real", "tie_share")
             if all(k in r for r in last_epoch)]  # logs of runs made before a metric existed lack it
     skipped = {"skipped_steps": sum(r["skipped"] for r in records)} if records and "skipped" in records[-1] else {}
-    return {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} | {"steps": len(records)} | skipped
+    means = {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys}
+    return means | {"accuracy": epoch_accuracy(last_epoch), "steps": len(records)} | skipped
+
+
+def epoch_accuracy(records: list[dict]) -> float | None:
+    """Margin accuracy over the informative pairs of these steps (each step's accuracy weighted by its informative
+    pairs); a log written before ties were counted apart has plain per-step accuracies, averaged as they were."""
+    if not all("informative" in r for r in records):
+        values = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+        return sum(values) / len(values) if values else None
+    informative = sum(r["informative"] for r in records)
+    return sum(r["accuracy"] * r["informative"] for r in records if r["informative"]) / informative if informative \
+        else None
 
 
 def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt: Path, get_state, scaler=None):

@@ -227,3 +227,25 @@ def test_model_and_run_dir_path_errors_say_where_they_looked(tmp_path, monkeypat
     assert (f"runs/old is not a run directory (no config.yaml; looked for {tmp_path}/runs/old: relative paths are "
             f"taken from the working directory {tmp_path})") in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_prompts_shared_between_splits_are_refused_by_name(tokenizer, tmp_path):
+    """12 rows with distinct prompts, and a test file whose second row repeats training prompt 'q7': the run's rows
+    are refused, naming both places; allow_shared_prompts=true accepts them. A prompt repeated inside the training
+    rows alone is no leak and passes."""
+    from spin_lite.data import load_splits
+    rows = [{"prompt": f"q{k}", "response": f"a{k}"} for k in range(12)] + [{"prompt": "q3", "response": "again"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = tmp_path / "test.jsonl"
+    held.write_text(json.dumps({"prompt": "fresh", "response": "x"}) + "\n" + json.dumps({"prompt": "q7",
+                                                                                          "response": "y"}) + "\n")
+    cfg = DataConfig(path=str(train), eval_path=str(held), eval_size=2, val_size=0)
+    with pytest.raises(DataError) as e:
+        load_splits(cfg, tokenizer, seed=0)
+    assert "1 prompt(s) are in more than one of the training, validation and test rows" in str(e.value)
+    assert "train row 7 and test row 1" in str(e.value) and "data.allow_shared_prompts=true" in str(e.value)
+    cfg.allow_shared_prompts = True
+    assert len(load_splits(cfg, tokenizer, seed=0).test) == 2
+    cfg = DataConfig(path=str(train), eval_size=0, val_size=0)  # q3 twice, both training rows: fine
+    assert len(load_splits(cfg, tokenizer, seed=0).train) == 13

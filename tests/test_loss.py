@@ -31,19 +31,38 @@ def test_loss_values(loss_type, expected_a, expected_b):
 
 def test_rewards_margin_accuracy():
     a = run(0.5, -10, -12, -11, -11, "logistic")
-    assert (a.reward_real.item(), a.reward_gen.item(), a.margin.item(), a.accuracy.item()) == pytest.approx(
+    assert (a.reward_real.item(), a.reward_gen.item(), a.margin.item(), a.accuracy) == pytest.approx(
         (0.5, -0.5, 1.0, 1.0))
     b = run(0.1, -20, -5, -18, -6, "logistic")
-    assert (b.reward_real.item(), b.reward_gen.item(), b.margin.item(), b.accuracy.item()) == pytest.approx(
+    assert (b.reward_real.item(), b.reward_gen.item(), b.margin.item(), b.accuracy) == pytest.approx(
         (-0.2, 0.1, -0.3, 0.0))
 
 
-def test_policy_equal_to_opponent_gives_log2_and_no_accuracy():
-    """At the start of an iteration the policy equals the opponent: u = 0, loss = log 2, a tie counts as wrong."""
+def test_policy_equal_to_opponent_gives_log2_and_a_tie():
+    """At the start of an iteration the policy equals the opponent: u = 0, loss = log 2; the pair is a tie, left out
+    of the accuracy (None: no informative pair) and counted in the tie share."""
     out = run(0.1, -7.0, -9.0, -7.0, -9.0, "logistic")
     assert out.losses.item() == pytest.approx(math.log(2))
-    assert out.accuracy.item() == 0.0
+    assert out.accuracy is None and out.tie.item() == 1.0 and out.correct.item() == 0.0
     assert run(0.1, -7.0, -9.0, -7.0, -9.0, "hinge").losses.item() == pytest.approx(1.0)
+
+
+def test_ties_are_left_out_of_the_accuracy():
+    """Four pairs, beta 0.1 (log-ratios real, generated in nats):
+    A (+1, -1): margin 0.2, right.  B (-1, +1): margin -0.2, wrong.
+    C (+0.5, +0.5): margin 0, a tie (the generated response is the real one).
+    D (+0.0004, -0.0003): log-ratio gap 0.0007 <= TIE_NATS (0.001): float noise, a tie.
+    Accuracy over the informative pairs: 1 right of 2 = 0.5 (counting ties as wrong gave 1 of 4 = 0.25); tie share
+    2 of 4 = 0.5. With D's generated response marked identical too, nothing changes; marking A identical makes it a
+    tie (accuracy 0 of 1)."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    zero = t(0.0, 0.0, 0.0, 0.0)
+    out = spin_loss(t(1.0, -1.0, 0.5, 0.0004), t(-1.0, 1.0, 0.5, -0.0003), zero, zero, 0.1)
+    assert out.tie.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert out.correct.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert out.accuracy == pytest.approx(0.5)
+    out.identical = torch.tensor([True, False, False, False])
+    assert out.accuracy == pytest.approx(0.0) and out.tie.mean().item() == 0.75
 
 
 def test_gradient_pushes_real_up_and_generated_down():
@@ -120,7 +139,7 @@ def test_displacement_resistant_loss_values(loss_type, dpop_lambda, expected_a, 
     # rewards, log-ratios, margin and accuracy are the same for every loss type
     assert (a.logratio_real.item(), a.logratio_gen.item(), b.logratio_real.item(), b.logratio_gen.item()) == (
         1.0, -1.0, -2.0, 1.0)
-    assert (b.reward_real.item(), b.reward_gen.item(), b.margin.item(), b.accuracy.item()) == pytest.approx(
+    assert (b.reward_real.item(), b.reward_gen.item(), b.margin.item(), b.accuracy) == pytest.approx(
         (-0.2, 0.1, -0.3, 0.0))
 
 
@@ -177,3 +196,65 @@ def test_displacement_resistant_gradcheck_with_the_anchor(loss_type):
     f = lambda a, b: spin_loss(a, b, o(-11.0, -2.0, -6.0), o(-11.0, -1.0, -8.0), 0.3, loss_type, sft_weight=0.7,
                                real_tokens=o(4.0, 2.0, 3.0), dpop_lambda=5.0).losses
     assert torch.autograd.gradcheck(f, (x, y))
+
+
+# -- the objectives against the vanishing advantage: tspin (T-SPIN) and space (SPACE) -------------------------------
+def test_tspin_by_hand():
+    """T-SPIN, eq. 7, reference-free (the opponent's log-probs do not enter): alpha (beta here) 1, history weight 0.1.
+    Policy log-probs real -10, generated -12, proto -15; opponent -11, -11 (ignored).
+        current advantage = 1 * (-10 - -12) = 2:   log(1 + e^-2) = 0.1269280
+        historical        = 1 * (-12 - -15) = 3:   log(1 + e^-3) = 0.0485874, x 0.1 = 0.0048587
+        loss = 0.1317867.  Without the proto responses (iteration 0): 0.1269280.
+    Rewards are the policy's own log-probs x alpha: -10, -12; margin 2 (the current advantage), history 3."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    out = spin_loss(t(-10), t(-12), t(-11), t(-11), 1.0, "tspin", policy_proto=t(-15), history_weight=0.1)
+    assert out.losses.item() == pytest.approx(0.1317867, abs=1e-6)
+    assert (out.reward_real.item(), out.reward_gen.item(), out.margin.item(), out.history.item()) == (-10, -12, 2, 3)
+    assert out.accuracy == 1.0
+    # the opponent does not matter: reference-free
+    other = spin_loss(t(-10), t(-12), t(-3), t(-40), 1.0, "tspin", policy_proto=t(-15), history_weight=0.1)
+    assert other.losses.item() == out.losses.item()
+    first = spin_loss(t(-10), t(-12), t(-11), t(-11), 1.0, "tspin")
+    assert first.losses.item() == pytest.approx(0.1269280, abs=1e-6) and first.history is None
+
+
+def test_tspin_gradient_by_hand_and_gradcheck():
+    """d/d real = -alpha sigmoid(-2) = -0.1192029; d/d proto = +0.1 alpha sigmoid(-3) = +0.0047426;
+    d/d generated = +alpha sigmoid(-2) - 0.1 alpha sigmoid(-3) = 0.1192029 - 0.0047426 = 0.1144603: the generated
+    response is pushed down by the current advantage and up by the historical one, as the paper's Theorem 1 says."""
+    x, y, z = (torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (-10.0, -12.0, -15.0))
+    o = torch.tensor([-11.0], dtype=torch.float64)
+    spin_loss(x, y, o, o, 1.0, "tspin", policy_proto=z, history_weight=0.1).losses.sum().backward()
+    assert (x.grad.item(), y.grad.item(), z.grad.item()) == pytest.approx((-0.1192029, 0.1144603, 0.0047426), abs=1e-6)
+    f = lambda a, b, c: spin_loss(a, b, o.expand(2), o.expand(2), 0.7, "tspin", policy_proto=c, history_weight=0.3,
+                                  sft_weight=0.2, real_tokens=torch.tensor([3.0, 5.0], dtype=torch.float64)).losses
+    args = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in ([-10.0, -4.0], [-12.0, -3.0], [-9.0, -6.0])]
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_space_by_hand():
+    """SPACE: -log sigma_mu(r_real) - mu log sigma_{1/mu}(-r_gen), sigma_mu(x) = 1 / (1 + mu e^-x); rewards the
+    log-ratios x beta (1: the paper's). Pair A: r_real = +1, r_gen = -1.
+        mu 1: log(1 + e^-1) + log(1 + e^-1) = 2 x 0.3132617 = 0.6265234
+        mu 2: -log(1 / (1 + 2 e^-1)) = log(1.7357589) = 0.5514447;
+              sigma_{1/2}(1) = 1 / (1 + 0.5 e^-1) = 0.8446376: -2 log 0.8446376 = 0.3376952;  loss 0.8891400
+    The two terms are apart: lowering both log-ratios by 2 (r_real -1, r_gen -3) changes the loss (mu 1:
+    log(1 + e) + log(1 + e^-3) = 1.3132617 + 0.0485874 = 1.3618491), where the logistic loss of their gap would not."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    assert spin_loss(t(-10), t(-12), t(-11), t(-11), 1.0, "space").losses.item() == pytest.approx(0.6265234, abs=1e-6)
+    assert spin_loss(t(-10), t(-12), t(-11), t(-11), 1.0, "space", space_mu=2.0).losses.item() == pytest.approx(
+        0.8891400, abs=1e-6)
+    assert spin_loss(t(-12), t(-14), t(-11), t(-11), 1.0, "space").losses.item() == pytest.approx(1.3618491, abs=1e-6)
+
+
+def test_space_gradient_by_hand_and_gradcheck():
+    """mu 1, pair A: d/d real = -sigmoid(-1) = -0.2689414 (up, whatever the generated response does);
+    d/d generated = +sigmoid(-1) = +0.2689414."""
+    x, y = (torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (-10.0, -12.0))
+    o = torch.tensor([-11.0], dtype=torch.float64)
+    spin_loss(x, y, o, o, 1.0, "space").losses.sum().backward()
+    assert (x.grad.item(), y.grad.item()) == pytest.approx((-0.2689414, 0.2689414), abs=1e-6)
+    f = lambda a, b: spin_loss(a, b, torch.tensor([-11.0, -4.0], dtype=torch.float64),
+                               torch.tensor([-11.0, -1.0], dtype=torch.float64), 0.5, "space", space_mu=3.0).losses
+    assert torch.autograd.gradcheck(f, tuple(torch.tensor(v, dtype=torch.float64, requires_grad=True)
+                                             for v in ([-10.0, -3.0], [-12.0, -2.0])))

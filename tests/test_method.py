@@ -126,7 +126,7 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     table = format_table(rd, cfg)
     assert "chosen on the validation rows: iteration 0" in table and "iter 1: not better" in table
     assert table.endswith(  # what to do next: export the chosen model, or go on past the rejected iteration
-        f"run stopped\nchosen on the validation rows: iteration 0\nnext: export the chosen model: spin-lite export "
+        f"run stopped\nchosen on the validation rows: iteration 0 (decided by val logp/tok)\nnext: export the chosen model: spin-lite export "
         f"{rd.root} --iteration 0 --out exports/run-iter-00  (the adapter; --merged or --gguf q8_0: one model file)\n"
         f"or let SPIN go on past the rejected iteration(s), with a higher patience: spin-lite run {rd.root}/config.yaml "
         "train.stop_patience=2")
@@ -193,7 +193,7 @@ def test_stop_rule_ends_the_run_and_records_the_best_iteration(tiny_config):
     table = format_table(rd, patient)  # "run stopped" moved from iteration 1's note to iteration 2's
     assert ("iter 1: not better than iteration 0 on validation (val repetitive got worse: 0.00 -> 1.00, difference "
             "+1.00, 90% interval [+1.00, +1.00] over 4 rows)\n") in table
-    assert "run stopped\nchosen on the validation rows: iteration 0\nnext: export" in table
+    assert "run stopped\nchosen on the validation rows: iteration 0 (decided by val logp/tok)\nnext: export" in table
     assert table.endswith("train.stop_patience=3")
     assert any("Stopping (train.stop_when=no_gain)" in line for line in log)
     # with all planned iterations done the run is finished, not stopped by the rule: no note, nothing to continue

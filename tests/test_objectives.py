@@ -56,7 +56,7 @@ def test_each_step_logs_the_real_responses_reward_and_log_ratio(tiny_model_dir, 
 def test_loss_types_and_dpop_lambda_are_checked(tiny_config):
     with pytest.raises(ConfigError) as e:
         tiny_config(**{"train.loss_type": "apo", "train.dpop_lambda": -1})
-    assert "train.loss_type must be logistic, hinge, apo_zero or dpop, got 'apo'" in str(e.value)
+    assert "train.loss_type must be logistic, hinge, apo_zero, dpop, tspin or space, got 'apo'" in str(e.value)
     assert "train.dpop_lambda must be a finite number >= 0, got -1" in str(e.value)
     assert tiny_config(**{"train.loss_type": "dpop", "train.dpop_lambda": 0}).train.dpop_lambda == 0
 
@@ -99,3 +99,41 @@ def test_relative_learning_rate_problems(overrides, message):
 def test_a_learning_rate_that_agrees_with_the_ratio_is_accepted():
     cfg = load_config(None, ["train.lr_ratio_to_sft=0.5", "train.sft_learning_rate=2e-4", "train.learning_rate=1e-4"])
     assert cfg.lr_at(0) == 1e-4
+
+
+def test_tspin_keeps_the_starting_models_responses_and_scores_them_at_every_iteration(tiny_config):
+    """A 2-iteration tspin run: iteration 0's generated responses are stored once (proto.jsonl) and are the
+    proto-synthetic responses of iteration 1's pairs, train and previous-iteration pairs alike; iteration 1's steps
+    log the historical advantage beta x (log p(y') - log p(y0)), iteration 0's have none (y0 is y' there)."""
+    from spin_lite.run import SpinRun
+
+    cfg = tiny_config(**{"train.loss_type": "tspin", "train.beta": 1.0, "train.learning_rate": 1e-3})
+    run = SpinRun(cfg, log=lambda *a: None)
+    run.run()
+    rd = run.dir
+    proto = {r["key"]: r["ids"] for r in read_jsonl(rd.proto_path)}
+    first = read_jsonl(rd.iteration(0) / "pairs.jsonl")
+    assert proto == {p["key"]: p["gen_ids"] for p in first} and len(proto) == 16  # 8 train, 4 val, 4 test rows
+    second = read_jsonl(rd.iteration(1) / "pairs.jsonl")
+    assert {p["split"] for p in second} == {"train", "train_prev", "val", "eval"}
+    assert all(p["proto_ids"] == proto[p["key"]] for p in second)
+    assert any(p["proto_ids"] != p["gen_ids"] for p in second if p["split"] == "train")  # a new opponent's answers
+    log0, log1 = read_jsonl(rd.iteration(0) / "train_log.jsonl"), read_jsonl(rd.iteration(1) / "train_log.jsonl")
+    assert all("history" not in r for r in log0) and all("history" in r for r in log1)
+    for r in log1:  # reference-free: the rewards are the policy's own log-probs (beta 1)
+        assert r["history"] == pytest.approx(r["logp_gen"] - r["logp_proto"], rel=1e-5, abs=1e-5)
+        assert r["reward_real"] == pytest.approx(r["logp_real"], rel=1e-6)
+    assert rd.summaries()[1]["train"]["history"] == pytest.approx(sum(r["history"] for r in log1) / len(log1))
+
+
+def test_space_trains_and_logs_its_two_rewards(tiny_config, tiny_model_dir, tmp_path):
+    """SPACE on 8 pairs: the rewards are beta x the log-ratios to the opponent, as logged, and the adapter moves."""
+    cfg = tiny_config(**{"train.loss_type": "space", "train.beta": 1.0})
+    model = _model(tiny_model_dir, cfg.lora)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_adapter(model, _pairs(8), cfg, 0, tmp_path, pad_id=0)
+    for r in read_jsonl(tmp_path / "train_log.jsonl"):
+        assert r["reward_real"] == pytest.approx(r["logp_real"] - OPPONENT, rel=1e-6)
+        assert r["reward_gen"] == pytest.approx(r["logp_gen"] - OPPONENT, rel=1e-6)
+        assert 0 <= r["tie_share"] <= 1
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spin_lite.config import ConfigError, load_config
-from spin_lite.evaluate import compare, judge, paired_compare
+from spin_lite.evaluate import compare, holm, judge, paired_compare
 from spin_lite.report import format_table
 from spin_lite.run import SpinRun
 from spin_lite.state import RunDir
@@ -83,18 +83,46 @@ def test_a_small_mean_gain_inside_the_noise_does_not_pass_as_a_gain():
 
 def test_a_real_loss_is_worse_with_its_numbers_and_the_confidence_is_a_setting():
     old = start_rows()
-    three = paired_compare(shifted(old, clear_gain, repetitive=[1, 5, 9]), old)
-    assert three.worse and not three.better
-    assert three.reasons[0].startswith("val repetitive got worse: 0.00 -> 0.19, difference +0.19, 90% interval [+0.0")
-    assert three.reasons[0].endswith("] over 16 rows")
-    two = shifted(old, clear_gain, repetitive=[1, 5])
-    assert not paired_compare(two, old).worse  # 2 of 16: 0 stays inside the 90% interval (11.8% of draws)
-    assert paired_compare(two, old, confidence=0.7).worse  # ... but not inside the 70% one
+    # Holm over the 3 metrics compared (logp, ended, repetitive): the smallest p must be <= 0.05 / 3 = 0.0167.
+    # A row set with k of 16 rows repetitive draws none of them with probability (1 - k/16)^16: 4 rows 0.010,
+    # 3 rows 0.036 (worse at one-sided 5% alone, as the uncorrected rule had it; not after the correction).
+    four = paired_compare(shifted(old, clear_gain, repetitive=[1, 5, 9, 13]), old)
+    assert four.worse and not four.better
+    assert four.reasons[0].startswith("val repetitive got worse: 0.00 -> 0.25, difference +0.25, 90% interval [+0.")
+    assert four.reasons[0].endswith("] over 16 rows")
+    three = shifted(old, clear_gain, repetitive=[1, 5, 9])
+    verdict = paired_compare(three, old)
+    assert not verdict.worse and verdict.differences[-1].p_worse == pytest.approx(0.036, abs=0.01)
+    assert paired_compare(three, old, confidence=0.7).worse  # family 15%: 0.036 <= 0.05
     # a constant loss of 0.5 nats a token on every row: every draw gives exactly -0.5
     lower = paired_compare(shifted(old, lambda k: -0.5), old)
     assert lower.worse and lower.reasons == [f"val logp/tok got worse: {aggregate(old)['logp_per_token']:.3f} -> "
                                              f"{aggregate(old)['logp_per_token'] - 0.5:.3f}, difference -0.500, "
                                              "90% interval [-0.500, -0.500] over 16 rows"]
+
+
+def test_holm_by_hand():
+    """p-values 0.01, 0.04, 0.03 at family alpha 0.05: sorted 0.01 <= 0.05/3 = 0.0167 rejected; then 0.03 > 0.05/2
+    = 0.025 stops: only the first. (Bonferroni, 0.05/3 for each, agrees here; the uncorrected rule rejects all 3.)
+    p-values 0.01, 0.02, 0.04: 0.01 <= 0.0167, 0.02 <= 0.025, 0.04 <= 0.05: all three."""
+    assert holm([0.01, 0.04, 0.03], 0.05) == [True, False, False]
+    assert holm([0.01, 0.02, 0.04], 0.05) == [True, True, True]
+    assert holm([0.2, 0.5], 0.05) == [False, False] and holm([], 0.05) == []
+
+
+def test_false_vetoes_on_unchanged_models_fall_with_the_correction():
+    """200 pairs of models that differ only by chance (each row's flags and log-likelihoods drawn afresh, 16 rows,
+    4 metrics compared: logp, ended, repetitive, task): the uncorrected rule (each metric at one-sided 5%) vetoes
+    about 1 - 0.95^4 = 19% of them (21% here); Holm brings it to 8% (the percentile bootstrap on 16 rows is a
+    little liberal: 5% is the nominal rate)."""
+    rng = random.Random(5)
+    def rows():
+        return {f"val:{k}": {"logp": -20 + rng.gauss(0, 2), "tokens": 10, "ended": rng.random() < 0.8,
+                             "repetitive": rng.random() < 0.2, "task": rng.random() < 0.5} for k in range(16)}
+    verdicts = [paired_compare(rows(), rows(), resamples=500) for _ in range(200)]
+    corrected = sum(v.worse for v in verdicts) / 200
+    uncorrected = sum(any(max(d.sign * d.low, d.sign * d.high) < 0 for d in v.differences) for v in verdicts) / 200
+    assert corrected <= 0.10 and uncorrected >= 0.15 and uncorrected >= 2 * corrected
 
 
 def test_the_verdict_is_deterministic():

@@ -26,20 +26,22 @@ from spin_lite.report import format_table
 from spin_lite.run import SpinRun
 from spin_lite.state import RunDir
 
-# Every JSON file a finished run with an SFT stage and a control holds (pairs.jsonl and generations.jsonl: the
+# Every JSON file a finished run with an SFT stage and both control arms holds (pairs.jsonl and generations.jsonl: the
 # engine's own token ids, read by it alone), each with the record it is read through.
-RUN_FILES = ["state.json", "progress.json", "summary.json", "eval-base.json", "eval-start.json", "sft/summary.json",
-             "sft/train_log.jsonl", "iter-00/summary.json", "iter-00/eval.json", "iter-00/train_metrics.json",
-             "iter-00/samples.jsonl", "iter-00/train_log.jsonl", "control-00/summary.json", "control-00/eval.json",
-             "control-00/samples.jsonl", "control-00/train_log.jsonl"]
+RUN_FILES = ["state.json", "progress.json", "summary.json", "eval-base.json", "eval-start.json", "proto.jsonl",
+             "sft/summary.json", "sft/train_log.jsonl", "iter-00/summary.json", "iter-00/eval.json",
+             "iter-00/train_metrics.json", "iter-00/samples.jsonl", "iter-00/train_log.jsonl",
+             *(f"{arm}-00/{name}" for arm in ("control", "control-spin")
+               for name in ("summary.json", "eval.json", "samples.jsonl", "train_log.jsonl"))]
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_model_dir, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A finished run (SFT stage, iteration 0, control 0) and what it logged."""
+    """A finished run (SFT stage, iteration 0, control 0 at the SFT rate and at SPIN's) and what it logged."""
     root = tmp_path_factory.mktemp("records") / "run"
     cfg = load_config(None, tiny_settings(tiny_model_dir, root, iterations=1,
-                                          **{"sft.enabled": "true", "sft.steps": 2, "sft.control": "true"}))
+                                          **{"sft.enabled": "true", "sft.steps": 2, "sft.control": "true",
+                                             "sft.control_rates": "[sft, spin]"}))
     logs = []
     SpinRun(cfg, log=logs.append).run()
     return root, logs
@@ -110,7 +112,8 @@ def test_corrupted_files_are_refused_by_name_in_table_export_and_the_app(finishe
             assert refused_by_name(code, err, run / name), (name, kind, command[0], code, err[-600:])
             assert code == 2 or command[0] == "export" or out.startswith("SPIN results for")
             answers[command[0]] = code
-        if name in ("iter-00/summary.json", "control-00/summary.json") and kind != "empty object":
+        if name in ("iter-00/summary.json", "control-00/summary.json", "control-spin-00/summary.json") \
+                and kind != "empty object":
             assert answers == {"table": 2, "export": 2}, (name, kind)  # both read it: both refuse it
         # the app: the overview lists the run (named as unreadable), every view answers or refuses by name
         overview = views.runs_overview(ws)
@@ -135,8 +138,8 @@ def test_a_forged_winner_is_refused_by_name(copy, quick_tokenizer, capsys):
     for command in (["table", str(copy)], ["export", str(copy), "--out", str(copy.parent / "out")]):
         assert main(command) == 2
         out, err = capsys.readouterr()
-        assert f"{path}: field versus.winner: expected one of this run's models (start, iter 0, control 0), got " \
-               '"control 99"' in err
+        assert (f"{path}: field versus.winner: expected one of this run's models (start, iter 0, control 0, "
+                'control-spin 0), got "control 99"') in err
         assert "next:" not in out and not (copy.parent / "out").exists()
     with pytest.raises(RunRecordError, match="versus.winner"):
         views.model_menus(copy.parent, "run")

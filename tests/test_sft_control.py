@@ -111,7 +111,7 @@ def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsy
     assert logs[-1].splitlines()[-1].startswith("next: export the chosen model: spin-lite export")
     table = format_table(rd, cfg).splitlines()
     assert [line.split("|")[0].strip() for line in table[4:8]] == ["iter 0", "iter 1", "control 0", "control 1"]
-    assert table[6].rstrip().endswith("best") and "chosen on the validation rows: SFT continued, control 0" in table
+    assert table[6].rstrip().endswith("best") and "chosen on the validation rows: SFT continued, control 0 (decided by val logp/tok)" in table
     assert read_json(rd.root / "summary.json")["chosen"] == "control 0"
 
     # Export: "best" is the control that won; "control" and "control-N" by name.
@@ -234,3 +234,35 @@ def test_a_won_control_says_the_starting_model_is_still_learning(tmp_path):
     assert line.endswith(f"spin-lite run {rd.config_path} sft.epochs=6 run_dir={rd.root}-epochs6")
     assert still_learning(rd, "control 0", load_config(None, ["model.adapter=sft-out"])).endswith(
         "train your SFT adapter (sft-out) longer and compare again")
+
+
+def test_a_control_at_spins_own_rate_beside_the_sft_rate_one(tiny_config):
+    """sft.control_rates [sft, spin]: each iteration gets two controls, matched step for step and on the same data
+    order, one at sft.learning_rate (control-NN/) and one at SPIN's own rate, train.learning_rate (control-spin-NN/);
+    both are judged, shown in the table and can be chosen; the export takes "control-spin N" by name."""
+    cfg = tiny_config(iterations=2, **{"sft.enabled": "true", "sft.steps": 2, "sft.learning_rate": 3e-3,
+                                       "sft.control": "true", "sft.control_rates": "[sft, spin]",
+                                       "train.learning_rate": 1e-3})
+    SpinRun(cfg, log=lambda *a: None).run()
+    rd = RunDir(cfg.run_dir)
+    for t in range(2):
+        sft_arm, spin_arm = read_json(rd.control(t) / "summary.json"), read_json(rd.control(t, "spin") / "summary.json")
+        assert (sft_arm["arm"], sft_arm["learning_rate"]) == ("sft", 3e-3)
+        assert (spin_arm["arm"], spin_arm["learning_rate"]) == ("spin", 1e-3)
+        assert sft_arm["cumulative_steps"] == spin_arm["cumulative_steps"] == sum(
+            s["train"]["steps"] for s in rd.summaries()[:t + 1])
+        peak = lambda arm: max(r["lr"] for r in read_jsonl(rd.control(t, arm) / "train_log.jsonl"))
+        assert peak("sft") == pytest.approx(3e-3) and peak("spin") == pytest.approx(1e-3)
+        assert spin_arm["versus"]["control"].startswith(("control-spin", "start"))
+    models = [r["model"] for r in rd.results_table(cfg)]
+    assert models[-4:] == ["control 0", "control 1", "control-spin 0", "control-spin 1"]
+    table = format_table(rd, cfg)
+    assert "control-spin N: the same at SPIN's own learning rate" in table
+    assert len(rd.final_comparisons()) == 2 and rd.chosen_model() in ["start", "iter 0", "iter 1", "control 0",
+                                                                      "control 1", "control-spin 0", "control-spin 1"]
+    assert rd.resolve_model("control-spin 1") == "control-spin 1" and rd.resolve_model("control-spin-0") == \
+        "control-spin 0"
+    assert rd.adapters_of("control-spin 1", cfg) == [str(rd.control(1, "spin") / "adapter")]
+    out = export_adapter(cfg.run_dir, "control-spin 1", rd.root.parent / "exported")
+    assert load_file(out / "adapter_model.safetensors").keys() == load_file(
+        rd.control(1, "spin") / "adapter" / "adapter_model.safetensors").keys()
