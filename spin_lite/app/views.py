@@ -12,10 +12,9 @@ import re
 import time
 from pathlib import Path
 
-from ..records import RunRecordError
 from ..state import RunDir, compared_with, found_better, read_json, read_jsonl
 from .processes import LAUNCH_CONFIG, LOG_FILE, log_lines, run_status
-from .workspace import AppError, inside
+from .workspace import AppError, inside, user_message
 
 # What one unit of a stage's progress counts (spin_lite.run: SpinRun.generate, score, train, _evaluate).
 STAGE_UNITS = {"generate": "batches", "score": "sequences", "train": "steps", "evaluate": "prompts"}
@@ -45,8 +44,9 @@ def runs_overview(workspace) -> list[dict]:
     for run in list_runs(workspace):
         try:
             s = run_status(workspace, run)
-        except RunRecordError as e:  # one damaged run is named in its own row; the others are listed as ever
-            rows.append({"run_dir": run, "status": "unreadable", "iterations": "", "stage": str(e), "updated": ""})
+        except Exception as e:  # noqa: BLE001 - one broken run directory must not hide the others
+            rows.append({"run_dir": run, "status": f"unreadable: {user_message(e)[:200]}", "iterations": "",
+                         "stage": "", "updated": ""})
             continue
         rows.append({"run_dir": run, "status": s["status"],
                      "iterations": f"{s['iterations_done']}/{s['iterations'] if s['iterations'] else '?'}",
