@@ -30,7 +30,8 @@
         summary.json         written last: steps, metrics, its verdicts (`selection`: better than the best
                              control before it; `versus`: the final comparison with SPIN)       <- evaluate done
 Every file a resume trusts is written to a temporary name and renamed into place, so a kill at any moment
-leaves either the old file or the new one, never half of one.
+leaves either the old file or the new one, never half of one. Every JSON file is read back through its typed record
+(spin_lite.records, by read_json and read_jsonl): a damaged or edited one is refused by name, never a traceback.
 
 Which adapters make the model after iteration n (RunDir.adapters_after), for the run, the export and the app:
   stack mode: the adapter of iteration n alone (each iteration's adapter starts as a copy of the one before);
