@@ -148,12 +148,13 @@ def _run(out: Path, name: str, phase: str, point: str, seed: int, folder: Path, 
                 *GRID[point], f"sft.control={'true' if controls else 'false'}", "sft.control_rates=[sft, spin]"]
     began = time.time()
     print(f"== {name} {phase} {point} seed {seed}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "spin_lite", "run", str(CONFIG), *settings], cwd=REPO, text=True,
-                          capture_output=True)
-    (folder / "experiment.log").write_text(proc.stdout + proc.stderr)
+    log = folder / "experiment.log"
+    with open(log, "a", encoding="utf-8") as f:  # (a file, not a pipe: the run outlives a killed driver)
+        proc = subprocess.run([sys.executable, "-m", "spin_lite", "run", str(CONFIG), *settings], cwd=REPO, text=True,
+                              stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise SystemExit(f"{name} {phase} {point} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    print(f"   done in {time.time() - began:.0f} s: {proc.stdout.strip().splitlines()[-1]}", flush=True)
+        raise SystemExit(f"{name} {phase} {point} seed {seed} failed:\n{log.read_text()[-3000:]}")
+    print(f"   done in {time.time() - began:.0f} s: {log.read_text().strip().splitlines()[-1]}", flush=True)
     keep(out, name)
 
 
