@@ -151,18 +151,21 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     cuda = _device(model).type == "cuda"
     reserve = settings.batch_size * 3 // 2 * row_bytes(model, longest, settings.max_new_tokens) if cuda else 0
     opponent = merged_copy(model, reserve) or model
-    rows = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
+    capacity = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
+    per_pass = max(1, capacity // settings.batch_size)
+    groups = [mine[g:g + per_pass] for g in range(0, len(mine), per_pass)]
+    # the engine is chosen for the rows a pass actually holds (128 prompts on a card that holds 512 rows: 128), not
+    # for what the card could hold; one engine for every pass, so a resumed run decodes as an uninterrupted one
+    rows = max(sum(len(batches[b]) for b in group) for group in groups)
     stops = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     engine = engine_for(settings.engine, opponent, rows)
     decoder = _decoder(engine)
     if rank == 0:
-        print(f"{desc}: {engine} engine, {rows} rows a pass, stop ids {stops}", flush=True)
-    per_pass = max(1, rows // settings.batch_size)
+        print(f"{desc}: {engine} engine, {rows} rows a pass (room for {capacity}), stop ids {stops}", flush=True)
     written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
-        for g in range(0, len(mine), per_pass):
-            group = mine[g:g + per_pass]
+        for group in groups:
             if all(b in complete for b in group):
                 continue
             keys = [k for b in group for k in batches[b]]

@@ -94,6 +94,23 @@ def test_auto_engine_is_static_only_for_a_plain_model_on_cuda(tiny, peft_model, 
     assert gen.engine_for("auto", gen.merged_copy(unsloth)) == "eager"  # the merged copy keeps the mark
 
 
+def test_auto_engine_is_chosen_for_the_rows_in_the_pass_not_the_room_for_them(peft_model, tok, prompts, tmp_path,
+                                                                               monkeypatch):
+    """9 prompts on a card with room for 512 rows a pass: the pass holds 9 rows, so auto picks static (on CUDA),
+    as it would for 9 rows; given the room (512 > STATIC_MAX_ROWS), it picked eager on every large card."""
+    chosen = []
+    engine_for = gen.engine_for
+    monkeypatch.setattr(gen, "CPU_ROWS", 512)
+    monkeypatch.setattr(gen, "engine_for", lambda engine, model, rows=None: chosen.append(rows) or engine_for(
+        engine, model, rows))
+    keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
+    gen.generate_all(peft_model, tok, keyed, GenerationSettings(max_new_tokens=2, batch_size=2), tmp_path / "g.jsonl",
+                     seed=0)
+    assert chosen == [len(prompts)]
+    monkeypatch.setattr(gen, "_device", lambda model: torch.device("cuda"))
+    assert engine_for("auto", gen.merged_copy(peft_model), chosen[0]) == "static"
+
+
 def test_static_step_reads_no_empty_cache_slot(tiny, tok, prompts):
     """Without left padding (one prompt), sdpa may drop the attention mask for a one-token query; the static
     cache's empty slots must still be masked, so a lone prompt decodes as transformers decodes it."""
