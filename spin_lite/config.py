@@ -33,6 +33,7 @@ ReportTo = Literal["none", "tensorboard", "wandb"]
 StopWhen = Literal["no_gain", "never"]
 DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
+Autocast = Literal["auto", "always", "never"]  # (not on/off: YAML reads those as booleans)
 
 
 @dataclass
@@ -165,6 +166,12 @@ class TrainSettings:
     """Gradient clipping norm."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    autocast: Autocast = "auto"
+    """Where the model computes in bfloat16: its forward and the loss under torch.autocast(bfloat16), the LoRA
+    layers' inputs left in bfloat16 (PEFT otherwise copies each to float32 for its float32 adapters), the LoRA
+    weights and AdamW's state still float32 (what TRL gets from accelerate). auto: on CUDA; always: on any device;
+    never: the LoRA branch in float32. float16 and float32 models never autocast. Opponent scoring and
+    evaluation use the same setting, so the policy starts equal to the opponent."""
     sft_weight: float = 0.0
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
     added to each pair's SPIN loss (iterative RPO; TRL's loss_type=["sigmoid", "sft"]). 0 turns it off."""

@@ -14,6 +14,7 @@ Prompt and padding positions never reach the output layer, which saves its compu
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,30 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         attention[i, :n] = 1
         response[i, len(p):n] = 1
     return Batch(ids, attention, response)
+
+
+def autocasts(model, setting: str) -> bool:
+    """Whether `mixed_precision(model, setting)` autocasts: where the model computes in bfloat16 (its weights, or a
+    4-bit base's compute dtype) and `setting` (train.autocast) is always, or auto on CUDA."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    computes = {getattr(m, "compute_dtype", None) for m in model.modules()} - {None}  # bitsandbytes layers
+    bfloat16 = torch.bfloat16 in (weights | computes) and torch.float16 not in (weights | computes)
+    device = next(model.parameters()).device.type
+    return bfloat16 and (setting == "always" or (setting == "auto" and device == "cuda"))
+
+
+def mixed_precision(model, setting: str = "auto"):
+    """A context for the forward and the loss: torch.autocast(bfloat16) where `autocasts(model, setting)`, with
+    PEFT's cast of each LoRA layer's input to the adapter's float32 turned off, so the LoRA matmuls run in bfloat16
+    on the bfloat16 activations (no float32 copy of every LoRA input, no float32 GEMMs; the weights stay float32,
+    autocast reads them as bfloat16, and their gradients come back float32). Elsewhere a context that does nothing:
+    float16 models keep float32 adapters and their loss scaling (spin_lite.train.loss_scaler)."""
+    stack = contextlib.ExitStack()
+    if autocasts(model, setting):
+        from peft.helpers import disable_input_dtype_casting
+        stack.enter_context(torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16))
+        stack.enter_context(disable_input_dtype_casting(model))
+    return stack
 
 
 def sequence_logprobs(model, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

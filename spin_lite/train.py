@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import SpinConfig, TrainSettings
-from .logprobs import Batch, collate, sequence_logprobs
+from .logprobs import Batch, collate, mixed_precision, sequence_logprobs
 from .loss import spin_loss
 from .state import atomic_write_text, fault_point, recover_dir, replace_dir
 
@@ -192,7 +192,7 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
         began = time.perf_counter()
         sums, tokens = _accumulate(scorer, objective, step_items, s.micro_batch_size, rank, world_size, device,
-                                   scaler)
+                                   scaler, lambda: mixed_precision(model, s.autocast))
         if scaler is not None:
             scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
@@ -284,9 +284,10 @@ def _scorer(model, world_size: int):
 
 
 def _accumulate(scorer, objective: Objective, step_items: list, micro_size: int, rank: int, world_size: int,
-                device, scaler) -> tuple[dict[str, float], int]:
+                device, scaler, precision=contextlib.nullcontext) -> tuple[dict[str, float], int]:
     """Forward and backward over this process's share of a step's items, a micro batch at a time; returns the
-    step's metric sums and token count over all processes."""
+    step's metric sums and token count over all processes. The forward and the loss run in `precision()`
+    (spin_lite.logprobs.mixed_precision: bfloat16 autocast or nothing), the backward outside it."""
     mine, norm = step_items[rank::world_size], objective.norm(step_items)
     # every process runs as many micro batches as the busiest one (DDP all-reduces once per backward);
     # one with fewer items repeats its first item (or the step's) with weight 0
@@ -299,8 +300,9 @@ def _accumulate(scorer, objective: Objective, step_items: list, micro_size: int,
         batch = objective.batch(micro).to(device)
         sync = m == micros - 1 or world_size == 1
         with contextlib.nullcontext() if sync else scorer.no_sync():
-            logps, counts = scorer(batch)
-            losses, metrics = objective.loss(micro, logps, counts)
+            with precision():
+                logps, counts = scorer(batch)
+                losses, metrics = objective.loss(micro, logps, counts)
             # the step's mean on all processes; DDP averages over processes, hence * world_size
             loss = losses.sum() * weight * world_size / norm
             (scaler.scale(loss) if scaler is not None else loss).backward()
