@@ -28,9 +28,24 @@ class Batch:
     """[B, T] 1 for real tokens, 0 for padding."""
     response_mask: torch.Tensor
     """[B, T] 1 where the token belongs to the response (closing EOS included)."""
+    picked: torch.Tensor | None = None
+    """[N] the positions whose next token is a response token, as flat indices into [B, T] (row x T + position),
+    built by `collate` on the host so that the device picks them without boolean indexing (which waits for it)."""
+    tokens: int | None = None
+    """Real (not padding) tokens of the batch, counted by `collate` on the host (for tokens/s, without a read)."""
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+        """The batch on `device`. To CUDA from pinned memory without blocking: a blocking copy waits for every
+        kernel queued before it, which would stall the host once a micro batch."""
+        cuda = torch.device(device).type == "cuda"
+
+        def move(t):
+            if t is None or not cuda or t.is_cuda:
+                return None if t is None else t.to(device)
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.picked),
+                     self.tokens)
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
@@ -39,12 +54,14 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), length), dtype=torch.long)
     response = torch.zeros((len(prompts), length), dtype=torch.long)
+    picked = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         attention[i, :n] = 1
         response[i, len(p):n] = 1
-    return Batch(ids, attention, response)
+        picked.append(torch.arange(i * length + max(len(p), 1) - 1, i * length + n - 1))
+    return Batch(ids, attention, response, torch.cat(picked), sum(len(p) + len(r) for p, r in zip(prompts, responses)))
 
 
 def autocasts(model, setting: str) -> bool:
@@ -84,10 +101,15 @@ def sequence_logprobs(model, batch: Batch, chunk: int = 1024) -> tuple[torch.Ten
         return _logprobs_from_full_logits(model, batch, mask, chunk)
     body, head = parts
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
-    picked = hidden[:, :-1][mask]  # [N, H]: the states that predict response tokens
-    targets = batch.input_ids[:, 1:][mask]
+    width = hidden.shape[1]
+    if batch.picked is not None:  # (index_select: no wait for the device, unlike a boolean mask)
+        flat = batch.picked
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)  # [N, H]: the states that predict
+        targets = batch.input_ids.reshape(-1).index_select(0, flat + 1)      # response tokens, and those tokens
+        rows = flat // width
+    else:
+        picked, targets, rows = hidden[:, :-1][mask], batch.input_ids[:, 1:][mask], mask.nonzero()[:, 0]
     token_logps = _TokenLogprobs.apply(picked, head.weight, targets, chunk)
-    rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), mask.sum(-1).to(token_logps.dtype)
 

@@ -90,3 +90,37 @@ def test_training_under_autocast_keeps_lora_and_adamw_in_float32(tiny_model_dir,
     moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
     assert moments and all(t.dtype == torch.float32 for t in moments)
     assert state["scaler"] is None and len(_log(tmp_path)) == 2
+
+
+def test_a_training_step_reads_the_device_once(tiny_model_dir, tiny_config, tmp_path, monkeypatch):
+    """Every read of a tensor's values by spin_lite's code during training (on a GPU each one waits for the device
+    to finish its queued work) is listed by the function that makes it: one a step (`_read_step`: the metrics, the
+    gradient norm and the weights check of the step before, together), and the weights check before the end
+    (`fit`). Before: a float() per metric per micro batch, the token count, a read per trainable parameter, the
+    boolean indexing of the log-prob path."""
+    import sys
+    from pathlib import Path
+
+    import spin_lite
+    package = str(Path(spin_lite.__file__).parent)
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(package):
+                reads.append(caller.co_name)
+            return original(self, *args, **kwargs)
+        return read
+
+    cfg = tiny_config(**{"train.save_every": 100})
+    model = _model(tiny_model_dir, torch.float32, cfg.lora)
+    for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    train_adapter(model, _pairs(12), cfg, 0, tmp_path, pad_id=0)  # 3 steps of 2 micro batches
+    monkeypatch.undo()
+    device_reads = [r for r in reads if r != "epoch_order"]  # (the data order: a CPU generator's numbers)
+    assert device_reads == ["_read_step"] * 3 + ["fit"], reads
+    assert len(_log(tmp_path)) == 3
