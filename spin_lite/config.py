@@ -33,6 +33,7 @@ ReportTo = Literal["none", "tensorboard", "wandb"]
 StopWhen = Literal["no_gain", "never"]
 DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
+DecodeAttention = Literal["auto", "sdpa"]
 Autocast = Literal["auto", "always", "never"]  # (not on/off: YAML reads those as booleans)
 
 
@@ -123,6 +124,11 @@ class GenerationSettings:
     """Decoding engine: eager (dynamic KV cache, finished rows leave the batch), static (a KV cache preallocated
     for the whole answer; on CUDA each decoding step replays a CUDA graph), or auto (static on CUDA for the
     merged copy, eager elsewhere). For the same seed the two may sample different tokens; greedy ones are equal."""
+    decode_attention: DecodeAttention = "auto"
+    """The static engine's attention for its one-token decoding steps: auto, for Llama-, Qwen- and Mistral-type
+    models, the query heads that share a key/value head are grouped into one attention call (keys and values read
+    once, never repeated, the mask broadcast: spin_lite.generate.gqa_decode_attention); sdpa: transformers' own
+    (which repeats keys and values for every query head when a mask is given, up to transformers 5.17)."""
 
 
 @dataclass

@@ -170,3 +170,43 @@ def test_sliding_window_model_decodes_greedy_tokens_without_a_graph(tok, prompts
     eager = gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False,
                                                                   engine="eager"), eos, pad, seed=0)
     assert eager == expected
+
+
+# -- the grouped-query decode attention -------------------------------------------------------------------------
+def test_gqa_decode_attention_equals_attention_over_repeated_keys_and_values():
+    """4 query heads over 2 key/value heads, one query position, a left-padding mask: the same numbers as attention
+    with each key/value head repeated for its 2 query heads (what transformers' sdpa computes up to 5.17)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    mask[2, ..., :7] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    got, _ = gen.gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3
+    expected = (scores.masked_fill(~mask, -float("inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)).transpose(1, 2)
+    assert got.shape == (3, 1, 4, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_static_engine_decodes_with_grouped_heads_and_transformers_tokens(tiny, tok, prompts, attention, monkeypatch):
+    """The tiny Llama (4 query heads, 2 key/value heads), nine prompts of different lengths (left padding), an EOS
+    some rows reach early: under decode_attention auto every decoding step of every layer goes through
+    gqa_decode_attention, and the greedy tokens are transformers' generate's; sdpa (the A/B switch) never does. The
+    model's own attention is back afterwards."""
+    calls = []
+    original = gen.gqa_decode_attention
+    monkeypatch.setattr(gen, "gqa_decode_attention",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or original(module, query, *a, **k))
+    max_new, pad = 12, tok.pad_token_id
+    eos = early_eos(hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new), max_new)
+    expected = hf_greedy(tiny, prompts, eos, pad, max_new)
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, engine="static", decode_attention=attention)
+    assert gen.generate_batch(tiny, prompts, settings, eos, pad, seed=0) == expected
+    if attention == "auto":
+        assert calls.count(1) >= 2 * (max_new - 1)  # 2 layers, every decoding step
+    else:
+        assert calls == []
+    assert tiny.config._attn_implementation == "sdpa"
