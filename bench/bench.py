@@ -271,7 +271,8 @@ def phase(phases: dict, name: str, fn):
     """fn() timed and its peak memory measured as phase `name`; returns fn's result."""
     with C.Meter() as m:
         value = fn()
-    phases[name] = {"seconds": round(m.seconds, 2), "peak_gib": round(m.peak_gib, 3), "added_gib": round(m.added_gib, 3)}
+    phases[name] = {"seconds": round(m.seconds, 2), "peak_gib": round(m.peak_gib, 3),
+                    "added_gib": round(m.added_gib, 3)}
     return value
 
 

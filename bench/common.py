@@ -143,7 +143,11 @@ class StepClock:
 
     def __init__(self, body: torch.nn.Module):
         self.stamps, self.tokens, self._pending = [], [], []
-        body.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._hook = body.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def close(self):
+        """Stop counting (the model's forward is left as it was)."""
+        self._hook.remove()
 
     def _count(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
