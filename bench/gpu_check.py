@@ -191,6 +191,11 @@ def table_rows(steps: dict) -> list[list[str]]:
             rows.append([name, f"{c['comparison']} ({c['quant']}{', spread' if c.get('lengths') == 'spread' else ''})",
                          f"{c['ours']:,.1f}{unit} vs {c['peer']:,.1f}{unit} = {c['ratio']:.2f}x; "
                          f"{c['ours_peak_gib']:.2f} vs {c['peer_peak_gib']:.2f} GiB", target, met])
+        for key, cases in (data.get("cases") or {}).items():  # the iteration's phases on both sides
+            for case, v in sorted(cases.items()):
+                if v.get("phases"):
+                    rows.append([name, f"{case} phases ({key})", "; ".join(
+                        f"{ph} {x['seconds']:.1f} s {x['peak_gib']:.2f} GiB" for ph, x in v["phases"].items()), "", ""])
         for key, cases in (data.get("cases") or {}).items():  # the levers have no peer row
             for case, v in sorted(cases.items()):
                 if case.startswith("lever.") and "tokens_per_s" in v:
