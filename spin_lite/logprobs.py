@@ -168,3 +168,110 @@ def _logprobs_from_full_logits(model, batch: Batch, mask: torch.Tensor, chunk: i
     token_logps = torch.cat(pieces, dim=1)
     mask = mask.to(token_logps.dtype)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+# -- the shared prompt processed once: [prompt | response 1 | response 2 | ...] in one row ----------------------------
+@dataclass
+class Packed:
+    """Responses that share a prompt packed into one row each, [prompt | response 1 | ... | response K], right-padded.
+
+    Each response sees the prompt and itself, never another response (a document mask), and its positions continue
+    from the prompt's as if it stood alone, so its log-probs are those of prompt + response on its own, for about
+    1/K of the prompt's compute (a SPIN pair: the prompt once instead of twice). Its first token is predicted by the
+    prompt's last hidden state, which the prompt computes once for all K."""
+    input_ids: torch.Tensor
+    """[B, T] token ids."""
+    position_ids: torch.Tensor
+    """[B, T] the prompt 0..P-1, each response P, P+1, ... (padding: 0)."""
+    document: torch.Tensor
+    """[B, T] 0 for the prompt, k for response k (1-based), -1 for padding."""
+    picked: torch.Tensor
+    """[N] flat indices into [B, T] of the hidden states that predict each response token."""
+    targets: torch.Tensor
+    """[N] the response tokens, in the same order."""
+    owner: torch.Tensor
+    """[N] row x K + (k - 1): which response each token belongs to."""
+    responses: int
+    """K: responses a row."""
+
+    def to(self, device) -> "Packed":
+        return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.document, self.picked,
+                                               self.targets, self.owner)), self.responses)
+
+
+def pack(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int) -> Packed:
+    """Row i: prompts[i] (at least one token), then responses[i][0], ..., responses[i][K - 1] (K the same for all)."""
+    k = len(responses[0])
+    length = max(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses))
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(prompts), length), dtype=torch.long)
+    document = torch.full((len(prompts), length), -1, dtype=torch.long)
+    picked, targets, owner = [], [], []
+    for i, (p, rs) in enumerate(zip(prompts, responses)):
+        if not p or len(rs) != k:
+            raise ValueError("pack: every row needs a prompt of at least one token and the same number of responses")
+        ids[i, :len(p)] = torch.tensor(p)
+        positions[i, :len(p)] = torch.arange(len(p))
+        document[i, :len(p)] = 0
+        start = len(p)
+        for n, r in enumerate(rs):
+            ids[i, start:start + len(r)] = torch.tensor(r, dtype=torch.long)
+            positions[i, start:start + len(r)] = torch.arange(len(p), len(p) + len(r))
+            document[i, start:start + len(r)] = n + 1
+            # token j of the response is predicted by the hidden state of token j - 1, the first by the prompt's last
+            if r:
+                picked += [i * length + len(p) - 1] + list(range(i * length + start, i * length + start + len(r) - 1))
+            targets += r
+            owner += [i * k + n] * len(r)
+            start += len(r)
+    return Packed(ids, positions, document, torch.tensor(picked, dtype=torch.long),
+                  torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long), k)
+
+
+def document_mask(document: torch.Tensor, implementation: str):
+    """The attention mask of packed rows for the model's attention `implementation`: query q sees key kv when
+    kv <= q and kv is in the prompt or in q's own response. flex_attention: a BlockMask (blocks of 128, the fully
+    masked ones skipped); sdpa: [B, 1, T, T] bool; eager: the same as an additive float mask."""
+    def may_attend(b, h, q, kv):
+        return (kv <= q) & ((document[b, kv] == 0) | (document[b, kv] == document[b, q]))
+
+    batch, length = document.shape
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+        return create_block_mask(may_attend, batch, None, length, length, device=document.device)
+    positions = torch.arange(length, device=document.device)
+    dense = may_attend(torch.arange(batch, device=document.device)[:, None, None], None, positions[None, :, None],
+                       positions[None, None, :])[:, None]
+    if implementation == "sdpa":
+        return dense
+    if implementation == "eager":
+        return torch.zeros(dense.shape).masked_fill(~dense, torch.finfo(torch.float32).min)
+    raise ValueError(f"packed sequences need sdpa, eager or flex_attention, not {implementation}")
+
+
+def hidden_dtype(model) -> torch.dtype:
+    """The dtype the model's body computes its states in: its embeddings'."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def packed_logprobs(model, packed: Packed, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs [B, K] float32, response tokens [B, K]) of packed rows: what `sequence_logprobs`
+    gives for each prompt + response on its own (tests/test_precision.py), with the prompt computed once."""
+    parts = _body_and_head(model)
+    if parts is None:
+        raise ValueError("packed_logprobs needs a model whose logits are its output layer of its body's states")
+    body, head = parts
+    config = getattr(model, "config", None)
+    mask = document_mask(packed.document, getattr(config, "_attn_implementation", None) or "sdpa")
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():  # (eager's additive mask: the model's dtype)
+        mask = mask.to(hidden_dtype(model))
+    hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                  use_cache=False)[0]
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.picked)
+    token_logps = _TokenLogprobs.apply(picked, head.weight, packed.targets, chunk)
+    rows, k = packed.input_ids.shape[0], packed.responses
+    sums = torch.zeros(rows * k, dtype=token_logps.dtype, device=token_logps.device).index_add(0, packed.owner,
+                                                                                               token_logps)
+    counts = torch.zeros(rows * k, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, packed.owner, torch.ones_like(token_logps))
+    return sums.view(rows, k), counts.view(rows, k)
