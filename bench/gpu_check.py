@@ -62,7 +62,8 @@ class Step:
 # start about 20 s a process) and are guesses until they run.
 STEPS = [
     Step("profile", "kernel tables of a training step and of decoding steps; A/B of each lever (train.autocast, "
-         "generation.decode_attention, the engines at 64 and 512 rows: engine_for's fix)", 200),
+         "generation.decode_attention, the engines at 64 and 512 rows: engine_for's fix, scoring with the prompt packed "
+         "once)", 220),
     Step("tests", "pytest -m gpu tests/test_gpu.py (4-bit runs with autocast, resume after SIGKILL, the static "
          "engine's CUDA graph with the grouped decode attention)", 65),
     Step("unsloth", "the Unsloth backend end to end: greedy tokens against hf on one adapter, a whole iteration",
@@ -160,7 +161,7 @@ def run_step(step: Step, tiny: bool, work: Path, timeout: float, log) -> dict:
     path = work / ("profile/profile.json" if step.name == "profile" else f"{step.name}.json")
     if step.name == "profile" and path.exists():  # its arms' errors are in the file; a failed arm fails the step
         data = json.loads(path.read_text())
-        failed = [f"{part}.{k}" for part in ("train", "gen") for k, v in data.get(part, {}).items()
+        failed = [f"{part}.{k}" for part in ("train", "pack", "gen") for k, v in data.get(part, {}).items()
                   if isinstance(v, dict) and "error" in v]
         return out | {"status": "failed" if code != 0 or failed else "passed", "data": data,
                       "summary": f"failed: {', '.join(failed)}" if failed else ("ok" if code == 0 else f"exit {code}")}
@@ -201,7 +202,7 @@ def table_rows(steps: dict) -> list[list[str]]:
                 if case.startswith("lever.") and "tokens_per_s" in v:
                     rows.append([name, f"{case} ({key})", f"{v['tokens_per_s']:,.1f} tok/s, {v['peak_gib']:.2f} GiB",
                                  "", ""])
-        for part in ("train", "gen"):  # the profile's A/B arms
+        for part in ("train", "pack", "gen"):  # the profile's A/B arms
             for arm, v in sorted((data.get(part) or {}).items()):
                 if isinstance(v, dict) and "tokens_per_s" in v:
                     spread = v.get("spread") or [v["tokens_per_s"]] * 2

@@ -10,6 +10,8 @@ alternated --repeats times, each run 2 warm-up steps and --steps measured ones:
   autocast      train.autocast auto: bfloat16 autocast, no float32 copy of the LoRA inputs (spin_lite now)
   no_autocast   train.autocast never: the LoRA branch in float32 (spin_lite before)
   and a kernel table of one step of each (kernels_train_<arm>.txt).
+Scoring with the shared prompt once (`pack`): forward + backward of the scorer on the same pairs, apart (2B sequences,
+what fit does) against packed ([prompt | real | generated], a document mask: sdpa; flex_attention with --flex).
 Decoding, from the merged copy, prompts of 32-128 tokens (left padding: the attention mask in play, as with real
 prompts), --new tokens sampled to full length, the arms alternated --repeats times after a warm-up at their rows:
   static_gqa_<rows>    the static engine, generation.decode_attention auto (K/V never repeated)
@@ -56,7 +58,8 @@ class Report:
     """profile.json, rewritten after every arm."""
 
     def __init__(self, out: Path):
-        self.out, self.data = out, {"machine": C.machine(), "train": {}, "gen": {}, "profiles": {}, "notes": []}
+        self.out, self.data = out, {"machine": C.machine(), "train": {}, "pack": {}, "gen": {}, "profiles": {},
+                                    "notes": []}
 
     def save(self):
         tmp = self.out / "profile.json.tmp"
@@ -161,6 +164,74 @@ def train_part(report: Report, size: str, repeats: int, steps: int):
             return kernel_table(prof, report.out / f"kernels_train_{name}.txt")
         report.data["profiles"][f"train_{name}"] = _try(table)
         report.save()
+
+
+# -- the shared prompt once: scoring packed against apart -------------------------------------------------------------
+def pack_part(report: Report, size: str, repeats: int, steps: int, flex: bool):
+    """Forward + backward of the scorer alone (no optimizer) on the training step's pairs: the 2B sequences
+    prompt + real and prompt + generated (`sequence_logprobs`, what fit does) against B packed rows
+    [prompt | real | generated] (`packed_logprobs`: a dense sdpa mask; with --flex also flex_attention's BlockMask,
+    which transformers compiles at its first call: first_s holds that). Tokens/s count the unpacked tokens on both,
+    so the ratio is the time saved."""
+    from spin_lite.logprobs import collate, mixed_precision, pack, packed_logprobs, sequence_logprobs
+    s = C.SIZES[size]
+    model = B.with_lora(B.load(size, "bf16"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    device = next(model.parameters()).device
+    pairs = B.train_pairs(size, s, s.train_pairs)
+    prompts = [p["prompt_ids"] for p in pairs]
+    apart = collate(prompts + prompts, [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs], C.PAD)
+    packed = pack(prompts, [[p["real_ids"], p["gen_ids"]] for p in pairs], C.PAD).to(device)
+    apart = apart.to(device)
+    tokens = apart.tokens
+    setting = "auto" if CUDA else "always"
+    arms = {"apart": lambda: sequence_logprobs(model, apart)[0],
+            "packed_sdpa": lambda: packed_logprobs(model, packed)[0]}
+    if flex:
+        arms["packed_flex"] = "flex_attention"
+
+    def step(fn):
+        with mixed_precision(model, setting):
+            loss = fn().sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def timed(fn) -> dict:
+        reset_peak()
+        C.sync()
+        t0 = time.perf_counter()
+        step(fn)
+        C.sync()
+        first = time.perf_counter() - t0
+        step(fn)
+        seconds = []
+        for _ in range(steps):
+            C.sync()
+            t0 = time.perf_counter()
+            step(fn)
+            C.sync()
+            seconds.append(time.perf_counter() - t0)
+        seconds.sort()
+        return {"tokens_per_s": tokens / seconds[len(seconds) // 2],
+                "spread": [tokens / seconds[-1], tokens / seconds[0]],
+                "first_s": round(first, 2), "peak_gib": peak_gib(), "unpacked_tokens": tokens,
+                "packed_tokens": int((packed.document >= 0).sum())}
+
+    measured: dict[str, list[dict]] = {name: [] for name in arms}
+    for r in range(repeats):
+        for name, fn in arms.items():
+            def one(name=name, fn=fn):
+                if fn == "flex_attention":  # the same rows with transformers' flex attention (and its BlockMask)
+                    model.set_attn_implementation("flex_attention")
+                    try:
+                        measured[name].append(timed(lambda: packed_logprobs(model, packed)[0]))
+                    finally:
+                        model.set_attn_implementation("sdpa")
+                else:
+                    measured[name].append(timed(fn))
+                return B.median_of(measured[name])
+            report.arm("pack", name, one)
 
 
 # -- decoding -------------------------------------------------------------------------------------------------------
@@ -310,7 +381,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1b" if CUDA else "tiny", choices=list(C.SIZES))
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_profile"))
-    parser.add_argument("--parts", nargs="*", default=["train", "gen"], choices=["train", "gen"])
+    parser.add_argument("--parts", nargs="*", default=["train", "pack", "gen"], choices=["train", "pack", "gen"])
+    parser.add_argument("--flex", action="store_true", help="also score packed rows with flex_attention (compiles)")
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs of each arm (the median kept)")
     parser.add_argument("--steps", type=int, default=5, help="measured training steps a run (after 2 warm-up)")
     parser.add_argument("--new", type=int, default=None, help="new tokens a decoding arm (default: the size's)")
@@ -329,6 +401,8 @@ def main():
         try:
             if part == "train":
                 train_part(report, args.size, args.repeats, args.steps)
+            elif part == "pack":
+                pack_part(report, args.size, args.repeats, args.steps, args.flex)
             else:
                 gen_part(report, args.size, args.repeats, args.new or C.SIZES[args.size].new_tokens)
         except Exception as e:  # noqa: BLE001 - the other part still runs
@@ -339,8 +413,9 @@ def main():
         report.save()
     report.data["total_s"] = round(time.perf_counter() - began, 1)
     report.save()
-    failed = [f"{p}.{k}" for p in ("train", "gen") for k, v in report.data[p].items()
-              if isinstance(v, dict) and "error" in v] + [p for p in ("train", "gen") if "error" in report.data[p]]
+    failed = [f"{p}.{k}" for p in ("train", "pack", "gen") for k, v in report.data[p].items()
+              if isinstance(v, dict) and "error" in v]
+    failed += [p for p in ("train", "pack", "gen") if "error" in report.data[p]]
     print(f"profile: {report.data['total_s']} s; wrote {out / 'profile.json'}"
           + (f"; failed: {failed}" if failed else ""))
     sys.exit(1 if failed else 0)
