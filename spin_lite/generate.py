@@ -24,6 +24,9 @@ Where the time goes, and what this module does about it (numbers: docs/PERFORMAN
   The static engine (`generation.engine`, `decode_static`) preallocates the KV cache for the whole
   answer and records one decoding step (forward and sampling) in a CUDA graph, replayed once a token;
   on a CPU the same static-cache step runs without the graph (tests/test_static_engine.py).
+- The static engine always passes an attention mask, and with a mask transformers' sdpa (up to 5.17) repeats the
+  keys and values for every query head of a grouped-query model: its decoding steps attend with
+  `gqa_decode_attention` instead (generation.decode_attention), each key/value head read once.
 """
 from __future__ import annotations
 
