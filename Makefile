@@ -39,7 +39,7 @@ test: install
 clean:
 	rm -rf runs/demo .pytest_cache
 
-# Everything that needs a GPU in one run (bench/gpu_check.py, about 5 min): on the GPU machine
+# Everything that needs a GPU in one run (bench/gpu_check.py, 6 minutes): on the GPU machine
 # `bash bench/gpu_check.sh .whl` (WHEELS=.whl); here `make gpu-check ARGS=--tiny` rehearses it at a tiny size.
 # docs/PERFORMANCE.md, "How to run the GPU check", gives the device calls.
 .PHONY: gpu-check gpu-wheels

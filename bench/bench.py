@@ -5,18 +5,27 @@
     .venv/bin/python bench/bench.py --size smollm2 --quant fp32
     .venv/bin/python bench/bench.py --size 1b --quant bf16 nf4
     .venv/bin/python bench/bench.py --size tiny --only gen --out /tmp/b.json   # seconds: a rehearsal of the code
+    .venv/bin/python bench/bench.py --lengths equal spread                      # also prompts/answers of many lengths
 
 Peers: transformers `generate` on the PEFT model (generation), TRL's DPOTrainer with the sigmoid loss and
 precompute_ref_log_probs (training: the SPIN loss is DPO's with the opponent as reference), and the two in
 sequence (a whole iteration). Same LoRA (r 16, alpha 32, all linear layers), batch sizes, lengths and
 gradient checkpointing on both sides. Every case runs in a fresh process (its own peak memory: CUDA peak
 allocated on a GPU, peak RSS on a CPU). Prints a table and writes bench/results/<machine>.json (or --out).
+Fair both ways: a training step is timed whole on both sides (common.StepClock: from one optimizer step's end to
+the next, the device synchronised), with the real tokens each step took; every figure is the median of at least 3
+(generation: 3 alternated runs in one process; training: the measured steps of a run; the driver's --repeats
+runs of a case), with its spread (least, most); generation warms up at the batch it measures; the iteration
+reports the time and peak memory of each phase on both sides; `--lengths spread` draws prompt and answer lengths
+from [full / 4, full] (padding, as real data have). Numerics: the peer's bf16 runs under autocast (TRL's bf16=True),
+and so does spin_lite's (train.autocast auto); each result names its setting.
 Generation runs both engines of spin_lite (generation.engine): the one `auto` picks on this machine (static on
 a GPU, eager on a CPU) in the cases compared with the peer, the other as `gen.ours_<engine>_*`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -60,9 +69,9 @@ def vocab(size: str) -> int:
     return json.loads((C.model_dir(size) / "config.json").read_text())["vocab_size"]
 
 
-def prompts(size: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
+def prompts(size: str, n: int, length: int, seed: int = 0, spread: bool = False) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [C.words(length, vocab(size), g) for _ in range(n)]
+    return [C.words(k, vocab(size), g) for k in C.lengths(n, length, spread, g)]
 
 
 # -- generation -------------------------------------------------------------------------------------------
@@ -80,8 +89,10 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, full_length: boo
 
 
 def case_gen(size, quant, s: C.Sizes, repeats: int):
-    """The peer and spin_lite on the same loaded PEFT model, alternated `repeats` times (best of each):
-    transformers generate at `gen_batch`, generate_all at the same batch, generate_all at its own."""
+    """The peer and spin_lite on the same loaded PEFT model, alternated `repeats` times (the median of each, and
+    its spread): transformers generate at `gen_batch`, generate_all at the same batch, generate_all at its own.
+    Each configuration is first run once, untimed, at the rows it is measured at (8 new tokens): the first call at a
+    shape pays for allocations and library set-up that later calls do not."""
     from spin_lite import generate as gen
     from spin_lite.config import GenerationSettings
     model = with_lora(load(size, quant)).eval()
@@ -90,40 +101,52 @@ def case_gen(size, quant, s: C.Sizes, repeats: int):
     no_eos = types.SimpleNamespace(eos_token_id=-1, pad_token_id=C.PAD)  # full length, as the peer's min_new_tokens
     out = C.WORK / f"gen-{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
-    batch = prompts(size, s.gen_batch, s.prompt_len)
-    many = batch + prompts(size, max(0, s.gen_prompts - s.gen_batch), s.prompt_len, seed=1)
+    batch = prompts(size, s.gen_batch, s.prompt_len, spread=s.spread)
+    many = batch + prompts(size, max(0, s.gen_prompts - s.gen_batch), s.prompt_len, seed=1, spread=s.spread)
 
-    def ours(todo: list[list[int]], auto: bool, name: str, engine: str = "auto"):
+    def ours(todo: list[list[int]], auto: bool, name: str, engine: str = "auto", new_tokens: int = s.new_tokens):
         def rows(*args):
             chosen[auto] = default_rows(*args) if auto else s.gen_batch
             return chosen[auto]
         gen.rows_per_pass = rows
-        settings = GenerationSettings(max_new_tokens=s.new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+        settings = GenerationSettings(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                                       batch_size=s.gen_batch, engine=engine)
         path = out / f"{name}.jsonl"
         path.unlink(missing_ok=True)
         records = gen.generate_all(model, no_eos, {f"p{i}": p for i, p in enumerate(todo)}, settings, path, seed=1,
                                    stop_ids=[])
-        assert all(len(r["ids"]) == s.new_tokens for r in records.values())
+        assert all(len(r["ids"]) == new_tokens for r in records.values())
 
-    runs = {"gen.peer": (lambda: hf_generate(model, batch, s.new_tokens, True), batch, lambda: s.gen_batch),
-            "gen.ours_same_batch": (lambda: ours(batch, False, "same"), batch, lambda: chosen[False]),
-            "gen.ours_auto_batch": (lambda: ours(many, True, "auto"), many, lambda: chosen[True]),
-            f"gen.ours_{other}_same_batch": (lambda: ours(batch, False, "same", other), batch, lambda: chosen[False]),
-            f"gen.ours_{other}_auto_batch": (lambda: ours(many, True, "auto", other), many, lambda: chosen[True])}
-    hf_generate(model, batch[:2], 4, True)  # warm-up
-    ours(batch[:2], False, "warm")
-    ours(batch[:2], False, "warm", other)
-    best = {}
+    runs = {"gen.peer": (lambda n: hf_generate(model, batch, n, True), batch, lambda: s.gen_batch),
+            "gen.ours_same_batch": (lambda n: ours(batch, False, "same", new_tokens=n), batch, lambda: chosen[False]),
+            "gen.ours_auto_batch": (lambda n: ours(many, True, "auto", new_tokens=n), many, lambda: chosen[True]),
+            f"gen.ours_{other}_same_batch": (lambda n: ours(batch, False, "same", other, n), batch,
+                                            lambda: chosen[False]),
+            f"gen.ours_{other}_auto_batch": (lambda n: ours(many, True, "auto", other, n), many, lambda: chosen[True])}
+    for fn, _, _ in runs.values():  # warm-up at the measured rows
+        fn(8)
+    measured: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for name, (fn, todo, rows) in runs.items():
             with C.Meter() as m:  # spin_lite's merged copy is made and freed inside: counted
-                fn()
-            r = {"tokens_per_s": len(todo) * s.new_tokens / m.seconds, "seconds": m.seconds,
-                 "peak_gib": m.peak_gib, "added_gib": m.added_gib, "batch": rows(), "prompts": len(todo)}
-            if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = r
-    C.result(**best)
+                fn(s.new_tokens)
+            measured.setdefault(name, []).append(
+                {"tokens_per_s": len(todo) * s.new_tokens / m.seconds, "seconds": m.seconds, "peak_gib": m.peak_gib,
+                 "added_gib": m.added_gib, "batch": rows(), "prompts": len(todo),
+                 "prompt_tokens_mean": sum(map(len, todo)) / len(todo)})
+    t0 = time.perf_counter()
+    gen.merged_copy(model)
+    C.sync()
+    merge_s = time.perf_counter() - t0  # paid once per generate_all call, inside its figures
+    C.result(**{name: median_of(runs_) | {"merged_copy_s": merge_s} for name, runs_ in measured.items()})
+
+
+def median_of(runs: list[dict], key: str = "tokens_per_s") -> dict:
+    """The run with the median `key` (the lower middle one of an even count), with every run's value and the spread
+    (least, most)."""
+    values = sorted(r[key] for r in runs)
+    middle = sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+    return middle | {"values": values, "spread": [values[0], values[-1]], "repeats": len(runs)}
 
 
 def case_gen_hf_merged(size, quant, s: C.Sizes, static: bool):
@@ -132,7 +155,7 @@ def case_gen_hf_merged(size, quant, s: C.Sizes, static: bool):
     model = merged_copy(with_lora(load(size, quant)).eval())
     if static:
         model.generation_config.cache_implementation = "static"
-    todo = prompts(size, s.gen_batch, s.prompt_len)
+    todo = prompts(size, s.gen_batch, s.prompt_len, spread=s.spread)
     hf_generate(model, todo, s.new_tokens, True)  # warm-up at the measured shape (compiles a static cache)
     with C.Meter() as m:
         hf_generate(model, todo, s.new_tokens, True)
@@ -156,23 +179,37 @@ def train_config(size, quant, s: C.Sizes, run_dir: Path, **extra):
     return SpinConfig.from_dict(d)
 
 
-def case_train_ours(size, quant, s: C.Sizes):
-    from spin_lite.train import train_adapter
-    model = with_lora(load(size, quant))
+def train_pairs(size, s: C.Sizes, n: int) -> list[dict]:
+    """n pairs of word ids (prompt, real and generated response), the same on both sides; with s.spread every
+    length is drawn from [full / 4, full] (common.lengths)."""
     g = torch.Generator().manual_seed(1)
     v = vocab(size)
-    pairs = [{"prompt_ids": C.words(s.train_prompt, v, g), "real_ids": C.words(s.train_response, v, g),
-              "gen_ids": C.words(s.train_response, v, g), "opponent_real": -900.0, "opponent_gen": -900.0}
-             for _ in range(s.train_pairs * (2 + s.train_steps))]
+    sizes = zip(C.lengths(n, s.train_prompt, s.spread, g), C.lengths(n, s.train_response, s.spread, g),
+                C.lengths(n, s.train_response, s.spread, g))
+    return [{"prompt_ids": C.words(p, v, g), "real_ids": C.words(r, v, g), "gen_ids": C.words(q, v, g),
+             "opponent_real": -900.0, "opponent_gen": -900.0} for p, r, q in sizes]
+
+
+def body_of(model):
+    """The decoder body (what both sides' forward passes through once a micro batch), for common.StepClock."""
+    return model.get_base_model().get_decoder()
+
+
+def case_train_ours(size, quant, s: C.Sizes, autocast: str = "auto"):
+    from spin_lite.train import train_adapter
+    model = with_lora(load(size, quant))
+    pairs = train_pairs(size, s, s.train_pairs * (2 + s.train_steps))
     out = C.WORK / f"train-{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = train_config(size, quant, s, out)
+    cfg = train_config(size, quant, s, out, train={"autocast": autocast})
+    clock = C.StepClock(body_of(model))
     with C.Meter() as m:
-        train_adapter(model, pairs, cfg, 0, out, C.PAD)
-    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
-    tps = statistics.median(r["tokens_per_s"] for r in log[2:])
-    C.result(**{"train.ours": dict(tokens_per_s=tps, peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds,
-                                   steps=len(log), tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))})
+        train_adapter(model, pairs, cfg, 0, out, C.PAD, progress=clock.tick)
+    name = "train.ours" if autocast == "auto" else f"lever.train.autocast_{autocast}"
+    from spin_lite.logprobs import autocasts
+    C.result(**{name: clock.summary(warmup=2) | dict(
+        peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds, steps=len(clock.stamps),
+        autocast=f"{autocast} ({'on' if autocasts(model, autocast) else 'off'})")})
 
 
 def trl_trainer(size, quant, s: C.Sizes, rows: list[dict], steps: int | None, out: Path):
@@ -200,45 +237,48 @@ def trl_trainer(size, quant, s: C.Sizes, rows: list[dict], steps: int | None, ou
 
 def case_train_trl(size, quant, s: C.Sizes):
     from transformers import TrainerCallback
-    g = torch.Generator().manual_seed(1)
-    v = vocab(size)
     steps = 2 + s.train_steps
-    # TRL closes chosen and rejected with the EOS: responses of train_response tokens, as spin_lite's
-    rows = [{"prompt": C.text(C.words(s.train_prompt, v, g)), "chosen": C.text(C.words(s.train_response - 1, v, g)),
-             "rejected": C.text(C.words(s.train_response - 1, v, g))} for _ in range(s.train_pairs * steps)]
+    # TRL closes chosen and rejected with the EOS: responses of as many tokens as spin_lite's
+    rows = [{"prompt": C.text(p["prompt_ids"]), "chosen": C.text(p["real_ids"][:-1]),
+             "rejected": C.text(p["gen_ids"][:-1])} for p in train_pairs(size, s, s.train_pairs * steps)]
     trainer = trl_trainer(size, quant, s, rows, steps, C.WORK / f"trl-{os.getpid()}")
     first = trainer.train_dataset[0]
     lengths = {k: len(v) for k, v in first.items() if k.endswith("input_ids") or k.endswith("_ids")}
-    times = []
+    clock = C.StepClock(body_of(trainer.model))
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            C.sync()
-            self.began = time.perf_counter()
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *a, **k):  # after the optimizer step, as spin_lite's progress callback
+            clock.tick()
 
-        def on_step_end(self, *a, **k):
-            C.sync()
-            times.append(time.perf_counter() - self.began)
-
-    trainer.add_callback(StepTimer())
+    trainer.add_callback(StepEnd())
     with C.Meter() as m:
         trainer.train()
-    step_s = statistics.median(times[2:])
-    C.result(**{"train.trl": dict(tokens_per_s=2 * s.train_pairs * (s.train_prompt + s.train_response) / step_s,
-                                  peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds, steps=len(times),
-                                  token_lengths=lengths,
-                                  tokens_per_step=2 * s.train_pairs * (s.train_prompt + s.train_response))})
+    C.result(**{"train.trl": clock.summary(warmup=2) | dict(
+        peak_gib=m.peak_gib, added_gib=m.added_gib, seconds=m.seconds, steps=len(clock.stamps),
+        token_lengths=lengths, autocast="bf16=True (accelerate autocast)" if trainer.args.bf16 else "none")})
 
 
 # -- a whole iteration ---------------------------------------------------------------------------------------
 def iteration_rows(size, s: C.Sizes) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     v = vocab(size)
-    return [{"prompt": C.text(C.words(s.prompt_len, v, g)), "response": C.text(C.words(s.iter_new_tokens - 1, v, g))}
-            for _ in range(s.iter_prompts)]
+    sizes = zip(C.lengths(s.iter_prompts, s.prompt_len, s.spread, g),
+                C.lengths(s.iter_prompts, s.iter_new_tokens - 1, s.spread, g))
+    return [{"prompt": C.text(C.words(p, v, g)), "response": C.text(C.words(r, v, g))} for p, r in sizes]
+
+
+def phase(phases: dict, name: str, fn):
+    """fn() timed and its peak memory measured as phase `name`; returns fn's result."""
+    with C.Meter() as m:
+        value = fn()
+    phases[name] = {"seconds": round(m.seconds, 2), "peak_gib": round(m.peak_gib, 3),
+                    "added_gib": round(m.added_gib, 3)}
+    return value
 
 
 def case_iter_ours(size, quant, s: C.Sizes):
+    """SpinRun's iteration 0 stage by stage (as `spin-lite generate|train|evaluate` runs them): load, generate (the
+    opponent's answers and its log-probs of the pairs), train, evaluate (evaluation off: the summary)."""
     from spin_lite.run import SpinRun
     began = time.perf_counter()
     out = C.WORK / f"iter-{os.getpid()}"
@@ -251,39 +291,51 @@ def case_iter_ours(size, quant, s: C.Sizes):
         generation={"max_new_tokens": s.iter_new_tokens, "do_sample": True, "temperature": 1.0, "top_p": 1.0,
                     "batch_size": s.gen_batch}, eval={"enabled": False})
     run = SpinRun(cfg, log=lambda *a: None)
+    phases = {}
     with C.Meter() as m:
-        run.run()
+        phase(phases, "prepare", run.prepare)
+        phase(phases, "load", run.loaded_base)
+        for stage in ("generate", "train", "evaluate"):
+            phase(phases, stage, lambda: run.iteration(0, only=stage))
+    run.close()
     summary = json.loads((out / "run" / "iter-00" / "summary.json").read_text())
     C.result(**{"iter.ours": dict(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, added_gib=m.added_gib,
-                                  pairs=summary["pairs"]["current"],
+                                  phases=phases, pairs=summary["pairs"]["current"],
                                   generated_mean_tokens=summary["pairs"]["generated_mean_tokens"])})
 
 
 def case_iter_peer(size, quant, s: C.Sizes):
+    """generate on the PEFT model, then DPOTrainer (its reference log-probs precomputed inside train())."""
     began = time.perf_counter()
     rows = iteration_rows(size, s)
     tok = C.word_tokenizer(vocab(size))
+    phases = {}
     with C.Meter() as m:
-        model = with_lora(load(size, quant)).eval()
+        model = phase(phases, "load", lambda: with_lora(load(size, quant)).eval())
         todo = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-        generated = []
-        for i in range(0, len(todo), s.gen_batch):
-            generated += hf_generate(model, todo[i:i + s.gen_batch], s.iter_new_tokens, False)
+
+        def generate():
+            done = []
+            for i in range(0, len(todo), s.gen_batch):
+                done += hf_generate(model, todo[i:i + s.gen_batch], s.iter_new_tokens, False)
+            return done
+        generated = phase(phases, "generate", generate)
         del model
         pairs = []
         for r, ids in zip(rows, generated):
             ids = ids[:ids.index(C.EOS)] if C.EOS in ids else ids
             pairs.append({"prompt": r["prompt"], "chosen": r["response"], "rejected": C.text(ids)})
-        trainer = trl_trainer(size, quant, s, pairs, None, C.WORK / f"trl-iter-{os.getpid()}")
-        trainer.train()
-        trainer.save_model(str(C.WORK / f"trl-iter-{os.getpid()}" / "adapter"))
+        folder = C.WORK / f"trl-iter-{os.getpid()}"
+        trainer = phase(phases, "load trainer", lambda: trl_trainer(size, quant, s, pairs, None, folder))
+        phase(phases, "score + train", trainer.train)
+        phase(phases, "save", lambda: trainer.save_model(str(folder / "adapter")))
     C.result(**{"iter.peer": dict(seconds=time.perf_counter() - began, peak_gib=m.peak_gib, added_gib=m.added_gib,
-                                  pairs=len(pairs), generated_mean_tokens=sum(
+                                  phases=phases, pairs=len(pairs), generated_mean_tokens=sum(
                                       g.index(C.EOS) + 1 if C.EOS in g else len(g) for g in generated) / len(generated))})
 
 
 CASES = {  # name -> (function, repeated by the driver?)
-    "gen": (lambda *a: case_gen(*a, repeats=2), False),
+    "gen": (lambda *a: case_gen(*a, repeats=3), False),
     "train.ours": (case_train_ours, True),
     "train.trl": (case_train_trl, True),
     "iter.ours": (case_iter_ours, True),
@@ -292,18 +344,20 @@ CASES = {  # name -> (function, repeated by the driver?)
 GPU_LEVERS = {
     "lever.gen.hf_merged_dynamic": (lambda *a: case_gen_hf_merged(*a, static=False), False),
     "lever.gen.hf_merged_static": (lambda *a: case_gen_hf_merged(*a, static=True), False),
+    "lever.train.autocast_never": (lambda *a: case_train_ours(*a, autocast="never"), True),  # (train.autocast)
 }
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
-def run_case(name: str, size: str, quant: str, timeout: int, threads: int | None) -> dict:
+def run_case(name: str, size: str, quant: str, timeout: int, threads: int | None, lengths: str = "equal") -> dict:
     """Run one case in a fresh process; {result name: measurements} (or {name: {"error": ...}})."""
     began = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     try:
-        proc = subprocess.run([sys.executable, __file__, "--case", name, "--size", size, "--quant", quant],
+        proc = subprocess.run([sys.executable, __file__, "--case", name, "--size", size, "--quant", quant,
+                               "--lengths", lengths],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         print(f"  {name}: timed out after {timeout} s", file=sys.stderr, flush=True)
@@ -320,24 +374,26 @@ def run_case(name: str, size: str, quant: str, timeout: int, threads: int | None
     return out
 
 
-def run_cases(names: list[str], size: str, quant: str, args, threads) -> dict:
-    """Each case once; the repeated ones `args.repeats` times, alternating with each other (best kept)."""
+def run_cases(names: list[str], size: str, quant: str, args, threads, lengths: str = "equal") -> dict:
+    """Each case once; the repeated ones `args.repeats` times, alternating with each other. A figure repeated by the
+    driver is the median run, with every run's value and their spread; one run keeps its own spread (over its
+    measured steps, or its alternated generation runs)."""
     table = CASES | GPU_LEVERS
-    best: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     rounds = [[n for n in names if table[n][1] or r == 0] for r in range(args.repeats)]
     for round_names in rounds:
         for name in round_names:
-            for k, v in run_case(name, size, quant, args.timeout, threads).items():
-                key = "tokens_per_s" if "tokens_per_s" in v else "seconds"
-                better = (lambda a, b: a > b) if key == "tokens_per_s" else (lambda a, b: a < b)
-                if k not in best or "error" in best[k] or ("error" not in v and better(v[key], best[k][key])):
-                    best[k] = v | {"runs": best.get(k, {}).get("runs", 0) + 1}
-                else:
-                    best[k]["runs"] = best[k].get("runs", 1) + 1
-    return best
+            for k, v in run_case(name, size, quant, args.timeout, threads, lengths).items():
+                runs.setdefault(k, []).append(v)
+    out = {}
+    for k, vs in runs.items():
+        good = [v for v in vs if "error" not in v]
+        key = "tokens_per_s" if good and "tokens_per_s" in good[0] else "seconds"
+        out[k] = vs[-1] if not good else good[0] if len(good) == 1 else median_of(good, key) | {"runs": len(vs)}
+    return out
 
 
-def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[dict]:
+def compare(cases: dict, size: str, quant: str, kind: str, where: str, lengths: str = "equal") -> list[dict]:
     memory = "peak_gib" if kind == "gpu" else "added_gib"  # RSS includes Python and libraries: its growth
 
     def row(name, metric, ours, peer, higher_is_better=True, **extra):
@@ -350,6 +406,7 @@ def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[d
         target = TARGETS[kind].get(name)
         return {"comparison": name, "size": size, "quant": quant, "machine": where, "metric": metric,
                 "ours": round(o[metric], 2), "peer": round(p[metric], 2), "ratio": round(ratio, 2),
+                "ours_spread": o.get("spread"), "peer_spread": p.get("spread"),
                 "target_ratio": target, "meets_target": None if target is None else ratio >= target,
                 "memory": memory, "ours_peak_gib": round(o.get(memory, float("nan")), 2),
                 "peer_peak_gib": round(p.get(memory, float("nan")), 2), **extra}
@@ -365,7 +422,7 @@ def compare(cases: dict, size: str, quant: str, kind: str, where: str) -> list[d
         static, eager = (f"gen.ours_{batch}", f"gen.ours_eager_{batch}") if kind == "gpu" else \
             (f"gen.ours_static_{batch}", f"gen.ours_{batch}")
         rows.append(row(f"gen.static_vs_eager.{batch}", "tokens_per_s", static, eager))
-    rows = [r for r in rows if r is not None]
+    rows = [r | {"lengths": lengths} for r in rows if r is not None]
     named = {r["comparison"]: r for r in rows}
     if kind == "gpu" and "gen.auto_batch" in named:
         auto = cases.get("gen.ours_auto_batch", {}).get("tokens_per_s")
@@ -397,9 +454,12 @@ def main():
     parser.add_argument("--case", help="run one case in this process (used by the driver)")
     parser.add_argument("--only", nargs="*", help="run only these cases")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="runs of the training and iteration cases, alternated, the best kept "
-                             "(default: 2 on a CPU, whose neighbours make noise; 1 on a GPU)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the training and iteration cases, alternated; the median run is kept, with the "
+                             "spread (each training run also measures several steps, generation alternates 3 runs)")
+    parser.add_argument("--lengths", nargs="*", choices=["equal", "spread"],
+                        help="prompt and answer lengths: all equal to the size's, or drawn from [full / 4, full] "
+                             "(default: both on a GPU, equal on a CPU)")
     parser.add_argument("--out", help="where to write the JSON (default: bench/results/<machine>.json)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per case (default on a CPU: 1, the same for every case: on a shared "
@@ -410,22 +470,23 @@ def main():
     quants = args.quant or (["bf16", "nf4"] if cuda else ["fp32"])
     if args.case:
         torch.manual_seed(0)
-        (CASES | GPU_LEVERS)[args.case][0](size, quants[0], C.SIZES[size])
+        spread = (args.lengths or ["equal"])[0] == "spread"
+        (CASES | GPU_LEVERS)[args.case][0](size, quants[0], dataclasses.replace(C.SIZES[size], spread=spread))
         return
     where, kind = C.machine(), "gpu" if cuda else "cpu"
     threads = args.threads or (None if cuda else 1)
-    args.repeats = args.repeats or (1 if cuda else 2)
     C.model_dir(size)  # made once, before the cases time anything
     report = {"machine": where, "date": datetime.date.today().isoformat(),
               "command": " ".join(["python", "bench/bench.py", *sys.argv[1:]]), "versions": versions(),
               "cpu_count": os.cpu_count(), "threads_per_case": threads, "load_average_at_start": os.getloadavg(),
               "sizes": {size: C.settings_dict(C.SIZES[size])}, "comparisons": [], "cases": {}}
     for quant in quants:
-        print(f"== {size} {quant} on {where}", flush=True)
-        names = [n for n in list(CASES) + (list(GPU_LEVERS) if cuda else []) if not args.only or n in args.only]
-        cases = run_cases(names, size, quant, args, threads)
-        report["cases"][f"{size}.{quant}"] = cases
-        report["comparisons"] += compare(cases, size, quant, kind, where)
+        for lengths in args.lengths or (["equal", "spread"] if cuda else ["equal"]):
+            print(f"== {size} {quant} on {where}, {lengths} lengths", flush=True)
+            names = [n for n in list(CASES) + (list(GPU_LEVERS) if cuda else []) if not args.only or n in args.only]
+            cases = run_cases(names, size, quant, args, threads, lengths)
+            report["cases"][f"{size}.{quant}" + (".spread" if lengths == "spread" else "")] = cases
+            report["comparisons"] += compare(cases, size, quant, kind, where, lengths)
     report["load_average_at_end"] = os.getloadavg()
     print_table(report)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"{where}.json"
@@ -435,21 +496,25 @@ def main():
 
 
 def print_table(report: dict):
-    head = ["comparison", "size", "quant", "ours", "peer", "ratio", "target", "ours GiB", "peer GiB"]
+    head = ["comparison", "size", "quant", "ours (spread)", "peer (spread)", "ratio", "target", "ours GiB", "peer GiB"]
     rows = [head]
     for c in report["comparisons"]:
+        quant = c["quant"] + (" spread" if c.get("lengths") == "spread" else "")
         if "error" in c:
-            rows.append([c["comparison"], c["size"], c["quant"], "error", "", "", "", "", ""])
+            rows.append([c["comparison"], c["size"], quant, "error", "", "", "", "", ""])
             continue
         unit = " tok/s" if c["metric"] == "tokens_per_s" else " s"
         target = f">= {c['target_ratio']}x" if c.get("target_ratio") else ""
         if c.get("target_tokens_per_s"):
             target = (target + " " if target else "") + f">= {c['target_tokens_per_s']:,} tok/s"
-        rows.append([c["comparison"], c["size"], c["quant"], f"{c['ours']:,.1f}{unit}", f"{c['peer']:,.1f}{unit}",
-                     f"{c['ratio']:.2f}x", target, f"{c['ours_peak_gib']:.2f}", f"{c['peer_peak_gib']:.2f}"])
+        figure = lambda v, spread: f"{v:,.1f}{unit}" + (f" ({spread[0]:,.0f}-{spread[1]:,.0f})" if spread else "")
+        rows.append([c["comparison"], c["size"], quant, figure(c["ours"], c.get("ours_spread")),
+                     figure(c["peer"], c.get("peer_spread")), f"{c['ratio']:.2f}x", target,
+                     f"{c['ours_peak_gib']:.2f}", f"{c['peer_peak_gib']:.2f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    print(f"\nspin_lite vs peers on {report['machine']} ({report['date']}); ratio > 1: spin_lite faster "
-          "(GiB: CUDA peak allocated on a GPU; on a CPU the peak growth of the process's RSS during the case)")
+    print(f"\nspin_lite vs peers on {report['machine']} ({report['date']}); ratio > 1: spin_lite faster; medians, "
+          "(least-most) over the repeats (GiB: CUDA peak allocated on a GPU; on a CPU the peak growth of the "
+          "process's RSS during the case)")
     for n, r in enumerate(rows):
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths)))
         if n == 0:

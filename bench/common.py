@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ class Sizes:
     train_steps: int          # measured steps, after 2 warm-up steps
     iter_prompts: int         # prompts (= pairs) of the whole-iteration case
     iter_new_tokens: int
+    spread: bool = False      # lengths drawn from [full / 4, full] (`lengths`) instead of all equal to the full one
 
 
 SIZES = {
@@ -114,6 +116,15 @@ def words(n: int, vocab: int, generator: torch.Generator) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=generator).tolist()
 
 
+def lengths(n: int, full: int, spread: bool, generator: torch.Generator) -> list[int]:
+    """n lengths: all `full`, or with `spread` drawn uniformly from [full // 4, full] (mean about 5/8 of full): prompts
+    and answers of different lengths pad as real data do, which equal lengths hide (a batch of equal prompts needs
+    no attention mask, and flatters whichever path then skips it)."""
+    if not spread:
+        return [full] * n
+    return torch.randint(max(2, full // 4), full + 1, (n,), generator=generator).tolist()
+
+
 def text(ids: list[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
 
@@ -121,6 +132,46 @@ def text(ids: list[int]) -> str:
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class StepClock:
+    """Whole optimizer steps, the same way on both sides: `tick()` at the end of every step (spin_lite's `fit`
+    progress callback, or a transformers Trainer's on_step_end: after the optimizer step in both) synchronises the
+    device and stamps the time, so a step's time is from one step's end to the next's: forward, backward, clipping,
+    the optimizer, the log and the next batch's making, on either side. The real (not padding) tokens of each step
+    are counted on the device by a pre-hook on the model body's forward (its attention mask), with no wait."""
+
+    def __init__(self, body: torch.nn.Module):
+        self.stamps, self.tokens, self._pending = [], [], []
+        self._hook = body.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def close(self):
+        """Stop counting (the model's forward is left as it was)."""
+        self._hook.remove()
+
+    def _count(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._pending.append(mask.sum() if mask is not None and mask.dim() == 2 else torch.tensor(ids.numel()))
+
+    def tick(self, *args, **kwargs):
+        sync()
+        self.stamps.append(time.perf_counter())
+        self.tokens.append(int(sum(int(t) for t in self._pending)))
+        self._pending = []
+
+    def summary(self, warmup: int) -> dict:
+        """tokens/s over the steps after the first `warmup` (their tokens over their time), and each step's own
+        tokens/s with its median, least and most: the spread over the measured steps."""
+        steps = range(max(warmup, 1), len(self.stamps))
+        seconds = [self.stamps[i] - self.stamps[i - 1] for i in steps]
+        tokens = [self.tokens[i] for i in steps]
+        per_step = sorted(t / s for t, s in zip(tokens, seconds))
+        if not per_step:
+            return {"error": f"{len(self.stamps)} steps: none measured after {warmup} warm-up steps"}
+        return {"tokens_per_s": sum(tokens) / sum(seconds), "step_s_median": statistics.median(seconds),
+                "step_tokens_per_s": [round(v, 1) for v in per_step], "spread": [per_step[0], per_step[-1]],
+                "measured_steps": len(per_step), "tokens_per_step_mean": sum(tokens) / len(tokens)}
 
 
 class Meter:

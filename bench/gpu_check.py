@@ -1,19 +1,22 @@
-"""Everything that needs a GPU, in one prepared run: the gpu tests, the benchmarks at the GPU sizes, the Unsloth
-backend and the 8B memory phases; one summary table and one JSON file.
+"""Everything that needs a GPU, in one prepared run: a profile of where a training step's and a decoding step's time
+goes with A/B timings of each speed lever, the gpu tests, the Unsloth backend, the nf4 training step, then (budget
+allowing, or with --only) the benchmarks against the peers and the 8B memory phases; one table, one JSON file.
 
-    bash bench/gpu_check.sh .whl             # on the GPU machine: installs the wheels, then runs this
+    bash bench/gpu_check.sh .whl             # on the GPU machine: installs the wheels, then runs this (6 minutes)
     make gpu-check ARGS=--tiny               # anywhere: the same steps at a tiny size (a rehearsal, a few minutes
                                              # on 2 CPU cores), the CUDA-only ones skipped with a line
-    bash bench/gpu_check.sh .whl --only memory.8b bench.nf4 --budget 240    # what a first run left out
+    bash bench/gpu_check.sh .whl --only bench.train bench.gen bench.iter --budget 420   # what the first call left
 
 Steps run in the order below (what matters most first), each in a fresh process group. One starts only if the
-time spent so far plus its estimate fits the budget (default 300 s, so that the check fits one 7-minute device
-call and a rerun still fits a 15-minute lease); a step that does not fit is listed as skipped (budget) and
-`--only` runs it later. A step past its time is killed with every process it started (the GPU is free for the
-next). Every step but `unsloth` runs without unsloth on its path, so model.backend=auto means hf there.
+time spent so far plus its estimate fits the budget (default 360 s: profile, tests, unsloth and bench.nf4, so that
+the check fits one device call of 8 minutes with the install, and a second call still fits a 15-minute lease); a
+step that does not fit is listed as skipped (budget) and `--only` runs it later. A step past its time is killed
+with every process it started (the GPU is free for the next). Every step but `unsloth` runs without unsloth on its
+path, so model.backend=auto means hf there.
 The results go to bench/results/<gpu>.json (merged with an earlier check's file there: a step run again replaces
-its entry) and, where $OUT is set (the device machine), to $OUT with the log, rewritten after EVERY step, so a
-call stopped by its time limit still returns what finished.
+its entry) and, where $OUT is set (the device machine), to $OUT with the log and the profile's kernel tables,
+rewritten after EVERY step (the profile rewrites its own file after every arm), so a call stopped by its time limit
+still returns what finished.
 """
 from __future__ import annotations
 
@@ -53,19 +56,30 @@ class Step:
     rehearsed: bool = False   # ...except with --tiny, where its code runs on a CPU too
 
 
-STEPS = [  # estimates: seconds on an H200 at the full sizes, guesses until the first run (the JSON keeps the real ones)
-    Step("tests", "pytest -m gpu tests/test_gpu.py (4-bit runs, resume, the static engine's CUDA graph)", 70),
-    Step("bench.gen", "generation: the peer, spin_lite static and eager engines, bf16 1B shape", 80),
-    Step("bench.train", "a SPIN training step against TRL DPOTrainer, bf16", 50),
+# Estimates: seconds on an H200 at the full sizes. Measured there on 2026-12-04 (bench/results/nvidia-h200.json) where a
+# step ran: tests 62, bench.gen 134 (one lengths case), bench.train 79, unsloth 89 (failed at its first decoding step:
+# a passing run is longer), bench.iter 122, memory.8b 109; the others are reckoned from those (model load and process
+# start about 20 s a process) and are guesses until they run.
+STEPS = [
+    Step("profile", "kernel tables of a training step and of decoding steps; A/B of each lever (train.autocast, "
+         "generation.decode_attention, the engines at 64 and 512 rows: engine_for's fix, scoring with the prompt packed "
+         "once)", 220),
+    Step("tests", "pytest -m gpu tests/test_gpu.py (4-bit runs with autocast, resume after SIGKILL, the static "
+         "engine's CUDA graph with the grouped decode attention)", 65),
     Step("unsloth", "the Unsloth backend end to end: greedy tokens against hf on one adapter, a whole iteration",
-         70, cuda_only=True),
-    Step("bench.iter", "a whole iteration against generate + DPOTrainer, bf16", 90),
-    Step("memory.8b", "an 8B-shape model in nf4, phase by phase, capped at 24 GiB", 120, cuda_only=True,
-         rehearsed=True),
-    Step("bench.nf4", "generation and a training step on the nf4 base", 110, cuda_only=True),
+         100, cuda_only=True),
+    Step("bench.nf4", "a training step on the nf4 base against TRL's", 90, cuda_only=True),
+    Step("bench.train", "a SPIN training step against TRL DPOTrainer, bf16, equal and spread lengths", 160),
+    Step("bench.gen", "generation: the peer, spin_lite static and eager engines, bf16 1B shape, equal and spread "
+         "prompt lengths", 270),
+    Step("bench.iter", "a whole iteration against generate + DPOTrainer, bf16, time and memory per phase", 125),
+    Step("bench.nf4.gen", "generation on the nf4 base (the peer unmerged in 4 bits)", 110, cuda_only=True),
     Step("bench.levers", "transformers generate on the merged copy, dynamic and static (compiled) cache", 70,
          cuda_only=True),
+    Step("memory.8b", "an 8B-shape model in nf4, phase by phase, capped at 24 GiB (measured 2026-12-04: fits)", 110,
+         cuda_only=True, rehearsed=True),
 ]
+DEFAULT_BUDGET_S = 360  # 6 minutes: the first four steps; the rest with --only in a later call
 
 
 def command(step: Step, tiny: bool, work: Path) -> list[str] | None:
@@ -73,18 +87,23 @@ def command(step: Step, tiny: bool, work: Path) -> list[str] | None:
     py = sys.executable
     size = "tiny" if tiny else "1b"
     quant = "bf16" if torch.cuda.is_available() else "fp32"
+    # one run a case (--repeats 1): training medians over its measured steps, generation over 3 alternated runs
     bench = [py, str(HERE / "bench.py"), "--size", size, "--repeats", "1"]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_gpu.py")]
     return {
         "tests": pytest + ["-m", "gpu", "-k", "not unsloth"],  # (unsloth is not on this step's path anyway)
         "unsloth": pytest + ["-m", "gpu", "-k", "unsloth"],
-        "bench.gen": bench + ["--quant", quant, "--only", "gen", "--out", str(work / "bench.gen.json")],
-        "bench.train": bench + ["--quant", quant, "--only", "train.ours", "train.trl",
+        "profile": [py, str(HERE / "gpu_profile.py"), "--size", size, "--out", str(work / "profile")],
+        "bench.gen": bench + ["--quant", quant, "--only", "gen", "--lengths", "equal", "spread",
+                              "--out", str(work / "bench.gen.json")],
+        "bench.train": bench + ["--quant", quant, "--only", "train.ours", "train.trl", "--lengths", "equal", "spread",
                                 "--out", str(work / "bench.train.json")],
-        "bench.iter": bench + ["--quant", quant, "--only", "iter.ours", "iter.peer",
+        "bench.iter": bench + ["--quant", quant, "--only", "iter.ours", "iter.peer", "--lengths", "equal",
                                "--out", str(work / "bench.iter.json")],
-        "bench.nf4": bench + ["--quant", "nf4", "--only", "gen", "train.ours", "train.trl",
+        "bench.nf4": bench + ["--quant", "nf4", "--only", "train.ours", "train.trl", "--lengths", "equal",
                               "--out", str(work / "bench.nf4.json")],
+        "bench.nf4.gen": bench + ["--quant", "nf4", "--only", "gen", "--lengths", "equal",
+                                  "--out", str(work / "bench.nf4.gen.json")],
         "bench.levers": bench + ["--quant", quant, "--only", "lever.gen.hf_merged_dynamic",
                                  "lever.gen.hf_merged_static", "--out", str(work / "bench.levers.json")],
         "memory.8b": [py, str(HERE / "memory_8b.py"), "--size", "tiny" if tiny else "8b",
@@ -139,7 +158,13 @@ def run_step(step: Step, tiny: bool, work: Path, timeout: float, log) -> dict:
         counts = {w: int(n) for n, w in counts}
         ran = counts.get("passed", 0) > 0 or not torch.cuda.is_available()  # on a GPU, all skipped is a failure
         return out | {"status": "passed" if code == 0 and ran else "failed", "summary": summary, "counts": counts}
-    path = work / f"{step.name}.json"
+    path = work / ("profile/profile.json" if step.name == "profile" else f"{step.name}.json")
+    if step.name == "profile" and path.exists():  # its arms' errors are in the file; a failed arm fails the step
+        data = json.loads(path.read_text())
+        failed = [f"{part}.{k}" for part in ("train", "pack", "gen") for k, v in data.get(part, {}).items()
+                  if isinstance(v, dict) and "error" in v]
+        return out | {"status": "failed" if code != 0 or failed else "passed", "data": data,
+                      "summary": f"failed: {', '.join(failed)}" if failed else ("ok" if code == 0 else f"exit {code}")}
     if code != 0 or not path.exists():
         return out | {"status": "failed", "summary": f"exit {code}: " + output.strip()[-300:]}
     data = json.loads(path.read_text())
@@ -164,14 +189,30 @@ def table_rows(steps: dict) -> list[list[str]]:
                                             f">= {c['target_tokens_per_s']:,} tok/s" if c.get("target_tokens_per_s")
                                             else ""]))
             met = {True: "yes", False: "NO", None: ""}[c.get("meets_target")]
-            rows.append([name, f"{c['comparison']} ({c['quant']})",
+            rows.append([name, f"{c['comparison']} ({c['quant']}{', spread' if c.get('lengths') == 'spread' else ''})",
                          f"{c['ours']:,.1f}{unit} vs {c['peer']:,.1f}{unit} = {c['ratio']:.2f}x; "
                          f"{c['ours_peak_gib']:.2f} vs {c['peer_peak_gib']:.2f} GiB", target, met])
+        for key, cases in (data.get("cases") or {}).items():  # the iteration's phases on both sides
+            for case, v in sorted(cases.items()):
+                if v.get("phases"):
+                    rows.append([name, f"{case} phases ({key})", "; ".join(
+                        f"{ph} {x['seconds']:.1f} s {x['peak_gib']:.2f} GiB" for ph, x in v["phases"].items()), "", ""])
         for key, cases in (data.get("cases") or {}).items():  # the levers have no peer row
             for case, v in sorted(cases.items()):
                 if case.startswith("lever.") and "tokens_per_s" in v:
                     rows.append([name, f"{case} ({key})", f"{v['tokens_per_s']:,.1f} tok/s, {v['peak_gib']:.2f} GiB",
                                  "", ""])
+        for part in ("train", "pack", "gen"):  # the profile's A/B arms
+            for arm, v in sorted((data.get(part) or {}).items()):
+                if isinstance(v, dict) and "tokens_per_s" in v:
+                    spread = v.get("spread") or [v["tokens_per_s"]] * 2
+                    memory = f", {v['peak_gib']:.2f} GiB" if v.get("peak_gib") is not None else ""
+                    rows.append([name, f"{part}.{arm}", f"{v['tokens_per_s']:,.0f} tok/s ({spread[0]:,.0f}-"
+                                 f"{spread[1]:,.0f}){memory}", "", ""])
+        if data.get("engine_for"):
+            e = data["engine_for"]
+            rows.append([name, "engine_for auto", f"{e['rows_in_pass']} rows in a pass (room for {e['room_for_rows']}):"
+                         f" {e['now']}; before the fix {e['before_the_fix']}", "", ""])
         for phase, v in (data.get("phases") or {}).items():
             cap = data.get("cap_gib")  # None on a CPU rehearsal
             item = f"{phase} ({data.get('generated_from', '')}, {data.get('engine', '')} engine)" \
@@ -218,6 +259,8 @@ def save(report: dict, path: Path, work: Path, results: Path | None):
         results.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, results / path.name)
         shutil.copy(work / "gpu_check.log", results / "gpu_check.log")
+        if (work / "profile").is_dir():  # the kernel tables
+            shutil.copytree(work / "profile", results / "profile", dirs_exist_ok=True)
 
 
 def main():
@@ -225,10 +268,11 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="the same steps at a tiny size (a rehearsal)")
     parser.add_argument("--only", nargs="*", choices=[s.name for s in STEPS], help="run only these steps")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for all steps (default: 300 on a GPU at full size, no limit with --tiny)")
+                        help=f"seconds for all steps (default: {DEFAULT_BUDGET_S} on a GPU at full size, no limit "
+                             "with --tiny)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    budget = args.budget or (1e9 if args.tiny else 300.0)
+    budget = args.budget or (1e9 if args.tiny else float(DEFAULT_BUDGET_S))
     work = C.WORK / ("gpu-check-tiny" if args.tiny else "gpu-check")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

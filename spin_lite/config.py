@@ -35,6 +35,8 @@ DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_response"]
 Engine = Literal["auto", "eager", "static"]
 ChooseBy = Literal["auto", "task", "logp"]
 ControlRate = Literal["sft", "spin"]
+DecodeAttention = Literal["auto", "sdpa"]
+Autocast = Literal["auto", "always", "never"]  # (not on/off: YAML reads those as booleans)
 
 
 @dataclass
@@ -127,6 +129,11 @@ class GenerationSettings:
     """Decoding engine: eager (dynamic KV cache, finished rows leave the batch), static (a KV cache preallocated
     for the whole answer; on CUDA each decoding step replays a CUDA graph), or auto (static on CUDA for the
     merged copy, eager elsewhere). For the same seed the two may sample different tokens; greedy ones are equal."""
+    decode_attention: DecodeAttention = "auto"
+    """The static engine's attention for its one-token decoding steps: auto, for Llama-, Qwen- and Mistral-type
+    models, the query heads that share a key/value head are grouped into one attention call (keys and values read
+    once, never repeated, the mask broadcast: spin_lite.generate.gqa_decode_attention); sdpa: transformers' own
+    (which repeats keys and values for every query head when a mask is given, up to transformers 5.17)."""
 
 
 @dataclass
@@ -179,6 +186,12 @@ class TrainSettings:
     """Gradient clipping norm."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    autocast: Autocast = "auto"
+    """Where the model computes in bfloat16: its forward and the loss under torch.autocast(bfloat16), the LoRA
+    layers' inputs left in bfloat16 (PEFT otherwise copies each to float32 for its float32 adapters), the LoRA
+    weights and AdamW's state still float32 (what TRL gets from accelerate). auto: on CUDA; always: on any device;
+    never: the LoRA branch in float32. float16 and float32 models never autocast. Opponent scoring and
+    evaluation use the same setting, so the policy starts equal to the opponent."""
     sft_weight: float = 0.0
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
     added to each pair's SPIN loss (iterative RPO; like TRL's loss_type=["sigmoid", "sft"], except that the NLL is

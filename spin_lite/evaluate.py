@@ -35,20 +35,22 @@ import torch
 
 from .config import SpinConfig
 from .generate import generate_batch
-from .logprobs import collate, sequence_logprobs
+from .logprobs import collate, mixed_precision, sequence_logprobs
 from .loss import spin_loss
 
 
 @torch.no_grad()
 def score(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int,
-          progress=None):
-    """(summed log-probs, token counts) of each response given its prompt, as Python lists."""
+          progress=None, autocast: str = "never"):
+    """(summed log-probs, token counts) of each response given its prompt, as Python lists. `autocast`
+    (train.autocast): the precision training scores the policy in, so the opponent's log-probs match them."""
     model.eval()
     device = next(model.parameters()).device
     logps, counts = [], []
     for i in range(0, len(prompts), batch_size):
         batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id).to(device)
-        lp, n = sequence_logprobs(model, batch)
+        with mixed_precision(model, autocast):
+            lp, n = sequence_logprobs(model, batch)
         logps += lp.tolist()
         counts += n.tolist()
         if progress is not None:
@@ -63,11 +65,12 @@ def evaluate(model, tokenizer, items: list[dict], cfg: SpinConfig, beta: float |
     `progress(done)` is called with the number of items whose greedy answer is written."""
     pad, bs = tokenizer.pad_token_id, cfg.train.micro_batch_size * 2
     prompts = [it["prompt_ids"] for it in items]
-    real_logps, real_counts = score(model, prompts, [it["real_ids"] for it in items], pad, bs)
+    real_logps, real_counts = score(model, prompts, [it["real_ids"] for it in items], pad, bs,
+                                    autocast=cfg.train.autocast)
     metrics = {"logp_per_token": sum(real_logps) / max(sum(real_counts), 1), "margin_accuracy": None,
                "spin_loss": None}
     if items and "opponent_real" in items[0]:
-        gen_logps, _ = score(model, prompts, [it["gen_ids"] for it in items], pad, bs)
+        gen_logps, _ = score(model, prompts, [it["gen_ids"] for it in items], pad, bs, autocast=cfg.train.autocast)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)
         proto = None  # tspin's historical term, where the pairs carry the starting model's responses
         if cfg.train.loss_type == "tspin" and all("proto_ids" in it for it in items):

@@ -24,9 +24,14 @@ Where the time goes, and what this module does about it (numbers: docs/PERFORMAN
   The static engine (`generation.engine`, `decode_static`) preallocates the KV cache for the whole
   answer and records one decoding step (forward and sampling) in a CUDA graph, replayed once a token;
   on a CPU the same static-cache step runs without the graph (tests/test_static_engine.py).
+- The static engine always passes an attention mask, and with a mask transformers' sdpa (up to 5.17) repeats the
+  keys and values for every query head of a grouped-query model: its decoding steps attend with
+  `gqa_decode_attention` instead (generation.decode_attention), each key/value head read once.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -105,7 +110,7 @@ def generate_batch(model, prompts: list[list[int]], settings: GenerationSettings
     sampling = Sampling(do_sample, settings.temperature, settings.top_p, [0] * len(prompts),
                         [_generator(seed, _device(model))])
     out = {}
-    _decoder(engine_for(settings.engine, model))(
+    _decoder(engine_for(settings.engine, model), settings)(
         model, prompts, eos_id, pad_id, max_new_tokens or settings.max_new_tokens, sampling,
         lambda i, ids, truncated: out.__setitem__(i, (ids, truncated)))
     return [out[i] for i in range(len(prompts))]
@@ -151,18 +156,21 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     cuda = _device(model).type == "cuda"
     reserve = settings.batch_size * 3 // 2 * row_bytes(model, longest, settings.max_new_tokens) if cuda else 0
     opponent = merged_copy(model, reserve) or model
-    rows = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
+    capacity = rows_per_pass(opponent, longest, settings.max_new_tokens, settings.batch_size)
+    per_pass = max(1, capacity // settings.batch_size)
+    groups = [mine[g:g + per_pass] for g in range(0, len(mine), per_pass)]
+    # the engine is chosen for the rows a pass actually holds (128 prompts on a card that holds 512 rows: 128), not
+    # for what the card could hold; one engine for every pass, so a resumed run decodes as an uninterrupted one
+    rows = max(sum(len(batches[b]) for b in group) for group in groups)
     stops = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     engine = engine_for(settings.engine, opponent, rows)
-    decoder = _decoder(engine)
+    decoder = _decoder(engine, settings)
     if rank == 0:
-        print(f"{desc}: {engine} engine, {rows} rows a pass, stop ids {stops}", flush=True)
-    per_pass = max(1, rows // settings.batch_size)
+        print(f"{desc}: {engine} engine, {rows} rows a pass (room for {capacity}), stop ids {stops}", flush=True)
     written = len(complete)
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
-        for g in range(0, len(mine), per_pass):
-            group = mine[g:g + per_pass]
+        for group in groups:
             if all(b in complete for b in group):
                 continue
             keys = [k for b in group for k in batches[b]]
@@ -225,8 +233,10 @@ def engine_for(engine: str, model, rows: int | None = None) -> str:
     return "static" if _device(model).type == "cuda" and plain and small else "eager"
 
 
-def _decoder(engine: str):
-    return decode_static if engine == "static" else decode
+def _decoder(engine: str, settings: GenerationSettings):
+    if engine == "static":
+        return functools.partial(decode_static, attention=settings.decode_attention)
+    return decode
 
 
 @torch.no_grad()
@@ -288,11 +298,8 @@ def _keep_rows(cache, index: torch.Tensor):
     return cache
 
 
-@torch.no_grad()
-# One function on purpose: the CUDA graph captures one decoding step, so the step's tensors (cache, slots,
-# sampling state) must be made and reused in one scope.
 def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: int, max_new_tokens: int,
-                  sampling: Sampling, on_finished, graphs: bool | None = None):
+                  sampling: Sampling, on_finished, graphs: bool | None = None, attention: str = "auto"):
     """The static engine: what `decode` does, over a KV cache preallocated for prompt + `max_new_tokens`.
 
     Every tensor a decoding step touches (cache, attention mask, positions, the last tokens, the step
@@ -306,7 +313,18 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
     The host reads the new tokens every `STATIC_CHECK_EVERY` steps on CUDA (every step on a CPU) to call
     `on_finished` and stop once every row has ended; finished rows stay in the batch (static shapes) and
     their later tokens are dropped. Greedy tokens equal `decode`'s (tests/test_static_engine.py).
+    `attention` (generation.decode_attention): auto decodes Llama/Qwen/Mistral-type models with
+    `gqa_decode_attention` (`decode_attention`); sdpa with transformers' own.
     """
+    with decode_attention(model, attention):
+        _decode_static(model, prompts, stop_ids, pad_id, max_new_tokens, sampling, on_finished, graphs)
+
+
+@torch.no_grad()
+# One function on purpose: the CUDA graph captures one decoding step, so the step's tensors (cache, slots,
+# sampling state) must be made and reused in one scope.
+def _decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pad_id: int, max_new_tokens: int,
+                   sampling: Sampling, on_finished, graphs: bool | None):
     from transformers import StaticCache
 
     stops = _stop_set(stop_ids)
@@ -381,6 +399,65 @@ def decode_static(model, prompts: list[list[int]], stop_ids: int | list[int], pa
     for i in range(n):
         if not done[i]:
             on_finished(i, new[i], True)
+
+
+# -- the static engine's decode attention ------------------------------------------------------------------
+GQA_DECODE = "spin_lite_gqa_decode"  # its name in transformers' AttentionInterface and AttentionMaskInterface
+# models whose attention is sdpa over rotary queries and keys, nothing more (no soft-capping, no sinks, no bias)
+GQA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' sdpa attention (same arguments, same result), with a one-position query computed without
+    repeating keys and values: the G query heads that share a key/value head become G query rows of that head
+    ([B, H, 1, D] -> [B, Hkv, G, D]), so one SDPA call reads each head's keys and values once, and a [B, 1, 1, L] mask
+    broadcasts over heads and rows. With a mask, transformers' sdpa up to 5.17 repeats keys and values G-fold (and
+    CUDA's flash kernel takes no mask): at 512 rows x 384 slots of Llama-3.2-1B that is most of a decoding step's
+    memory traffic (../shared/GPU_LEVERS.md). Newer transformers pack the heads this way themselves (pack_gqa).
+    A prompt (several positions), a model without grouped heads or a per-head mask go to transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    mask = attention_mask
+    if (length != 1 or kv_heads == heads or heads % kv_heads or (mask is not None and mask.shape[1] != 1)
+            or any(kwargs.get(k) is not None for k in ("softcap", "sinks", "s_aux", "position_bias"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def decode_attention(model, setting: str = "auto"):
+    """Within the block, `model` attends with `gqa_decode_attention` where `setting` is auto and the model is of a
+    GQA_MODEL_TYPES type with grouped heads and transformers' sdpa attention; its own attention again after. Where
+    transformers refuses the switch, the model keeps its attention, with a note."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 0)
+    grouped = (getattr(config, "num_key_value_heads", None) or heads) < heads
+    before = getattr(model.config, "_attn_implementation", None)
+    if setting != "auto" or getattr(config, "model_type", None) not in GQA_MODEL_TYPES or not grouped \
+            or before != "sdpa":
+        yield
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
+        AttentionMaskInterface.register(GQA_DECODE, sdpa_mask)  # the masks sdpa gets
+        model.set_attn_implementation(GQA_DECODE)
+    except Exception as e:  # noqa: BLE001 - an older transformers without the interface: decode with sdpa
+        print(f"generate: transformers' sdpa attention for decoding ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _no_graph_reason(cache, length: int) -> str | None:

@@ -379,9 +379,10 @@ class SpinRun:
         bs = self.cfg.train.micro_batch_size * 2
         pad = self.tokenizer.pad_token_id
         progress = self._progress(t, "score", 2 * len(mine))
-        real, _ = score(model, [p["prompt_ids"] for p in mine], [p["real_ids"] for p in mine], pad, bs, progress)
+        amp = self.cfg.train.autocast  # the precision the policy is trained in: it starts equal to the opponent
+        real, _ = score(model, [p["prompt_ids"] for p in mine], [p["real_ids"] for p in mine], pad, bs, progress, amp)
         offset = (lambda done: progress(len(mine) + done)) if progress else None
-        gen, _ = score(model, [p["prompt_ids"] for p in mine], [p["gen_ids"] for p in mine], pad, bs, offset)
+        gen, _ = score(model, [p["prompt_ids"] for p in mine], [p["gen_ids"] for p in mine], pad, bs, offset, amp)
         for p, r, g in zip(mine, real, gen):
             p["opponent_real"], p["opponent_gen"] = r, g
         if self.world_size > 1:

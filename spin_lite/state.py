@@ -168,8 +168,9 @@ RESUMABLE_CHANGES = {"iterations", "run_dir", "train.report_to", "train.save_eve
 # Settings added after runs were made without them, with the value that reproduces such a run: a run
 # directory whose config.yaml lacks one continues with this value.
 LEGACY_VALUES = {"data.val_size": 0, "data.val_path": None, "train.sft_weight": 0.0, "train.stop_when": "never",
-                 "eval.answer_regex": None, "sft.enabled": False, "eval.choose_by": "logp", "data.allow_shared_prompts": True,
-                 "sft.control_rates": ["sft"]}
+                 "eval.answer_regex": None, "sft.enabled": False, "eval.choose_by": "logp",
+                 "data.allow_shared_prompts": True, "sft.control_rates": ["sft"], "train.autocast": "never",
+                 "generation.decode_attention": "sdpa"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

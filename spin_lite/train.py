@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import SpinConfig, TrainSettings
-from .logprobs import Batch, collate, sequence_logprobs
+from .logprobs import Batch, collate, mixed_precision, sequence_logprobs
 from .loss import spin_loss
 from .state import atomic_write_text, fault_point, recover_dir, replace_dir
 
@@ -55,18 +55,18 @@ def lr_schedule(optimizer, kind: str, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str, params=(),
+def check_step(loss: float, grad_norm: float, max_loss: float, step: int, where: str, weights_finite: bool = True,
                lr_setting: str = "train.learning_rate"):
     """Raise TrainingDiverged when a step's loss or gradient norm is not finite, the loss exceeds max_loss, the
     gradient vanished while the loss did not (norm exactly 0: the model saturated, as after a far too large
-    step), or a trainable parameter is not finite. `lr_setting`: the setting whose rate the training ran at, which
-    the message says to lower."""
+    step), or the step left a trainable parameter not finite (`weights_finite`: `_all_finite`, read).
+    `lr_setting`: the setting whose rate the training ran at, which the message says to lower."""
     problem = None
     if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > max_loss:
         problem = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}, train.max_loss={max_loss:g}"
     elif grad_norm == 0.0 and loss > 0:
         problem = f"the gradient vanished (norm 0 at loss {loss:.4g}): the model saturated"
-    elif not all(bool(torch.isfinite(p).all()) for p in params):
+    elif not weights_finite:
         problem = "an adapter weight is not finite"
     if problem:
         raise TrainingDiverged(
@@ -210,6 +210,10 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
 
     model.train()
     skipped_in_a_row = 0
+    # The host reads the device once a step (`_read_step`, where it waits for the device): the step's metrics,
+    # gradient norm, and whether the step before left every weight finite (`weights`, computed on the device after
+    # each optimizer step and read with the next step's figures, or before anything is saved).
+    weights = None
     bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=rank != 0)
     for step in range(start, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
@@ -217,10 +221,12 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
         began = time.perf_counter()
         sums, tokens = _accumulate(scorer, objective, step_items, s.micro_batch_size, rank, world_size, device,
-                                   scaler)
+                                   scaler, lambda: mixed_precision(model, s.autocast))
         if scaler is not None:
             scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        sums, tokens, grad_norm, finite = _read_step(sums, tokens, norm, weights)
+        check_step(0.0, 1.0, s.max_loss, step, desc, finite, lr_setting)  # the step before left every weight finite
         # with loss scaling a non-finite gradient is an overflow: the step is skipped and the scale lowered, not
         # divergence; the guard then applies only to a run of such steps
         skipped = scaler is not None and not math.isfinite(grad_norm)
@@ -242,7 +248,10 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
         if not skipped:  # a skipped step leaves the weights, AdamW and the learning-rate schedule as they were
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        check_step(0.0, 1.0, s.max_loss, step + 1, desc, params, lr_setting)  # the step left every weight finite
+        weights = _all_finite(params)  # not read here: with the next step's figures, or before a save
+        saves = step + 1 in save_at or ((step + 1) % s.save_every == 0 and step + 1 < total_steps)
+        if saves or step + 1 == total_steps:  # (on every process: they stop together)
+            check_step(0.0, 1.0, s.max_loss, step + 1, desc, bool(weights), lr_setting)  # nothing not finite is saved
         records.append(record)
         if rank == 0:
             with open(log_path, "a", encoding="utf-8") as f:
@@ -307,9 +316,10 @@ def _scorer(model, world_size: int):
 
 
 def _accumulate(scorer, objective: Objective, step_items: list, micro_size: int, rank: int, world_size: int,
-                device, scaler) -> tuple[dict[str, float], int]:
+                device, scaler, precision=contextlib.nullcontext) -> tuple[dict[str, float], int]:
     """Forward and backward over this process's share of a step's items, a micro batch at a time; returns the
-    step's metric sums and token count over all processes."""
+    step's metric sums and token count over all processes. The forward and the loss run in `precision()`
+    (spin_lite.logprobs.mixed_precision: bfloat16 autocast or nothing), the backward outside it."""
     mine, norm = step_items[rank::world_size], objective.norm(step_items)
     # every process runs as many micro batches as the busiest one (DDP all-reduces once per backward);
     # one with fewer items repeats its first item (or the step's) with weight 0
@@ -319,17 +329,20 @@ def _accumulate(scorer, objective: Objective, step_items: list, micro_size: int,
         micro = mine[m * micro_size:(m + 1) * micro_size]
         weight = 1.0 if micro else 0.0
         micro = micro or (mine or step_items)[:1]
-        batch = objective.batch(micro).to(device)
+        batch = objective.batch(micro)
+        tokens += (batch.tokens if batch.tokens is not None else int(batch.attention_mask.sum())) if weight else 0
+        batch = batch.to(device)
         sync = m == micros - 1 or world_size == 1
         with contextlib.nullcontext() if sync else scorer.no_sync():
-            logps, counts = scorer(batch)
-            losses, metrics = objective.loss(micro, logps, counts)
+            with precision():
+                logps, counts = scorer(batch)
+                losses, metrics = objective.loss(micro, logps, counts)
             # the step's mean on all processes; DDP averages over processes, hence * world_size
             loss = losses.sum() * weight * world_size / norm
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        tokens += int(batch.attention_mask.sum()) if weight else 0
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + weight * float(value.sum())
+        for name, value in metrics.items():  # summed on the device; `_read_step` reads them once a step
+            total = value.detach().double().sum() * weight  # (float64, as the Python sums it replaces)
+            sums[name] = sums[name] + total if name in sums else total
     if world_size > 1:
         sums, tokens = _all_reduce_sums(sums, tokens, device)
     return sums, tokens
@@ -380,12 +393,35 @@ def _read_lines(path: Path) -> list[str]:
     return [line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _all_reduce_sums(sums: dict[str, float], tokens: int, device) -> tuple[dict[str, float], int]:
-    """The step's metric sums and token count over all processes (for the log, as one process writes it)."""
+def _all_reduce_sums(sums: dict[str, torch.Tensor], tokens: int, device) -> tuple[dict[str, torch.Tensor],
+                                                                                  torch.Tensor]:
+    """The step's metric sums and token count over all processes (for the log, as one process writes it), still on
+    the device: `_read_step` reads them."""
     names = sorted(sums)
-    values = torch.tensor([sums.get(n, 0.0) for n in names] + [float(tokens)], dtype=torch.float64, device=device)
+    values = torch.stack([sums[n].double() for n in names] + [torch.tensor(float(tokens), dtype=torch.float64,
+                                                                           device=device)])
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return dict(zip(names, values[:-1].tolist())), int(values[-1])
+    return dict(zip(names, values[:-1])), values[-1]
+
+
+def _read_step(sums: dict[str, torch.Tensor], tokens, grad_norm: torch.Tensor, weights: torch.Tensor | None
+               ) -> tuple[dict[str, float], int, float, bool]:
+    """(metric sums, token count, gradient norm, did the step before leave every weight finite), read from the
+    device in one transfer: the one point of a step where the host waits for the device. `tokens`: a host int, or
+    a device tensor after `_all_reduce_sums`; `weights`: `_all_finite`'s flag, or None before the first step."""
+    names = sorted(sums)
+    parts = [sums[n].double() for n in names] + [grad_norm.double()]
+    parts += [t.double() for t in (weights, tokens) if torch.is_tensor(t)]
+    values = torch.stack([t.to(grad_norm.device) for t in parts]).tolist()
+    finite = bool(values[len(names) + 1]) if weights is not None else True
+    tokens = int(values[-1]) if torch.is_tensor(tokens) else tokens
+    return dict(zip(names, values)), tokens, values[len(names)], finite
+
+
+def _all_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of `params` is finite, as a device bool (no host read): one fused max-abs a tensor
+    (inf for an inf, NaN for a NaN: the maximum propagates NaN, on CUDA as on the CPU) and one reduction."""
+    return torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))]).isfinite().all()
 
 
 def _tracker(cfg: SpinConfig, out_dir: Path, iteration: int):

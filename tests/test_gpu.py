@@ -70,7 +70,8 @@ def _sharp_tiny_model(tiny_model_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, monkeypatch, capsys):
     """On CUDA the static engine records its decoding step once and replays it: greedy tokens equal the eager
-    engine's, sampled tokens are the same for the same seed, and no fallback note is printed."""
+    engine's, with the grouped decode attention (generation.decode_attention auto) and with transformers' sdpa,
+    sampled tokens are the same for the same seed, and no fallback note is printed."""
     from spin_lite import generate as gen
     from spin_lite.config import GenerationSettings
     model = _sharp_tiny_model(tiny_model_dir, dtype)
@@ -80,10 +81,15 @@ def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, mo
     record = gen._record
     monkeypatch.setattr(gen, "_record", lambda step: recorded.append(1) or record(step))
     stops, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
-    greedy = {e: gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=40, do_sample=False, engine=e),
-                                    stops, pad, seed=0) for e in ("eager", "static")}
-    assert recorded and "without a CUDA graph" not in capsys.readouterr().out
-    assert greedy["static"] == greedy["eager"]
+    greedy = {(e, a): gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=40, do_sample=False,
+                                                                            engine=e, decode_attention=a),
+                                         stops, pad, seed=0)
+              for e, a in (("eager", "auto"), ("static", "auto"), ("static", "sdpa"))}
+    out = capsys.readouterr().out
+    # recorded with the grouped decode attention (no note that transformers refused it) and with sdpa
+    assert len(recorded) == 2 and "without a CUDA graph" not in out and "sdpa attention for decoding" not in out
+    greedy = {e if a == "auto" else "static_sdpa": tokens for (e, a), tokens in greedy.items()}
+    assert greedy["static"] == greedy["eager"] == greedy["static_sdpa"]
     assert len({tuple(ids) for ids, _ in greedy["eager"]}) > 1  # the context matters: rows differ
     sampled = [gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=40, engine="static"), stops, pad,
                                   seed=3) for _ in range(2)]

@@ -229,3 +229,28 @@ def test_answer_flags_are_the_rates_row_by_row():
                      {"ended": True, "repetitive": False, "match": True, "task": False}]
     m = answer_metrics(samples, [6, 6, 6], cfg)
     assert (m["ended_rate"], m["repetition_rate"], m["match_rate"], m["task_accuracy"]) == (2 / 3, 1 / 3, 2 / 3, 1 / 3)
+
+
+def test_the_task_metric_decides_where_one_is_set():
+    """The plateau case of issue 25: a model that answers 8 more of 16 rows right while its likelihood falls 0.1
+    nats a token on every row. Deciding by likelihood (the rule before eval.choose_by) it is worse; deciding by the
+    task metric (choose_by auto with an answer regex) it is better, and the likelihood is reported, not a veto."""
+    old = {k: r | {"task": False} for k, r in start_rows().items()}
+    new = shifted(old, lambda k: -0.1, task=list(range(8)))
+    by_logp = paired_compare(new, old)
+    assert by_logp.worse and not by_logp.better and by_logp.decided_by == "logp_per_token"
+    by_task = paired_compare(new, old, decide_by="task_accuracy")
+    assert by_task.better and not by_task.worse and by_task.decided_by == "task_accuracy"
+    assert by_task.to_dict()["differences"]["logp_per_token"]["difference"] == pytest.approx(-0.1)
+    # a task flag the rows lack: likelihood decides, as it says
+    assert paired_compare(start_rows(), start_rows(), decide_by="match_rate").decided_by == "logp_per_token"
+
+
+def test_choose_by_resolves_to_the_metric_it_names():
+    assert load_config(None, ["eval.answer_regex='= *(-?[0-9]+)'"]).eval.deciding_metric == "task_accuracy"
+    assert load_config(None, ["eval.match_regex='^In short'"]).eval.deciding_metric == "match_rate"
+    assert load_config(None, []).eval.deciding_metric == "logp_per_token"
+    assert load_config(None, ["eval.answer_regex='= *(-?[0-9]+)'", "eval.choose_by=logp"]).eval.deciding_metric == \
+        "logp_per_token"
+    with pytest.raises(ConfigError, match="eval.choose_by=task needs a task metric"):
+        load_config(None, ["eval.choose_by=task"])

@@ -94,6 +94,23 @@ def test_auto_engine_is_static_only_for_a_plain_model_on_cuda(tiny, peft_model, 
     assert gen.engine_for("auto", gen.merged_copy(unsloth)) == "eager"  # the merged copy keeps the mark
 
 
+def test_auto_engine_is_chosen_for_the_rows_in_the_pass_not_the_room_for_them(peft_model, tok, prompts, tmp_path,
+                                                                               monkeypatch):
+    """9 prompts on a card with room for 512 rows a pass: the pass holds 9 rows, so auto picks static (on CUDA),
+    as it would for 9 rows; given the room (512 > STATIC_MAX_ROWS), it picked eager on every large card."""
+    chosen = []
+    engine_for = gen.engine_for
+    monkeypatch.setattr(gen, "CPU_ROWS", 512)
+    monkeypatch.setattr(gen, "engine_for", lambda engine, model, rows=None: chosen.append(rows) or engine_for(
+        engine, model, rows))
+    keyed = {f"train:{i}": p for i, p in enumerate(prompts)}
+    gen.generate_all(peft_model, tok, keyed, GenerationSettings(max_new_tokens=2, batch_size=2), tmp_path / "g.jsonl",
+                     seed=0)
+    assert chosen == [len(prompts)]
+    monkeypatch.setattr(gen, "_device", lambda model: torch.device("cuda"))
+    assert engine_for("auto", gen.merged_copy(peft_model), chosen[0]) == "static"
+
+
 def test_static_step_reads_no_empty_cache_slot(tiny, tok, prompts):
     """Without left padding (one prompt), sdpa may drop the attention mask for a one-token query; the static
     cache's empty slots must still be masked, so a lone prompt decodes as transformers decodes it."""
@@ -153,3 +170,43 @@ def test_sliding_window_model_decodes_greedy_tokens_without_a_graph(tok, prompts
     eager = gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=max_new, do_sample=False,
                                                                   engine="eager"), eos, pad, seed=0)
     assert eager == expected
+
+
+# -- the grouped-query decode attention -------------------------------------------------------------------------
+def test_gqa_decode_attention_equals_attention_over_repeated_keys_and_values():
+    """4 query heads over 2 key/value heads, one query position, a left-padding mask: the same numbers as attention
+    with each key/value head repeated for its 2 query heads (what transformers' sdpa computes up to 5.17)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    mask[2, ..., :7] = False
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    got, _ = gen.gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3
+    expected = (scores.masked_fill(~mask, -float("inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)).transpose(1, 2)
+    assert got.shape == (3, 1, 4, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_static_engine_decodes_with_grouped_heads_and_transformers_tokens(tiny, tok, prompts, attention, monkeypatch):
+    """The tiny Llama (4 query heads, 2 key/value heads), nine prompts of different lengths (left padding), an EOS
+    some rows reach early: under decode_attention auto every decoding step of every layer goes through
+    gqa_decode_attention, and the greedy tokens are transformers' generate's; sdpa (the A/B switch) never does. The
+    model's own attention is back afterwards."""
+    calls = []
+    original = gen.gqa_decode_attention
+    monkeypatch.setattr(gen, "gqa_decode_attention",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or original(module, query, *a, **k))
+    max_new, pad = 12, tok.pad_token_id
+    eos = early_eos(hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new), max_new)
+    expected = hf_greedy(tiny, prompts, eos, pad, max_new)
+    settings = GenerationSettings(max_new_tokens=max_new, do_sample=False, engine="static", decode_attention=attention)
+    assert gen.generate_batch(tiny, prompts, settings, eos, pad, seed=0) == expected
+    if attention == "auto":
+        assert calls.count(1) >= 2 * (max_new - 1)  # 2 layers, every decoding step
+    else:
+        assert calls == []
+    assert tiny.config._attn_implementation == "sdpa"
