@@ -240,6 +240,7 @@ def test_a_starting_model_made_by_the_sft_stage_is_exported_when_no_iteration_be
     summary["selection"] |= {"accepted": False, "better": False, "reasons": ["val logp/tok got worse"]}
     path.write_text(json.dumps(summary))
     last = format_table(RunDir(copy), cfg).splitlines()[-1]
-    assert last == (f"next: export the chosen model, the SFT stage's (no iteration was better): spin-lite export {copy} "
-                    "--iteration start --out exports/run-start  (the adapter; --merged or --gguf q8_0: one model file)")
+    assert last == ("next: export the chosen model, the SFT stage's (no iteration was better): spin-lite export "
+                    f"{copy} --iteration start --out exports/run-start  (the adapter; --merged or --gguf q8_0: one "
+                    "model file)")
     assert "your starting adapter" not in last
