@@ -484,18 +484,21 @@ class RunDir:
 
 
 def _inherited_lock(path: Path) -> int | None:
-    """The descriptor of `path`'s lock inherited from the launcher (SPIN_LITE_LOCK_FD), already locked."""
+    """The descriptor of `path`'s lock inherited from the launcher (SPIN_LITE_LOCK_FD), already locked; None when
+    there is none. The lock file pins the run directory the launcher checked: when `path` is no longer that file (the
+    folder was replaced or a link planted since), the run is refused rather than run into another folder."""
     fd = os.environ.pop("SPIN_LITE_LOCK_FD", None)
     if fd is None or not fd.isdigit():
         return None
     try:
         held, there = os.fstat(int(fd)), os.stat(path, follow_symlinks=False)
         if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
-            return None
+            raise FileNotFoundError
         fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: already ours
         os.set_inheritable(int(fd), False)  # ours alone now: a child process must not keep the run locked
     except OSError:
-        return None
+        raise RunLockedError(f"run directory {path.parent} is not the folder whose lock the launcher took (it was "
+                             "replaced or moved after the launch was checked); launch the run again") from None
     return int(fd)
 
 

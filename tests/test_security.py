@@ -98,6 +98,7 @@ def test_saved_config_with_outside_paths_is_neither_saved_loaded_nor_continued(w
         data[section][leaf] = str(value)
         data["run_dir"] = str(run.relative_to(ws))
         (run / "config.yaml").write_text(yaml.safe_dump(data))
+        (run / "state.json").write_text("{}")  # a run made by an earlier version, or by hand
         with pytest.raises(workspace.AppError, match="outside the workspace"):
             processes.continue_run(ws, str(run.relative_to(ws)))
         with pytest.raises(workspace.AppError, match="outside the workspace"):
@@ -114,17 +115,16 @@ def test_symlinks_are_never_written_through(ws, outside):
     assert workspace.save_upload(ws, DEMO) == "uploads/demo_sft-1.jsonl"
     assert not (outside / "planted.jsonl").exists()
     # Links at the files the app and the run write in a run directory: the launch is refused.
-    for name in (processes.LAUNCH_CONFIG, processes.LOG_FILE, "iter-00"):
-        run = ws / "runs" / f"linked-{name.replace('.', '-')}"
-        run.mkdir(parents=True)
-        if name != processes.LAUNCH_CONFIG:  # Continue launches this config
-            form.save_config(ws, tiny_config(str(run.relative_to(ws))), str((run / processes.LAUNCH_CONFIG).relative_to(ws)))
-        (run / name).symlink_to(outside / "keep.txt")
-        with pytest.raises(workspace.AppError, match="symbolic link"):
-            if name == processes.LAUNCH_CONFIG:
-                processes.start_run(ws, tiny_config(str(run.relative_to(ws))))
-            else:
-                processes.continue_run(ws, str(run.relative_to(ws)))
+    for name in (processes.LOG_FILE, "iter-00"):
+        for launch in ("start", "continue"):
+            rel = f"runs/linked-{launch}-{name.replace('.', '-')}"
+            run = made_run(ws, rel)
+            (run / name).symlink_to(outside / "keep.txt")
+            with pytest.raises(workspace.AppError, match="symbolic link"):
+                if launch == "start":
+                    processes.start_run(ws, tiny_config(rel))
+                else:
+                    processes.continue_run(ws, rel)
     # A config saved onto a link to a file inside the workspace: not written through either.
     (ws / "configs").mkdir(exist_ok=True)
     (ws / "configs" / "target.yaml").write_text("iterations: 2\n")
@@ -147,14 +147,25 @@ def test_export_never_writes_through_a_link(ws, outside):
     assert untouched(outside)
 
 
-def test_a_launch_config_that_is_not_a_mapping_is_a_named_error(ws):
-    run = ws / "runs" / "listy"
+def made_run(ws: Path, rel: str) -> Path:
+    """A run directory as a run leaves it before its first stage: config.yaml, state.json, its lock file."""
+    from spin_lite.state import RunDir
+
+    run = ws / rel
     run.mkdir(parents=True)
-    (run / processes.LAUNCH_CONFIG).write_text("- just\n- a list\n")
+    (run / "config.yaml").write_text(tiny_config(rel).to_yaml())
+    RunDir(run).lock().close()
+    (run / "state.json").write_text("{}")
+    return run
+
+
+def test_a_run_config_that_is_not_a_mapping_is_a_named_error(ws):
+    run = made_run(ws, "runs/listy")
+    (run / "config.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         processes.continue_run(ws, "runs/listy")
     assert processes.run_status(ws, "runs/listy")["status"] == "not started"
-    (run / processes.LAUNCH_CONFIG).write_bytes(b"\xff\xfe\x00binary")
+    (run / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a text file"):
         processes.continue_run(ws, "runs/listy")
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from ..state import RunDir, found_better, read_json, read_jsonl
-from .processes import LAUNCH_CONFIG, LOG_FILE, log_lines, run_status
-from .workspace import AppError, inside
+from .processes import LOG_FILE, log_lines, run_status
+from .workspace import APP_FOLDERS, AppError, inside, is_run_dir, user_message
 
 # What one unit of a stage's progress counts (spin_lite.run: SpinRun.generate, score, train, _evaluate).
 STAGE_UNITS = {"generate": "batches", "score": "sequences", "train": "steps", "evaluate": "prompts"}
@@ -25,24 +25,32 @@ TEMPLATES = [re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S), 
 
 
 def list_runs(workspace, depth: int = 3) -> list[str]:
-    """Run directories under the workspace (relative paths, sorted): folders with a config.yaml and a
-    state.json, or launched by the app."""
+    """Run directories under the workspace (relative paths, sorted): workspace.is_run_dir's, never in the app's own
+    uploads/ and exports/ folders."""
     ws = Path(workspace).resolve()
     found = []
     for root, dirs, files in os.walk(ws):
         rel = Path(root).relative_to(ws)
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("node_modules", "site-packages")
-                         and not d.startswith("iter-") and len(rel.parts) < depth)
-        if ("config.yaml" in files and "state.json" in files) or LAUNCH_CONFIG in files:
+                         and not d.startswith("iter-") and len(rel.parts) < depth
+                         and not (rel == Path(".") and d in APP_FOLDERS))
+        if rel != Path(".") and is_run_dir(ws, Path(root)):
             found.append(str(rel))
             dirs[:] = []
     return sorted(found)
 
 
 def runs_overview(workspace) -> list[dict]:
+    """One row per run directory: status, iterations done of planned, stage, last update. A run whose files
+    cannot be read gets its own row saying so; the others are shown as usual."""
     rows = []
     for run in list_runs(workspace):
-        s = run_status(workspace, run)
+        try:
+            s = run_status(workspace, run)
+        except Exception as e:  # noqa: BLE001 - one broken run directory must not hide the others
+            rows.append({"run_dir": run, "status": f"unreadable: {user_message(e)[:200]}", "iterations": "",
+                         "stage": "", "updated": ""})
+            continue
         rows.append({"run_dir": run, "status": s["status"],
                      "iterations": f"{s['iterations_done']}/{s['iterations'] if s['iterations'] else '?'}",
                      "stage": s["stage"] or "",

@@ -22,6 +22,8 @@ from ..model import EMBEDDED, ModelError
 from ..state import RunLockedError
 
 UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
+# The app's own folders, which hold files and never a run (a run directory named inside one is refused).
+APP_FOLDERS = (UPLOADS, EXPORTS)
 # A run directory name the app accepts: folders of letters, digits, "_", "." and "-", each starting with a letter,
 # digit or "_" (no "=", spaces, quotes or "#", so no name can be read as a setting, an option or a YAML comment).
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
@@ -86,7 +88,25 @@ def run_name(workspace, typed: str | Path) -> str:
     if not RUN_NAME.fullmatch(rel):
         raise AppError(f"run directory name {shown(typed)}: use only letters, digits, '_', '.', '-' and '/' "
                        "(each folder name starting with a letter, digit or '_')")
+    if rel.split("/")[0] in APP_FOLDERS:
+        raise AppError(f"run directory {shown(typed)} is in the app's {rel.split('/')[0]}/ folder, which holds files, "
+                       "never runs; choose another run_dir (e.g. runs/NAME)")
     return rel
+
+
+def is_run_dir(workspace, folder: Path) -> bool:
+    """Whether `folder` (in the workspace) is a run directory: one a run has locked (`.lock`: every run, and the
+    app's launch, takes it before writing anything) or, from a run made before that, one holding config.yaml and
+    state.json; never one of the app's own folders (uploads/, exports/) or a folder in them. Neither an upload nor
+    Save config can write those files, so nothing sent to the app makes a folder a run."""
+    ws = Path(workspace).resolve()
+    try:
+        rel = folder.resolve().relative_to(ws)
+    except ValueError:
+        return False
+    if not rel.parts or rel.parts[0] in APP_FOLDERS or folder.is_symlink() or not folder.is_dir():
+        return False
+    return (folder / ".lock").is_file() or ((folder / "config.yaml").is_file() and (folder / "state.json").is_file())
 
 
 def open_to_write(path: Path, append: bool = False, new: bool = False):
