@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import format_table
     from .run import RunError, SpinRun
     from .train import TrainingDiverged
-    from .state import RunDir, RunLockedError
+    from .state import LinkError, RunDir, RunLockedError
 
     try:
         run_dir = RunDir(args.run_dir) if args.command in RUN_DIR_COMMANDS else None
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"`spin-lite run {run_dir.config_path} train.stop_patience=N` with a higher N "
                                "(or train.stop_when=never)")
             SpinRun(cfg).prepare().iteration(t, only=args.command)
-    except (ConfigError, DataError, ModelError, RunError, RunLockedError, TrainingDiverged) as e:
+    except (ConfigError, DataError, LinkError, ModelError, RunError, RunLockedError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import yaml
 from spin_lite.app import form, processes, workspace
 from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
+from spin_lite.state import LinkError
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 # Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
@@ -120,7 +121,7 @@ def test_symlinks_are_never_written_through(ws, outside):
             rel = f"runs/linked-{launch}-{name.replace('.', '-')}"
             run = made_run(ws, rel)
             (run / name).symlink_to(outside / "keep.txt")
-            with pytest.raises(workspace.AppError, match="symbolic link"):
+            with pytest.raises((workspace.AppError, LinkError), match="symbolic link"):
                 if launch == "start":
                     processes.start_run(ws, tiny_config(rel))
                 else:
@@ -270,3 +271,78 @@ def test_refusals_through_the_http_api_are_named(api, ws):
     assert "must be a whole number >= 0" in answer("runs/typed", "abc", None, api_name="/continue_run")
     assert "Input should be a valid list" in answer("hi", "not a chat", [], api_name="/add_message")
     assert not (ws / "runs" / "typed").exists()
+
+
+# -- links planted after the launch: refused where each file is used (spin_lite.state.confined) ---------------------
+def test_a_link_planted_in_a_running_run_is_not_written_through(ws, outside):
+    """A real run, launched as the app launches it; `iter-00` planted as a link to a folder outside right after the
+    launch (the launch's own check has passed): the run refuses it when it makes the folder, and fails saying so.
+    Before, its generations, adapter, eval.json and summary.json landed outside."""
+    from test_app import wait_until_stopped
+
+    processes.start_run(ws, tiny_config("runs/planted-late"))
+    (ws / "runs" / "planted-late" / "iter-00").symlink_to(outside, target_is_directory=True)
+    status = wait_until_stopped(ws, "runs/planted-late")
+    assert status["status"] == "failed" and "symbolic link" in status["error"], status
+    assert untouched(outside)
+
+
+def test_every_folder_write_and_model_read_of_a_run_refuses_links(tmp_path, outside):
+    """The run's folders (iteration, control, SFT stage), its atomic writes and folder moves in a run directory it
+    has locked, and the adapters read for a model: each refuses a link at the point of use."""
+    from spin_lite.state import LinkError, RunDir, atomic_write_json, replace_dir
+
+    rd = RunDir(tmp_path / "run")
+    lock = rd.lock()
+    try:
+        for name, folder in (("control-03", lambda: rd.control(3)), ("iter-01", lambda: rd.iteration(1)),
+                             ("sft", lambda: rd.sft_dir)):
+            (rd.root / name).symlink_to(outside, target_is_directory=True)
+            with pytest.raises(LinkError, match="symbolic link"):
+                folder()
+            for write in (lambda: atomic_write_json(rd.root / name / "summary.json", {"x": 1}),
+                          lambda: replace_dir(rd.root / "tmp-adapter", rd.root / name / "adapter")):
+                (rd.root / "tmp-adapter").mkdir(exist_ok=True)
+                with pytest.raises(LinkError, match="symbolic link"):
+                    write()
+        assert not rd.stage_done(0, "train") and rd.completed() == 0
+        (rd.root / "iter-00" / "adapter").mkdir(parents=True)
+        (rd.root / "iter-00" / "adapter" / "adapter_config.json").write_text("{}")
+        (rd.root / "iter-00" / "adapter" / "adapter_model.safetensors").symlink_to(outside / "keep.txt")
+        with pytest.raises(LinkError, match="adapter_model.safetensors is a symbolic link"):
+            rd.adapters_after(0, "stack")
+        (rd.root / "iter-00" / "adapter" / "adapter_model.safetensors").unlink()
+        assert rd.adapters_after(0, "merge", "models/start") == ["models/start", str(rd.root / "iter-00" / "adapter")]
+    finally:
+        lock.close()
+    assert untouched(outside)
+
+
+def test_chat_export_and_inspect_never_read_through_a_link(ws, outside):
+    """An adapter and a samples file of a finished run replaced by links to files outside the workspace: Compare,
+    Export and Inspect refuse them by name; nothing outside is zipped or shown."""
+    from spin_lite.app import chat, views
+    from test_app import fake_run
+
+    root = fake_run(ws / "runs" / "linked-read", [True])
+    adapter = root / "iter-00" / "adapter"
+    (outside / "adapter").mkdir()
+    (outside / "adapter" / "adapter_config.json").write_text("{}")
+    (outside / "adapter" / "adapter_model.safetensors").write_text("stolen")
+    os.rename(adapter, root / "iter-00" / "adapter-real")
+    adapter.symlink_to(outside / "adapter", target_is_directory=True)
+    with pytest.raises(Exception, match="symbolic link") as refused:
+        chat.chat_model(ws, "runs/linked-read", "iter 0")
+    assert workspace.user_message(refused.value).startswith(str(adapter))  # a named refusal, not "unexpected"
+    with pytest.raises(workspace.AppError, match="symbolic link"):
+        app_export.export(ws, "runs/linked-read", "iter 0", kind="adapter")
+    assert not list((ws / "exports").glob("linked-read*"))
+    (root / "iter-00" / "samples.jsonl").unlink()
+    (root / "iter-00" / "samples.jsonl").symlink_to(outside / "secret.jsonl")
+    with pytest.raises(Exception, match="symbolic link") as refused:
+        views.samples(ws, "runs/linked-read", "iter 0")
+    assert "unexpected" not in workspace.user_message(refused.value)
+    (outside / "adapter" / "adapter_config.json").unlink()
+    (outside / "adapter" / "adapter_model.safetensors").unlink()
+    (outside / "adapter").rmdir()
+    assert untouched(outside)

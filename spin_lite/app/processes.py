@@ -28,7 +28,7 @@ import yaml
 
 from ..cli import STDIN
 from ..config import SpinConfig, load_config
-from ..state import RunDir, RunLockedError, atomic_write_json, read_json
+from ..state import LinkError, RunDir, RunLockedError, atomic_write_json, read_json
 from .workspace import AppError, inside, is_run_dir, open_to_write, refuse_links, resolved, run_name
 
 PROCESS_FILE = "app-run.json"
@@ -71,13 +71,25 @@ def _alive(pid) -> bool:
 
 def run_status(workspace, run_dir: str) -> dict:
     """Where a run directory stands: status (running, finished, aborted, failed, stopped, not started), the
-    engine's state, iterations done and configured, and the app's process record."""
+    engine's state, iterations done and configured, and the app's process record. A run directory whose files are
+    refused where they are read (a planted link: LinkError) is "failed", or "running" while a process holds it,
+    with the refusal as its error."""
     root = inside(workspace, run_dir)
     rd = RunDir(root)
-    state, proc = rd.state(), process_record(root)
-    config = read_yaml(root / "config.yaml") or {}
     launched = LAUNCHED.get(root)
     running = (launched is not None and _alive(launched["pid"])) or rd.is_locked()
+    pid = running_pid(rd, launched) if running else None
+    try:
+        return _status(rd, run_dir, running, pid)
+    except LinkError as e:
+        return {"run_dir": run_dir, "status": "running" if running else "failed", "iterations_done": 0,
+                "iterations": None, "iteration": None, "stage": None, "updated": None, "pid": pid,
+                "returncode": None, "error": str(e), "best_iteration": None, "chosen": None, "stopped_by_rule": False}
+
+
+def _status(rd: RunDir, run_dir: str, running: bool, pid: int | None) -> dict:
+    state, proc = rd.state(), process_record(rd.root)
+    config = read_yaml(rd.config_path) or {}
     done, planned = rd.completed(), config.get("iterations")
     cfg = rd.settings() if state.get("status") == "finished" and done < (planned or 0) else None
     ended_by_rule = cfg is not None and rd.stopped(cfg)
@@ -95,11 +107,11 @@ def run_status(workspace, run_dir: str) -> dict:
         status = "not started"
     out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
-           "pid": running_pid(rd, launched) if running else None, "returncode": proc.get("returncode"), "error": None,
+           "pid": pid, "returncode": proc.get("returncode"), "error": None,
            "best_iteration": rd.best_iteration(), "chosen": rd.chosen_model(),
            "stopped_by_rule": ended_by_rule and not running}
     if status == "failed":
-        out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
+        out["error"] = last_error(rd.root / LOG_FILE, proc.get("returncode"))
     return out
 
 

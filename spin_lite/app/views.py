@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from ..state import RunDir, found_better, read_json, read_jsonl
+from ..state import RunDir, confined, found_better, read_json, read_jsonl
 from .processes import LOG_FILE, log_lines, run_status
 from .workspace import APP_FOLDERS, AppError, inside, is_run_dir, user_message
 
@@ -76,7 +76,7 @@ def step_metrics(workspace, run_dir: str) -> list[dict]:
     rd = RunDir(inside(workspace, run_dir))
     rows = []
     for folder in sorted(rd.root.glob("iter-[0-9][0-9]")):
-        for r in read_jsonl(folder / "train_log.jsonl"):
+        for r in read_jsonl(confined(rd.root, folder / "train_log.jsonl")):
             rows.append({"iteration": int(folder.name[5:]), "step": r["step"], "global_step": len(rows) + 1,
                          "loss": r["loss"], "margin": r["margin"], "accuracy": r["accuracy"]})
     return rows
@@ -138,9 +138,9 @@ def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
     """Held-out samples side by side (prompt, real, opponent, model), those containing `query` (any case)."""
     root = inside(workspace, run_dir)
     if which == "start":
-        rows = (read_json(root / "eval-start.json") or {}).get("samples", [])
+        rows = (read_json(confined(root, root / "eval-start.json")) or {}).get("samples", [])
     else:
-        rows = read_jsonl(folder_of(RunDir(root), which) / "samples.jsonl")
+        rows = read_jsonl(confined(root, folder_of(RunDir(root), which) / "samples.jsonl"))
     columns = ("prompt", "real", "opponent", "model")
     table = [{c: r.get(c) or "" for c in columns} for r in rows]
     q = str(query).strip().lower()
@@ -161,8 +161,8 @@ def summary(workspace, run_dir: str, which: str) -> dict:
     """summary.json of an iteration, or the starting model's held-out metrics."""
     root = inside(workspace, run_dir)
     if which == "start":
-        return {"model": "start", "eval": (read_json(root / "eval-start.json") or {}).get("metrics")}
-    return read_json(folder_of(RunDir(root), which) / "summary.json") or {}
+        return {"model": "start", "eval": (read_json(confined(root, root / "eval-start.json")) or {}).get("metrics")}
+    return read_json(confined(root, folder_of(RunDir(root), which) / "summary.json")) or {}
 
 
 def number_of(which) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import ConfigError, SpinConfig, load_config
 from ..data import DataError
 from ..model import EMBEDDED, ModelError
-from ..state import RunLockedError
+from ..state import LinkError, RunLockedError
 
 UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
 # The app's own folders, which hold files and never a run (a run directory named inside one is refused).
@@ -36,7 +36,7 @@ class AppError(ValueError):
     """A request the app refuses; the message is shown on the page as it is."""
 
 
-USER_ERRORS = (AppError, ConfigError, DataError, ModelError, RunLockedError)
+USER_ERRORS = (AppError, ConfigError, DataError, LinkError, ModelError, RunLockedError)
 
 
 def user_message(error: BaseException) -> str:
@@ -123,14 +123,15 @@ def open_to_write(path: Path, append: bool = False, new: bool = False):
 
 
 def refuse_links(workspace, root: Path):
-    """A launched run writes anywhere under `root`; refuse a folder holding a symlink, which could send the
-    writes outside the workspace."""
+    """Refuse a folder holding a symlink anywhere under `root`, before the app launches a run into it (which writes
+    anywhere under it) or offers an export's files for download. The run and the readers check each path again
+    where they use it (spin_lite.state.confined): a link planted after this check is refused there."""
     for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
         for name in dirs + files:
             if (Path(folder) / name).is_symlink():
                 link = (Path(folder) / name).relative_to(Path(workspace).resolve())
-                raise AppError(f"{link} is a symbolic link; the app does not run into a folder holding links "
-                               "(remove it, or choose another run_dir)")
+                raise AppError(f"{link} is a symbolic link; the app neither runs into nor reads from a folder "
+                               "holding links, which could lead outside the workspace (remove it)")
 
 
 def local_or_hub(workspace, value: str | None) -> str | None:
