@@ -346,3 +346,112 @@ def test_chat_export_and_inspect_never_read_through_a_link(ws, outside):
     (outside / "adapter" / "adapter_model.safetensors").unlink()
     (outside / "adapter").rmdir()
     assert untouched(outside)
+
+
+# -- uploads are data only; Save config, Abort and the form's values --------------------------------------------------
+def upload(ws: Path, tmp_path: Path, name: str, text: str) -> str:
+    source = tmp_path / "sent" / name
+    source.parent.mkdir(exist_ok=True)
+    source.write_text(text)
+    return workspace.save_upload(ws, source)
+
+
+def test_an_upload_never_makes_a_folder_a_run_or_carries_a_process_record(ws, tmp_path):
+    """Uploads named as a run's records (app-launch.yaml with run_dir: uploads, state.json of [1], app-run.json,
+    .lock) are stored under other names, uploads/ is never a run, and the Run tab's overview still reads every run."""
+    from spin_lite.app import views
+
+    before = views.runs_overview(ws)
+    for name, text, stored in (("app-launch.yaml", "run_dir: uploads\n", "upload-app-launch.yaml"),
+                               ("state.json", "[1]\n", "upload-state.json"),
+                               ("config.yaml", "iterations: 1\n", "upload-config.yaml"),
+                               ("app-run.json", '{"pid": %d}\n' % os.getpid(), "upload-app-run.json"),
+                               (".lock.json", "1", "upload-lock.json"), ("data.jsonl", "{}\n", "data.jsonl")):
+        assert upload(ws, tmp_path, name, text) == f"uploads/{stored}"
+    assert not any(p.name in ("state.json", "config.yaml", "app-run.json", ".lock") for p in (ws / "uploads").iterdir())
+    assert not any(r.startswith("uploads") for r in views.list_runs(ws))
+    assert views.runs_overview(ws) == before
+    with pytest.raises(workspace.AppError, match="an upload is a data file or a config"):
+        upload(ws, tmp_path, "run.log", "x")
+    for run_dir in ("uploads", "uploads/x", "exports/y"):
+        with pytest.raises(workspace.AppError, match="app's (uploads|exports)/ folder"):
+            processes.start_run(ws, tiny_config(run_dir))
+        with pytest.raises(workspace.AppError, match="app's (uploads|exports)/ folder"):
+            processes.continue_run(ws, run_dir)
+
+
+def test_a_broken_run_directory_does_not_hide_the_others(ws):
+    from spin_lite.app import views
+
+    made_run(ws, "runs/state-list")
+    made_run(ws, "runs/state-fine")
+    (ws / "runs" / "state-list" / "state.json").write_text("[1]\n")
+    rows = {r["run_dir"]: r for r in views.runs_overview(ws)}
+    assert rows["runs/state-list"]["status"].startswith("unreadable")
+    assert rows["runs/state-fine"]["status"] == "not started"
+
+
+def test_save_config_never_writes_inside_a_run_directory(ws):
+    run = made_run(ws, "runs/kept")
+    before = (run / "config.yaml").read_text()
+    changed = tiny_config("runs/kept", **{"train.beta": 5, "train.learning_rate": 0.05})
+    for path in ("runs/kept/config.yaml", "runs/kept/iter-00/x.yaml", "runs/kept/app-launch.yaml"):
+        with pytest.raises(workspace.AppError, match="inside the run directory runs/kept"):
+            form.save_config(ws, changed, path)
+    assert (run / "config.yaml").read_text() == before and not (run / "iter-00").exists()
+    assert form.save_config(ws, changed, "configs/kept.yaml") == ws / "configs" / "kept.yaml"
+
+
+# A process that holds a run directory's lock and writes `pid` into the lock file, as a forged record would read.
+FORGE = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
+         "lock.seek(0); lock.truncate(); lock.write(sys.argv[2].encode())\nprint('held', flush=True)\ntime.sleep(120)")
+
+
+def test_abort_signals_only_what_this_app_started(ws):
+    """A run held by a process the app did not start, whose lock file names the app's own pid and whose app-run.json
+    names the holder with its true start time: Abort signals nothing, and never says "kill" the app."""
+    root = made_run(ws, "runs/forged")
+    holder = subprocess.Popen([sys.executable, "-c", FORGE, str(root), str(os.getpid())], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (root / processes.PROCESS_FILE).write_text(
+            '{"pid": %d, "process_start": %d}' % (holder.pid, processes._process_start(holder.pid)))
+        with pytest.raises(workspace.AppError, match="did not start") as refused:
+            processes.abort_run(ws, "runs/forged", grace_s=1)
+        assert str(os.getpid()) not in str(refused.value) and "kill" not in str(refused.value)
+        status = processes.run_status(ws, "runs/forged")
+        assert status["status"] == "running" and status["pid"] is None
+        assert holder.poll() is None  # not signalled
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# A YAML "billion laughs" in one form value: 9^6 (531,441) values from 200 characters.
+ALIAS_BOMB = ("[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+              "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e,*e,*e,*e]]")
+
+
+def test_form_values_are_bounded_before_yaml_and_aliases_refused(ws):
+    keys = [s.key for s in form.settings()]
+    values = form.form_values(tiny_config("runs/bomb"))
+    values[keys.index("train.beta")] = ALIAS_BOMB
+    started = time.time()
+    with pytest.raises(ConfigError, match="train.beta is not valid YAML: anchors and aliases") as refused:
+        form.config_from_form(values)
+    assert time.time() - started < 2 and len(str(refused.value)) < 1000
+    values = form.form_values(tiny_config("runs/bomb"))
+    values[keys.index("data.system_prompt")] = "x" * (form.MAX_VALUE_CHARS + 1)
+    values[keys.index("train.beta")] = "1" * (form.MAX_VALUE_CHARS + 1)
+    with pytest.raises(workspace.AppError, match=r"train.beta, data.system_prompt|data.system_prompt, train.beta"):
+        form.config_from_form(values)
+    # a config file: aliases that expand it past the bound are refused; a merge key (<<: *defaults) is fine
+    (ws / "configs").mkdir(exist_ok=True)
+    (ws / "configs" / "bomb.yaml").write_text("train:\n  beta: " + ALIAS_BOMB + "\n")
+    with pytest.raises(workspace.AppError, match="aliases .* expand it past"):
+        form.open_config(ws, "configs/bomb.yaml")
+    (ws / "configs" / "merge.yaml").write_text("base: &b {beta: 0.2}\n")
+    with pytest.raises(ConfigError):  # an unknown setting, named by the config's own check
+        form.open_config(ws, "configs/merge.yaml")
+    assert len(workspace.user_message(ConfigError("x" * 10 ** 6))) < 5000  # no message of megabytes on the page

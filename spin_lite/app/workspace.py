@@ -36,13 +36,15 @@ class AppError(ValueError):
     """A request the app refuses; the message is shown on the page as it is."""
 
 
+MAX_MESSAGE = 4000  # characters of one error message on the page: a message quoting huge values is cut
 USER_ERRORS = (AppError, ConfigError, DataError, LinkError, ModelError, RunLockedError)
 
 
 def user_message(error: BaseException) -> str:
-    """The text the page shows for an error raised by a handler."""
+    """The text the page shows for an error raised by a handler (at most MAX_MESSAGE characters)."""
     if isinstance(error, USER_ERRORS):
-        return str(error)
+        text = str(error)
+        return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f" ... ({len(text) - MAX_MESSAGE:,} more characters)"
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return ("out of memory: use a smaller model, load it in 4 bits (model.load_in_4bit), or lower the batch "
                 f"sizes and data.max_length ({type(error).__name__}: {str(error)[:200]})")
@@ -162,15 +164,35 @@ def run_config(workspace, run_dir: str) -> SpinConfig:
     return resolved(workspace, load_config(root / "config.yaml", [f"run_dir={rel}"]))
 
 
+# What an upload may be: a data file or a config (the page's upload boxes take these; the API could send anything).
+UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml")
+# Names of a run directory's own files (spin_lite.state, the app's process record and log): an upload so named, or
+# named with a leading ".", is stored as upload-NAME, so that no upload is ever mistaken for a run's record.
+RUN_RECORDS = {"config.yaml", "state.json", "progress.json", "summary.json", "eval-start.json", "eval-base.json",
+               "eval.json", "samples.jsonl", "pairs.jsonl", "generations.jsonl", "train_log.jsonl",
+               "train_metrics.json", "metrics.json", "app-run.json", "app-launch.yaml", "run.log"}
+
+
+def upload_name(name: str) -> str:
+    """The name an upload called `name` is stored under in uploads/: its own, unless a run's record has it."""
+    if name in RUN_RECORDS or name.startswith(("app-", ".")):
+        return "upload-" + name.lstrip(".")
+    return name
+
+
 def save_upload(workspace, uploaded: str | Path) -> str:
-    """Copy an uploaded file into WORKSPACE/uploads/ (a new name if a different file has its name); the
-    relative path to put in the config."""
+    """Copy an uploaded data or config file into WORKSPACE/uploads/ (upload_name; a new name if a different file has
+    its name); the relative path to put in the config. uploads/ never holds a run (workspace.is_run_dir), so an upload
+    is data only: it never makes a folder a run, and never stands for a run's state or process."""
     source = Path(uploaded)
+    if source.suffix.lower() not in UPLOAD_TYPES:
+        raise AppError(f"{shown(source.name)}: an upload is a data file or a config ({', '.join(UPLOAD_TYPES)})")
+    name = Path(upload_name(source.name))
     folder = inside(workspace, UPLOADS)
     folder.mkdir(parents=True, exist_ok=True)
     content = source.read_bytes()
     for n in itertools.count():
-        target = folder / (source.name if n == 0 else f"{source.stem}-{n}{source.suffix}")
+        target = folder / (name.name if n == 0 else f"{name.stem}-{n}{name.suffix}")
         if target.is_symlink():  # a planted link (dangling or not) is neither read nor written through
             continue
         if target.exists():
