@@ -80,7 +80,7 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
             with gr.Column(scale=2):
                 files = config_files_section()
     fields = [field[s.key] for s in specs]  # settings() order: the order form.config_from_form reads
-    wire_setup(ws, demo, fields, first, files, problems)
+    wire_setup(ws, demo, fields, first, files, problems, start_error)
     wire_preset(preset, fields, files, problems)
 
     def estimate_time(*values):
@@ -90,7 +90,8 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
             return error_md(e)
 
     estimate_btn.click(estimate_time, fields, estimate, api_name="estimate")
-    return SimpleNamespace(fields=fields, start_btn=start_btn, start_msg=start_msg, start_error=start_error)
+    return SimpleNamespace(fields=fields, start_btn=start_btn, start_msg=start_msg, start_error=start_error,
+                           problems=problems)
 
 
 def first_settings(specs: list, values: dict) -> tuple[dict, SimpleNamespace]:
@@ -161,17 +162,19 @@ def wire_preset(preset, fields: list, files: SimpleNamespace, problems):
     preset.input(apply, preset, [problems, files.path, files.msg, *fields])
 
 
-def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: SimpleNamespace, problems):
+def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: SimpleNamespace, problems, start_error):
     data = first.data
 
     def show_config(*values):
+        """The config as YAML and as a command, or what is wrong with it; a changed form clears Start's refusal
+        (about the values before), so an error shows once, and never after it was mended."""
         try:
             cfg = form.config_from_form(list(values))
         except Exception as e:
-            return {problems: error_md(e)}
-        return {files.yaml: cfg.to_yaml(), files.cli: form.cli_command(ws, cfg), problems: ""}
+            return {problems: error_md(e), start_error: ""}
+        return {files.yaml: cfg.to_yaml(), files.cli: form.cli_command(ws, cfg), problems: "", start_error: ""}
 
-    config_view = [files.yaml, files.cli, problems]
+    config_view = [files.yaml, files.cli, problems, start_error]
     gr.on([f.change for f in fields], show_config, fields, config_view, trigger_mode="always_last",
           show_progress="hidden")
     demo.load(show_config, fields, config_view)

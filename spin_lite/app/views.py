@@ -40,6 +40,22 @@ def list_runs(workspace, depth: int = 3) -> list[str]:
     return sorted(found)
 
 
+def opening_run(workspace, runs: list[str] | None = None) -> str | None:
+    """The run a page opens on: a running one (the one active last, when several run), else the one active last;
+    None without runs. Not the alphabetically first: a page reopened while a run goes on shows that run."""
+    runs = list_runs(workspace) if runs is None else runs
+    rank = {}
+    for run in runs:
+        try:
+            s = run_status(workspace, run)
+        except Exception:  # noqa: BLE001 - an unreadable run is listed, just not opened on
+            continue
+        lock = inside(workspace, run) / ".lock"  # touched by every launch: when a run has no state.json yet
+        active = s["updated"] if isinstance(s["updated"], (int, float)) else lock.stat().st_mtime if lock.exists() else 0
+        rank[run] = (s["status"] == "running", active)
+    return max(rank, key=rank.get) if rank else (runs[0] if runs else None)
+
+
 def runs_overview(workspace) -> list[dict]:
     """One row per run directory: status, iterations done of planned, stage, last update. A run whose files
     cannot be read gets its own row saying so; the others are shown as usual."""
