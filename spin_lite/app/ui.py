@@ -81,13 +81,15 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
                               ).then(start, setup.fields, [setup.start_msg, setup.start_error, setup.problems, run.msg,
                                                            run_dd], api_name="start"
                               ).then(run.show, run_dd, run.view)  # a new run: everything redrawn
-        refresh_btn.click(run_choices, run_dd, run_dd)
+        refresh_btn.click(run_choices, run_dd, run_dd, api_name="refresh_runs")
         demo.load(run_choices, None, run_dd)
         run_dd.input(lambda: "", None, run.msg)  # a message of Continue or Abort belongs to the run it was about
         run_dd.change(run.show, run_dd, run.view)
         tab_choices = [sample_dd, chat_dd, export_dd, export_msg]
-        for event in (run_dd.change, inspect.select, compare.select, export.select):
-            event(lambda r: iteration_choices(ws, r, sample_dd, chat_dd, export_dd, export_msg), run_dd, tab_choices)
+        for first, event in zip((True, False, False, False), (run_dd.change, inspect.select, compare.select,
+                                                              export.select)):
+            event(lambda r: iteration_choices(ws, r, sample_dd, chat_dd, export_dd, export_msg), run_dd, tab_choices,
+                  api_name="model_menus" if first else None)
     return demo
 
 

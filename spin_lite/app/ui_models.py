@@ -181,5 +181,5 @@ def export_tab(ws: Path, run_dd):
 
     inputs = [run_dd, which, dtype, gguf_type, repo, token, private]
     for kind, button in (("adapter", adapter_btn), ("merged", merged_btn), ("gguf", gguf_btn)):
-        button.click(lambda *values, kind=kind: export(kind, *values), inputs, [msg, download])
+        button.click(lambda *values, kind=kind: export(kind, *values), inputs, [msg, download], api_name=f"export_{kind}")
     return tab, which, msg

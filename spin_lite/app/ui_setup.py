@@ -176,7 +176,7 @@ def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: Simp
 
     config_view = [files.yaml, files.cli, problems, start_error]
     gr.on([f.change for f in fields], show_config, fields, config_view, trigger_mode="always_last",
-          show_progress="hidden")
+          show_progress="hidden", api_name="show_config")
     demo.load(show_config, fields, config_view)
 
     def check_model(*values):  # beside the model field, as the CLI says it (preflight)
@@ -207,7 +207,8 @@ def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: Simp
 
     shown = [data.table, data.msg, first.model_msg]
     data.preview_btn.click(preview, fields, shown, api_name="preview")
-    data.upload.upload(uploaded, data.upload, [first.data_path, data.msg]).then(preview, fields, shown)
+    data.upload.upload(uploaded, data.upload, [first.data_path, data.msg], api_name="upload_data"
+                       ).then(preview, fields, shown)
     wire_config_files(ws, fields, files)
 
 
@@ -235,4 +236,4 @@ def wire_config_files(ws: Path, fields: list, files: SimpleNamespace):
 
     files.save_btn.click(save, [files.path, *fields], [files.msg, files.download], api_name="save")
     files.load_btn.click(load, files.path, [files.msg, *fields], api_name="load")
-    files.upload.upload(load_uploaded, files.upload, [files.msg, *fields])
+    files.upload.upload(load_uploaded, files.upload, [files.msg, *fields], api_name="upload_config")
