@@ -397,13 +397,25 @@ def test_abort_a_second_run_and_continue_it(app, page):
                            ".value === 'uploads/demo_sft.jsonl'")
     wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
     assert (ws / "uploads" / DEMO.name).exists()
+    # At once, while the model and data are checked: the run menu (above the tabs) turns to the run being started,
+    # and with it the Run tab (which showed the previous run until the checks were done, a minute and more for a large
+    # model). Timed in the page itself, every frame: the menu's value against the launch's message.
+    page.evaluate("""() => { window.turned = window.launched = null;
+        const look = () => {
+            const now = performance.now();
+            if (!window.turned && document.querySelector('#run-dir input').value === 'runs/web2') window.turned = now;
+            if (document.querySelector('#setup-msg').innerText.includes('started the run runs/web2 ')) {
+                window.launched = now; return; }
+            requestAnimationFrame(look); };
+        requestAnimationFrame(look); }""")
     page.locator("#start-run").click()
-    # At once, while the model and data are checked: the Run tab turns to the run being started (it showed the
-    # previous run until the checks were done, a minute and more for a large model)
-    status = wait_for_text(page, "#run-status", r"runs/web2: ", timeout_s=30)
-    assert "runs/web:" not in status
-    assert "started" not in page.locator("#setup-msg").inner_text()  # before the launch
-    wait_for_text(page, "#setup-msg", "started the run runs/web2 ", timeout_s=120)
+    page.wait_for_function("() => window.launched !== null", timeout=120_000)
+    turned, launched = page.evaluate("() => [window.turned, window.launched]")
+    assert turned is not None and turned < launched, (turned, launched)  # the menu turned before the launch
+    page.get_by_role("tab", name="Run").click()
+    wait_for_text(page, "#run-status", r"runs/web2: ")
+    page.get_by_role("tab", name="Setup").click()
+    wait_for_text(page, "#setup-msg", "started the run runs/web2 ")
     page.locator("#start-run").click()  # the same run directory again, while it runs
     wait_for_text(page, "#setup-error", r"runs/web2 is already running")
     under_the_button(page, "#start-run", "#setup-error")  # the refusal right under its button

@@ -23,11 +23,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app makes no o
 import gradio as gr
 
 from . import export as export_h
-from . import form, processes, views, workspace
+from . import form, processes, views
 from .ui_models import compare_tab, export_tab, inspect_tab
 from .ui_run import run_tab
 from .ui_setup import setup_tab
-from .workspace import EXPORTS, error_md
+from .workspace import EXPORTS, error_md, run_name
 
 CSS = (".spin-bar progress { width: 100%; height: 14px; } .spin-error { color: #b91c1c; }"
        " .spin-best { color: #15803d; font-weight: 600; }"
@@ -59,27 +59,23 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
             runs = views.list_runs(ws)
             return gr.update(choices=runs, value=selected or views.opening_run(ws, runs))
 
-        def starting(*values):
-            """At the click, before the checks (a large model or data set takes a minute): the Run tab turns to the
-            run being started, so it never shows the previous run as if it were this one."""
-            try:
-                rel = workspace.run_name(ws, form.config_from_form(list(values)).run_dir)
-            except Exception:  # noqa: BLE001 - start() says what is wrong, under its button
-                return {}
-            return {run_dd: gr.update(value=rel), run.msg: f"checking the model and data of {rel} before starting it"}
-
         def start(*values):
+            """Check and launch the form's run. A generator: at the click, before the checks (a large model or data
+            set takes a minute), the Run tab turns to the run being started, so it never shows the previous run as if
+            it were this one; then the launch's message, or the refusal."""
             try:
                 cfg = form.config_from_form(list(values))
+                rel = run_name(ws, cfg.run_dir)
+                yield {run_dd: gr.update(value=rel), run.msg: f"checking the model and data of {rel} before starting it"}
                 message = processes.start_run(ws, cfg)
             except Exception as e:  # a refusal has its own line (the form's problems line gives way to it): the
-                return {setup.start_error: error_md(e), setup.problems: "", run.msg: error_md(e)}  # launch's stays
-            return {setup.start_msg: message, setup.start_error: "", run.msg: message, run_dd: run_choices(cfg.run_dir)}
+                yield {setup.start_error: error_md(e), setup.problems: "", run.msg: error_md(e)}  # launch's stays
+                return
+            yield {setup.start_msg: message, setup.start_error: "", run.msg: message, run_dd: run_choices(cfg.run_dir)}
 
         # "multiple": a second click is answered too (a refusal while the run goes on), not dropped
-        setup.start_btn.click(starting, setup.fields, [run_dd, run.msg], trigger_mode="multiple", api_visibility="private"
-                              ).then(start, setup.fields, [setup.start_msg, setup.start_error, setup.problems, run.msg,
-                                                           run_dd], api_name="start"
+        setup.start_btn.click(start, setup.fields, [setup.start_msg, setup.start_error, setup.problems, run.msg, run_dd],
+                              trigger_mode="multiple", api_name="start"
                               ).then(run.show, run_dd, run.view)  # a new run: everything redrawn
         refresh_btn.click(run_choices, run_dd, run_dd, api_name="refresh_runs")
         demo.load(run_choices, None, run_dd)
