@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 
-.PHONY: install demo test app bench clean
+.PHONY: install demo test red-team app bench clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -35,6 +35,11 @@ app: install
 # starts (runs, the app, the browser, the notebook kernel), so two files at once use the 2 cores better.
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# Every red-team case of tests/test_red_team.py, the slow ones too (whole runs through the app's API, every endpoint
+# given hostile names; a few minutes): `make test` runs its fast set.
+red-team: install
+	SPIN_LITE_RED_TEAM=full $(BIN)/python -m pytest -q tests/test_red_team.py
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -2,6 +2,7 @@
 
     spin-lite run examples/configs/demo.yaml                 # all iterations; run again to continue
     spin-lite run examples/configs/demo.yaml train.beta=0.2 iterations=3
+    spin-lite run - < config.yaml                            # the config on standard input (the app's launches)
     spin-lite generate runs/demo                             # one stage of the next iteration
     spin-lite train runs/demo
     spin-lite evaluate runs/demo
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run SPIN iterations. Running the same command again continues the run "
                                      "where it stopped.",
                          epilog="settings (in the YAML file, or as key=value overrides):\n" + describe_settings())
-    run.add_argument("config", nargs="?", help="YAML config file, always first (omit to start from the defaults)")
+    run.add_argument("config", nargs="?", help="YAML config file, always first (omit to start from the defaults; "
+                                               "-: read it from standard input)")
     run.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.beta=0.2 iterations=3")
     for stage, text in (("generate", "generate and score the next iteration's pairs"),
                         ("train", "train the next iteration's adapter on its scored pairs"),
@@ -77,6 +79,26 @@ def config_and_overrides(first: str | None, rest: list[str]) -> tuple[str | None
     return first, rest
 
 
+STDIN = "-"  # `spin-lite run -`: the config's YAML comes on standard input
+
+
+def load_run_config(first: str | None, rest: list[str]):
+    """The config of `spin-lite run|estimate|sft FIRST REST...`: a file and overrides, or with FIRST = "-" the YAML on
+    standard input. The app launches its runs that way: the config it checked reaches the run through a pipe that
+    nothing in the workspace can swap, where a file in the run directory could be replaced in the seconds before
+    the run reads it."""
+    if first != STDIN:
+        return load_config(*config_and_overrides(first, rest))
+    import yaml
+
+    from .config import SpinConfig, apply_overrides
+    try:
+        data = yaml.safe_load(sys.stdin.read()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the config on standard input is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    return SpinConfig.from_dict(apply_overrides(data, rest))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from . import quiet
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import format_table
     from .run import RunError, SpinRun
     from .train import TrainingDiverged
-    from .state import RunDir, RunLockedError
+    from .state import LinkError, RunDir, RunLockedError
 
     try:
         run_dir = RunDir(args.run_dir) if args.command in RUN_DIR_COMMANDS else None
@@ -108,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             from .export import main as export_main
             return export_main(args)
         elif args.command == "run":
-            SpinRun(load_config(*config_and_overrides(args.config, args.overrides))).run()
+            SpinRun(load_run_config(args.config, args.overrides)).run()
         elif args.command == "estimate":
             from .estimate import estimate_run, format_estimate
-            print(format_estimate(*estimate_run(load_config(*config_and_overrides(args.config, args.overrides)))))
+            print(format_estimate(*estimate_run(load_run_config(args.config, args.overrides))))
         elif args.command == "sft":
             from .sft import run_sft
-            run_sft(load_config(*config_and_overrides(args.config, args.overrides)), steps=args.steps)
+            run_sft(load_run_config(args.config, args.overrides), steps=args.steps)
         else:
             cfg = load_config(run_dir.config_path, [f"run_dir={args.run_dir}"])
             t = run_dir.completed()
@@ -125,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"`spin-lite run {run_dir.config_path} train.stop_patience=N` with a higher N "
                                "(or train.stop_when=never)")
             SpinRun(cfg).prepare().iteration(t, only=args.command)
-    except (ConfigError, DataError, ModelError, RunError, RunLockedError, RunRecordError, TrainingDiverged) as e:
+    except (ConfigError, DataError, LinkError, ModelError, RunError, RunLockedError, RunRecordError,
+            TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -74,7 +74,7 @@ class ControlArm:
         self.run._set_state(iteration=None, stage="sft", status="running")
         trained = (out / "adapter" / "adapter_config.json").exists()
         torch.manual_seed(self.cfg.seed)  # a fresh adapter's initialisation, as `spin-lite sft` does it
-        model = self._sft_model(str(out / "adapter") if trained else self.cfg.model.adapter)
+        model = self._sft_model(str(self.dir.model_files(out / "adapter")) if trained else self.cfg.model.adapter)
         if not trained:
             if self.cfg.eval.enabled and self.run.rank == 0 and not (self.dir.root / "eval-base.json").exists():
                 # untrained, the adapter adds nothing: this is the model before SFT
@@ -113,7 +113,7 @@ class ControlArm:
         source = (out / "adapter" if trained else self.dir.control(t - 1, self.arm) / "adapter" if t > 0
                   else self.dir.start_adapter(self.cfg))
         torch.manual_seed(self.cfg.seed)  # control 0 without a starting adapter: a fresh one, as the SFT stage's
-        model = self._sft_model(None if source is None else str(source))
+        model = self._sft_model(None if source is None else self.dir.checked_model(str(source)))
         if not trained:
             steps = read_json(self.dir.iteration(t) / "summary.json")["train"]["steps"]
             self.run._set_state(stage="control train")
@@ -235,7 +235,7 @@ class ControlArm:
         if self.run.rank == 0:
             tmp = out / f"adapter.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, selected_adapters=["default"])
+            model.save_pretrained(self.dir.model_files(tmp), selected_adapters=["default"])
             replace_dir(tmp, out / "adapter")
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
         self.run._barrier()

@@ -272,6 +272,7 @@ def export_adapter(run_dir, iteration: int | None, out_dir) -> Path:
     try:
         src = (rd.control(*control_key(iteration)) / "adapter" if isinstance(iteration, str) else
                rd.iteration(iteration) / "adapter" if iteration >= 0 else Path(start))
+        src = Path(rd.checked_model(str(src)))  # in the run directory: no link at it or among its files
         if not (src / "adapter_config.json").is_file():  # a starting adapter named by its hub id
             raise ExportError(f"the starting adapter {start} is not a local folder: use it as it is, "
                               f"or export the merged model: spin-lite export {rd.root} --iteration start --out DIR "

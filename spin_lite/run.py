@@ -228,7 +228,7 @@ class SpinRun:
             atomic_write_json(out / "train_metrics.json", metrics)
             tmp = out / f"adapter.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, selected_adapters=["default"])
+            model.save_pretrained(self.dir.model_files(tmp), selected_adapters=["default"])
             replace_dir(tmp, out / "adapter")
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
         self._barrier()
@@ -239,7 +239,7 @@ class SpinRun:
             return
         out = self.dir.iteration(t)
         # the trained adapter as saved: also right when an earlier process trained it (a resume, `spin-lite train`)
-        load_adapter_weights(model, out / "adapter")
+        load_adapter_weights(model, self.dir.model_files(out / "adapter"))
         pairs = read_jsonl(out / "pairs.jsonl")
         val = test = None
         if self.cfg.eval.enabled:

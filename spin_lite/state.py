@@ -62,12 +62,57 @@ from .records import RunRecordError, read_record, read_records
 _TMP_NAME = re.compile(r"\.\d+-\d+\.tmp$")  # atomic_write_text's temporary names
 
 
+class LinkError(RuntimeError):
+    """A symbolic link where a run directory holds a file or folder of its own: refused where it is used."""
+
+
+def confined(root: Path, path: Path, contents: bool = False) -> Path:
+    """`path`, inside the run directory `root`, as it may be used now: LinkError when a symbolic link stands at it or
+    at any folder between `root` and it (with `contents`: also among the files of the folder `path`). `root` itself
+    may be a link (a run directory kept on another disk); nothing it holds may be, so nothing read or written through
+    `path` lands outside it. The one check of the run's folders (RunDir.iteration, control, sft_dir), its atomic
+    writes and the model files it and the app read, made at the point of use rather than once at launch (a link
+    planted in a running run's folder was written through before)."""
+    root, path = Path(os.path.abspath(root)), Path(os.path.abspath(path))
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise LinkError(f"{path} is outside the run directory {root}") from None
+    step = root
+    for part in parts:
+        step = step / part
+        if step.is_symlink():
+            raise LinkError(f"{step} is a symbolic link; a run directory's own files and folders are never links, so "
+                            "it is neither read nor written through (remove the link)")
+    if contents and path.is_dir():
+        for entry in os.scandir(path):
+            if entry.is_symlink():
+                raise LinkError(f"{Path(entry.path)} is a symbolic link; a run directory's own files and folders are "
+                                "never links, so it is neither read nor written through (remove the link)")
+    return path
+
+
+# The run directories whose lock this process has taken (RunDir.lock), as absolute paths: every atomic write under
+# one of them is confined to it (`_confine_write`), whichever code makes it.
+_LOCKED_ROOTS: set[Path] = set()
+
+
+def _confine_write(path: Path):
+    """LinkError when `path` is inside a run directory this process has locked and a link stands between the two."""
+    path = Path(os.path.abspath(path))
+    for root in tuple(_LOCKED_ROOTS):  # (another thread may add one meanwhile)
+        if root in path.parents:
+            confined(root, path.parent)
+
+
 def atomic_write_text(path: Path, text: str):
     """Write `path` whole or not at all: a temporary file of this process and thread, renamed into place.
 
     The temporary name is unique (two writers of the same file never share one) and is created anew, never
-    through a symlink; the rename replaces a link at `path` itself rather than writing where it points.
+    through a symlink; the rename replaces a link at `path` itself rather than writing where it points. In a run
+    directory this process has locked, a link at a folder above `path` is refused (confined).
     """
+    _confine_write(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     if os.path.lexists(tmp):  # left by a killed process whose pid came round again
         os.unlink(tmp)
@@ -106,7 +151,10 @@ def replace_dir(tmp: Path, target: Path):
     The old folder is set aside under a name of this call's own (TARGET.old-PID-RANDOM, created by the rename, never
     an existing name), so nothing this call did not create is ever removed: a folder the user named TARGET.old stays.
     A kill between the two renames leaves TARGET missing and the old folder under that name: recover_dir puts it back.
+    Inside a run directory this process holds, neither folder may be (or pass through) a link (_confine_write).
     """
+    _confine_write(tmp / "x")
+    _confine_write(target)
     old = target.with_name(f"{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
     if target.exists() or target.is_symlink():
         os.rename(target, old)  # (old is a fresh name: the rename cannot replace anything)
@@ -226,7 +274,7 @@ class RunDir:
 
     # -- iterations and their stages -------------------------------------------------------------------
     def stage_done(self, t: int, stage: str) -> bool:
-        return (self.iteration(t) / dict(STAGES)[stage]).exists()
+        return confined(self.root, self.iteration(t) / dict(STAGES)[stage]).exists()
 
     def next_stage(self, t: int) -> str | None:
         """The first stage of iteration t that is not done, or None when the iteration is complete."""
@@ -240,14 +288,26 @@ class RunDir:
     def adapters_after(self, n: int, mode: str, start_adapter: str | None = None) -> list[str]:
         """The adapters that make the model after iteration n (n = -1: the starting model), in order."""
         chain = ([start_adapter] if start_adapter else []) + [str(self.iteration(k) / "adapter") for k in range(n + 1)]
-        return chain[-1:] if mode == "stack" else chain
+        chain = chain[-1:] if mode == "stack" else chain
+        return [self.checked_model(a) for a in chain]
+
+    def model_files(self, folder: str | Path) -> Path:
+        """`folder`, a model folder of this run directory (an adapter, or the temporary folder one is saved to), as it
+        may be read or written now: no link at it, among its files, or between the run directory and it (confined)."""
+        return confined(self.root, Path(folder), contents=True)
+
+    def checked_model(self, adapter: str) -> str:
+        """An adapter of the chain: checked (model_files) when it is in this run directory, as given otherwise
+        (model.adapter, a folder or hub id of the user's, confined by whoever launched the run)."""
+        inside = Path(os.path.abspath(self.root)) in Path(os.path.abspath(adapter)).parents
+        return str(self.model_files(adapter)) if inside else adapter
 
     def adapters_of(self, which: int | str, cfg) -> list[str]:
         """The adapters that make the model `which` names (resolve_model's answer: an iteration, -1 for the starting
         model, or "control N" / "control-spin N"), in order: what the chat, the export and the notebook load on the
         base."""
         if isinstance(which, str):  # SFT continued: its adapter stands alone (it continued the starting adapter)
-            return [str(self.control(*control_key(which)) / "adapter")]
+            return [str(self.model_files(self.control(*control_key(which)) / "adapter"))]
         return self.adapters_after(which, cfg.mode, self.start_adapter(cfg))
 
     def samples_of(self, which: int | str) -> list[dict]:
@@ -266,18 +326,19 @@ class RunDir:
     # -- the SFT stage and the control arm ---------------------------------------------------------------
     @property
     def sft_dir(self) -> Path:
-        return self.root / "sft"
+        return confined(self.root, self.root / "sft")
 
     def sft_done(self) -> bool:
         return (self.sft_dir / "summary.json").exists()
 
     def control(self, t: int, arm: str = "sft") -> Path:
         """The folder of the control matched to iteration t in the control arm `arm` (sft.control_rates): "sft",
-        SFT continued at the SFT rate (control-NN/), or "spin", at SPIN's own rate (control-spin-NN/)."""
-        return self.root / (f"control-{t:02d}" if arm == "sft" else f"control-{arm}-{t:02d}")
+        SFT continued at the SFT rate (control-NN/), or "spin", at SPIN's own rate (control-spin-NN/); confined:
+        never a link."""
+        return confined(self.root, self.root / (f"control-{t:02d}" if arm == "sft" else f"control-{arm}-{t:02d}"))
 
     def control_stage_done(self, t: int, stage: str, arm: str = "sft") -> bool:
-        return (self.control(t, arm) / dict(CONTROL_STAGES)[stage]).exists()
+        return confined(self.root, self.control(t, arm) / dict(CONTROL_STAGES)[stage]).exists()
 
     def completed_controls(self, arm: str = "sft") -> int:
         """Number of leading complete controls of an arm."""
@@ -507,7 +568,8 @@ class RunDir:
         return self.root / "state.json"
 
     def iteration(self, t: int) -> Path:
-        return self.root / f"iter-{t:02d}"
+        """The folder of iteration t (confined: never a link)."""
+        return confined(self.root, self.root / f"iter-{t:02d}")
 
     def is_complete(self, t: int) -> bool:
         return (self.iteration(t) / "summary.json").exists()
@@ -564,6 +626,7 @@ class RunDir:
                                      + (f" (process {holder})" if holder else "")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCKED_ROOTS.add(Path(os.path.abspath(self.root)))
         return open(fd, "r+b", buffering=0)
 
     def is_locked(self) -> bool:
@@ -617,18 +680,21 @@ def _holds_open(pid: int, file: tuple[int, int]) -> bool:
 
 
 def _inherited_lock(path: Path) -> int | None:
-    """The descriptor of `path`'s lock inherited from the launcher (SPIN_LITE_LOCK_FD), already locked."""
+    """The descriptor of `path`'s lock inherited from the launcher (SPIN_LITE_LOCK_FD), already locked; None when
+    there is none. The lock file pins the run directory the launcher checked: when `path` is no longer that file (the
+    folder was replaced or a link planted since), the run is refused rather than run into another folder."""
     fd = os.environ.pop("SPIN_LITE_LOCK_FD", None)
     if fd is None or not fd.isdigit():
         return None
     try:
         held, there = os.fstat(int(fd)), os.stat(path, follow_symlinks=False)
         if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
-            return None
+            raise FileNotFoundError
         fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the same open file: already ours
         os.set_inheritable(int(fd), False)  # ours alone now: a child process must not keep the run locked
     except OSError:
-        return None
+        raise RunLockedError(f"run directory {path.parent} is not the folder whose lock the launcher took (it was "
+                             "replaced or moved after the launch was checked); launch the run again") from None
     return int(fd)
 
 

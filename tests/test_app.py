@@ -387,7 +387,7 @@ def test_a_finished_run_shows_its_files(ws, finished_run):
     assert [r["model"] for r in rows] == ["start", "iter 0"] and "iterations" not in rows[0]
     assert all(v == round(v, 3) for r in rows for v in r.values() if isinstance(v, float))
     assert rows[1]["test logp/tok"] == round(per_iter[1]["logp_per_token"], 3)
-    assert "$ spin-lite run runs/tiny/app-launch.yaml" in views.run_log(ws, finished_run)
+    assert "$ spin-lite run -    # the config of runs/tiny checked and started by the app" in views.run_log(ws, finished_run)
     overview = {r["run_dir"]: r for r in views.runs_overview(ws)}
     assert overview[finished_run]["status"] == "finished" and overview[finished_run]["iterations"] == "1/1"
 
@@ -420,15 +420,14 @@ def test_a_changed_config_or_a_foreign_folder_is_refused_and_left_alone(ws, fini
 
 def test_abort_then_continue(ws, finished_run):
     """Continue the finished run to 2 iterations, abort it while it works, and continue it to the end. Continue
-    launches a checked copy of the run's config with the page's changes (app-launch.yaml), as Start does."""
+    launches the run's config with the page's changes, checked, on the run's standard input, as Start does."""
     message = processes.continue_run(ws, finished_run, iterations=2)
-    assert message.startswith(f"started `spin-lite run {finished_run}/app-launch.yaml` (process ")
-    launched = load_config(ws / finished_run / processes.LAUNCH_CONFIG)
-    assert launched == load_config(ws / finished_run / "config.yaml", [f"run_dir={finished_run}", "iterations=2"])
-    assert launched.iterations == 2
+    assert message.startswith(f"started the run {finished_run} (process ")
+    assert not (ws / finished_run / "app-launch.yaml").exists()  # no file in the run directory is the launch
     deadline = time.time() + 120
     while not (ws / finished_run / "iter-01").exists() and time.time() < deadline:  # iteration 1 has begun
         time.sleep(0.05)
+    assert load_config(ws / finished_run / "config.yaml").iterations == 2  # what it runs: written by the run
     assert processes.run_status(ws, finished_run)["status"] == "running"
     assert "aborted" in processes.abort_run(ws, finished_run, grace_s=5)
     status = processes.run_status(ws, finished_run)
@@ -443,6 +442,42 @@ def test_abort_then_continue(ws, finished_run):
     assert [r["global_step"] for r in steps] == list(range(1, len(steps) + 1))
     assert [r["iteration"] for r in steps] == sorted(r["iteration"] for r in steps) and steps[-1]["iteration"] == 1
     assert "aborted from the app" in views.run_log(ws, finished_run, 400)
+
+
+def test_a_launch_cannot_be_swapped_in_the_seconds_before_the_run_reads_it(ws, tmp_path):
+    """The run is a real `spin-lite run -` child, which reads its config some seconds after the check: a config
+    planted in the run directory at once (the old channel, app-launch.yaml, naming a run directory and data outside
+    the workspace) changes nothing. The run writes the checked config, and nothing lands outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    checked = tiny_config("runs/swap")
+    processes.start_run(ws, checked)
+    hostile = tiny_config(str(outside / "run"), **{"data.path": str(ws / "data" / "demo_sft.jsonl"), "train.beta": 5})
+    (ws / "runs" / "swap" / "app-launch.yaml").write_text(hostile.to_yaml())  # in the window: the child is starting
+    try:
+        deadline = time.time() + 120
+        while not (ws / "runs" / "swap" / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert load_config(ws / "runs" / "swap" / "config.yaml") == checked, views.run_log(ws, "runs/swap")
+        assert list(outside.iterdir()) == []
+    finally:
+        if processes.run_status(ws, "runs/swap")["status"] == "running":
+            processes.abort_run(ws, "runs/swap", grace_s=2)
+    assert list(outside.iterdir()) == []
+
+
+def test_spin_lite_run_reads_its_config_from_standard_input(tmp_path, monkeypatch, capsys):
+    """`spin-lite run -`: the YAML on standard input, overrides after it, every problem reported as for a file."""
+    import io
+
+    from spin_lite.cli import load_run_config, main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(tiny_config("runs/x").to_yaml()))
+    assert load_run_config("-", ["iterations=3"]) == tiny_config("runs/x", iterations=3)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("iterations: 0\ntrain: {beta: [1\n"))
+    assert main(["run", "-"]) == 2 and "the config on standard input is not valid YAML" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("iterations: 0\n"))
+    assert main(["run", "-"]) == 2 and "iterations must be >= 1" in capsys.readouterr().err
 
 
 def test_a_failed_run_says_why(ws):

@@ -72,9 +72,21 @@ def app(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
-    for run in views.list_runs(ws):  # the runs outlive the app by design; not the test
-        if processes.run_status(ws, run)["status"] == "running":
-            processes.abort_run(ws, run, grace_s=2)
+    stop_runs(ws)  # the runs outlive the app by design; not the test
+
+
+def stop_runs(ws: Path):
+    """Stop every run still holding its run directory: the app that started them is gone, and with it the identity
+    Abort signals (processes.LAUNCHED); a run's process group is its lock holder's (start_new_session)."""
+    import signal
+
+    for run in views.list_runs(ws):
+        holder = RunDir(ws / run).lock_holder() if RunDir(ws / run).is_locked() else None
+        if holder:
+            try:
+                os.killpg(holder, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -259,17 +271,22 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
                                          "raw columns"]
     wait_for_text(page, "#preview-msg", r"140 rows in sample:demo; columns messages \(read as chat")
 
-    # A bad setting: its error shows right under the button that was clicked, inside the window.
+    # A bad setting: its error shows right under the button that was clicked, inside the window, once, and goes
+    # when the setting is mended (it was shown twice, and stayed under the button after the fix).
     set_field(page, "train.learning_rate", -1)
+    said = "train.learning_rate must be a positive number"
     try:
-        wait_for_text(page, "#config-problems", r"train\.learning_rate must be a positive number")  # as typed
+        wait_for_text(page, "#config-problems", said.replace(".", r"\."))  # as typed
         page.locator("#start-run").click()
-        wait_for_text(page, "#setup-error", r"Error[\s\S]*train\.learning_rate must be a positive number")
+        wait_for_text(page, "#setup-error", r"Error[\s\S]*" + said.replace(".", r"\."))
         under_the_button(page, "#start-run", "#setup-error")
+        assert page.locator("#tab-setup").inner_text().count(said) == 1
         assert not (ws / "runs").exists()  # nothing was started
     finally:  # the next test starts from this form
         set_field(page, "train.learning_rate", 0.01)
     wait_for_text(page, "#yaml-preview", r"learning_rate: 0\.01")
+    page.wait_for_function("() => !document.querySelector('#setup-error').innerText.trim() && "
+                           "!document.querySelector('#config-problems').innerText.trim()")
 
     # The time estimate, measured here with this model, before starting.
     page.locator("#estimate-time").click()
@@ -281,7 +298,7 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
 
     # Run: start it, wait for the end; the plots show the numbers of its files.
     page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web/app-launch.yaml", timeout_s=120)
+    wait_for_text(page, "#setup-msg", "started the run runs/web ", timeout_s=120)
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web: finished — 2 of 2", timeout_s=600)
     run = ws / "runs" / "web"
@@ -380,14 +397,34 @@ def test_abort_a_second_run_and_continue_it(app, page):
                            ".value === 'uploads/demo_sft.jsonl'")
     wait_for_text(page, "#yaml-preview", r"path: uploads/demo_sft.jsonl")
     assert (ws / "uploads" / DEMO.name).exists()
+    # At once, while the model and data are checked: the run menu (above the tabs) turns to the run being started,
+    # and with it the Run tab (which showed the previous run until the checks were done, a minute and more for a large
+    # model). Timed in the page itself, every frame: the menu's value against the launch's message.
+    page.evaluate("""() => { window.turned = window.launched = null;
+        const look = () => {
+            const now = performance.now();
+            if (!window.turned && document.querySelector('#run-dir input').value === 'runs/web2') window.turned = now;
+            if (document.querySelector('#setup-msg').innerText.includes('started the run runs/web2 ')) {
+                window.launched = now; return; }
+            requestAnimationFrame(look); };
+        requestAnimationFrame(look); }""")
     page.locator("#start-run").click()
-    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml", timeout_s=120)
+    page.wait_for_function("() => window.launched !== null", timeout=120_000)
+    turned, launched = page.evaluate("() => [window.turned, window.launched]")
+    assert turned is not None and turned < launched, (turned, launched)  # the menu turned before the launch
+    page.get_by_role("tab", name="Run").click()
+    wait_for_text(page, "#run-status", r"runs/web2: ")
+    page.get_by_role("tab", name="Setup").click()
+    wait_for_text(page, "#setup-msg", "started the run runs/web2 ")
     page.locator("#start-run").click()  # the same run directory again, while it runs
     wait_for_text(page, "#setup-error", r"runs/web2 is already running")
     under_the_button(page, "#start-run", "#setup-error")  # the refusal right under its button
-    wait_for_text(page, "#setup-msg", "started spin-lite run runs/web2/app-launch.yaml")  # the launch's message stays
+    wait_for_text(page, "#setup-msg", "started the run runs/web2 ")  # the launch's message stays
 
+    # A page opened while it runs opens on the running run, not on the alphabetically first (runs/web)
+    page.reload()
     page.get_by_role("tab", name="Run").click()
+    wait_for_text(page, "#run-dir", r"(?m)^runs/web2$")
     wait_for_text(page, "#run-status", r"runs/web2: running")
     deadline = time.time() + 300
     while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
@@ -399,7 +436,7 @@ def test_abort_a_second_run_and_continue_it(app, page):
     shot(page, "run-aborted")
 
     page.locator("#continue-run").click()  # a checked copy of its config, as Start launches
-    wait_for_text(page, "#run-msg", r"started spin-lite run runs/web2/app-launch.yaml", timeout_s=120)
+    wait_for_text(page, "#run-msg", r"started the run runs/web2 ", timeout_s=120)
     wait_for_text(page, "#run-status", r"runs/web2: finished — 1 of 1 iterations complete", timeout_s=600)
     run = ws / "runs" / "web2"
     step_plot = lambda: {(f"iter {t}", str(n)): r["loss"] for n, (t, r) in enumerate(
@@ -463,3 +500,49 @@ def test_progress_of_every_stage(app, page):
     finally:
         holder.kill()
         holder.wait()
+
+
+def select_run(page, run_dir: str):
+    """Type `run_dir` into the run menu, again until it stays there (a refresh of the list answered after the typing
+    puts back the run the page opens on)."""
+    page.get_by_role("button", name="Refresh run list").click()
+    box = page.locator("#run-dir input")
+    for _ in range(20):
+        box.fill(run_dir)
+        box.press("Enter")
+        time.sleep(1.5)
+        if box.input_value() == run_dir:
+            return
+    raise AssertionError(f"the run menu shows {box.input_value()!r}, not {run_dir!r}")
+
+
+def test_notes_and_labels_follow_the_selected_run(app, page):
+    """Export's note is the selected run's, also when its menu stays on "best" as the run menu changes (it kept
+    describing the run before); Inspect names the starting model's responses as such, with no empty opponent column."""
+    from test_app import fake_run
+
+    url, ws = app
+    for name, accepted in (("note-start", [False, False]), ("note-iter", [True, True, False])):
+        root = fake_run(ws / "runs" / name, accepted)
+        (root / "state.json").write_text('{"status": "finished"}')
+    start = ws / "runs" / "note-start" / "eval-start.json"
+    start.write_text(json.dumps({"metrics": {}, "val": {}, "samples": [
+        {"prompt": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "real": "Four.",
+         "opponent": None, "model": "It is four."}]}))
+    page.get_by_role("tab", name="Export").click()
+    select_run(page, "runs/note-start")
+    wait_for_text(page, "#export-msg", r"The stop rule chose the starting model")
+    select_run(page, "runs/note-iter")  # its menu opens on "best" too: no change of the menu's value
+    wait_for_text(page, "#export-which", r"best = iter 1 \(chosen\)")
+    page.wait_for_function("() => !document.querySelector('#export-msg').innerText.includes('starting model')",
+                           timeout=20_000)
+    choose(page, "export-which", "iter 2 (rejected by the stop rule)")
+    wait_for_text(page, "#export-msg", r"Warning: the stop rule rejected iteration 2")
+
+    page.get_by_role("tab", name="Inspect").click()
+    select_run(page, "runs/note-start")
+    wait_for_text(page, "#inspect-which", r"(?m)^start \(chosen\)$")
+    table = wait_for_text(page, "#inspect-table", r"It is four\.")
+    assert "starting model" in table and "new model" not in table and "opponent" not in table
+    assert page.locator("#inspect-table .spin-answer").count() == 2  # real, starting model: no empty column
+    shot(page, "inspect-start")

@@ -22,6 +22,7 @@ import yaml
 from spin_lite.app import form, processes, workspace
 from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
+from spin_lite.state import LinkError
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 # Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
@@ -98,6 +99,7 @@ def test_saved_config_with_outside_paths_is_neither_saved_loaded_nor_continued(w
         data[section][leaf] = str(value)
         data["run_dir"] = str(run.relative_to(ws))
         (run / "config.yaml").write_text(yaml.safe_dump(data))
+        (run / "state.json").write_text("{}")  # a run made by an earlier version, or by hand
         with pytest.raises(workspace.AppError, match="outside the workspace"):
             processes.continue_run(ws, str(run.relative_to(ws)))
         with pytest.raises(workspace.AppError, match="outside the workspace"):
@@ -114,17 +116,16 @@ def test_symlinks_are_never_written_through(ws, outside):
     assert workspace.save_upload(ws, DEMO) == "uploads/demo_sft-1.jsonl"
     assert not (outside / "planted.jsonl").exists()
     # Links at the files the app and the run write in a run directory: the launch is refused.
-    for name in (processes.LAUNCH_CONFIG, processes.LOG_FILE, "iter-00"):
-        run = ws / "runs" / f"linked-{name.replace('.', '-')}"
-        run.mkdir(parents=True)
-        if name != processes.LAUNCH_CONFIG:  # Continue launches this config
-            form.save_config(ws, tiny_config(str(run.relative_to(ws))), str((run / processes.LAUNCH_CONFIG).relative_to(ws)))
-        (run / name).symlink_to(outside / "keep.txt")
-        with pytest.raises(workspace.AppError, match="symbolic link"):
-            if name == processes.LAUNCH_CONFIG:
-                processes.start_run(ws, tiny_config(str(run.relative_to(ws))))
-            else:
-                processes.continue_run(ws, str(run.relative_to(ws)))
+    for name in (processes.LOG_FILE, "iter-00"):
+        for launch in ("start", "continue"):
+            rel = f"runs/linked-{launch}-{name.replace('.', '-')}"
+            run = made_run(ws, rel)
+            (run / name).symlink_to(outside / "keep.txt")
+            with pytest.raises((workspace.AppError, LinkError), match="symbolic link"):
+                if launch == "start":
+                    processes.start_run(ws, tiny_config(rel))
+                else:
+                    processes.continue_run(ws, rel)
     # A config saved onto a link to a file inside the workspace: not written through either.
     (ws / "configs").mkdir(exist_ok=True)
     (ws / "configs" / "target.yaml").write_text("iterations: 2\n")
@@ -147,14 +148,25 @@ def test_export_never_writes_through_a_link(ws, outside):
     assert untouched(outside)
 
 
-def test_a_launch_config_that_is_not_a_mapping_is_a_named_error(ws):
-    run = ws / "runs" / "listy"
+def made_run(ws: Path, rel: str) -> Path:
+    """A run directory as a run leaves it before its first stage: config.yaml, state.json, its lock file."""
+    from spin_lite.state import RunDir
+
+    run = ws / rel
     run.mkdir(parents=True)
-    (run / processes.LAUNCH_CONFIG).write_text("- just\n- a list\n")
+    (run / "config.yaml").write_text(tiny_config(rel).to_yaml())
+    RunDir(run).lock().close()
+    (run / "state.json").write_text("{}")
+    return run
+
+
+def test_a_run_config_that_is_not_a_mapping_is_a_named_error(ws):
+    run = made_run(ws, "runs/listy")
+    (run / "config.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         processes.continue_run(ws, "runs/listy")
     assert processes.run_status(ws, "runs/listy")["status"] == "not started"
-    (run / processes.LAUNCH_CONFIG).write_bytes(b"\xff\xfe\x00binary")
+    (run / "config.yaml").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not a text file"):
         processes.continue_run(ws, "runs/listy")
 
@@ -259,3 +271,187 @@ def test_refusals_through_the_http_api_are_named(api, ws):
     assert "must be a whole number >= 0" in answer("runs/typed", "abc", None, api_name="/continue_run")
     assert "Input should be a valid list" in answer("hi", "not a chat", [], api_name="/add_message")
     assert not (ws / "runs" / "typed").exists()
+
+
+# -- links planted after the launch: refused where each file is used (spin_lite.state.confined) ---------------------
+def test_a_link_planted_in_a_running_run_is_not_written_through(ws, outside):
+    """A real run, launched as the app launches it; `iter-00` planted as a link to a folder outside right after the
+    launch (the launch's own check has passed): the run refuses it when it makes the folder, and fails saying so.
+    Before, its generations, adapter, eval.json and summary.json landed outside."""
+    from test_app import wait_until_stopped
+
+    processes.start_run(ws, tiny_config("runs/planted-late"))
+    (ws / "runs" / "planted-late" / "iter-00").symlink_to(outside, target_is_directory=True)
+    status = wait_until_stopped(ws, "runs/planted-late")
+    assert status["status"] == "failed" and "symbolic link" in status["error"], status
+    assert untouched(outside)
+
+
+def test_every_folder_write_and_model_read_of_a_run_refuses_links(tmp_path, outside):
+    """The run's folders (iteration, control, SFT stage), its atomic writes and folder moves in a run directory it
+    has locked, and the adapters read for a model: each refuses a link at the point of use."""
+    from spin_lite.state import LinkError, RunDir, atomic_write_json, replace_dir
+
+    rd = RunDir(tmp_path / "run")
+    lock = rd.lock()
+    try:
+        for name, folder in (("control-03", lambda: rd.control(3)), ("iter-01", lambda: rd.iteration(1)),
+                             ("sft", lambda: rd.sft_dir)):
+            (rd.root / name).symlink_to(outside, target_is_directory=True)
+            with pytest.raises(LinkError, match="symbolic link"):
+                folder()
+            for write in (lambda: atomic_write_json(rd.root / name / "summary.json", {"x": 1}),
+                          lambda: replace_dir(rd.root / "tmp-adapter", rd.root / name / "adapter")):
+                (rd.root / "tmp-adapter").mkdir(exist_ok=True)
+                with pytest.raises(LinkError, match="symbolic link"):
+                    write()
+        assert not rd.stage_done(0, "train") and rd.completed() == 0
+        (rd.root / "iter-00" / "adapter").mkdir(parents=True)
+        (rd.root / "iter-00" / "adapter" / "adapter_config.json").write_text("{}")
+        (rd.root / "iter-00" / "adapter" / "adapter_model.safetensors").symlink_to(outside / "keep.txt")
+        with pytest.raises(LinkError, match="adapter_model.safetensors is a symbolic link"):
+            rd.adapters_after(0, "stack")
+        (rd.root / "iter-00" / "adapter" / "adapter_model.safetensors").unlink()
+        assert rd.adapters_after(0, "merge", "models/start") == ["models/start", str(rd.root / "iter-00" / "adapter")]
+    finally:
+        lock.close()
+    assert untouched(outside)
+
+
+def test_chat_export_and_inspect_never_read_through_a_link(ws, outside):
+    """An adapter and a samples file of a finished run replaced by links to files outside the workspace: Compare,
+    Export and Inspect refuse them by name; nothing outside is zipped or shown."""
+    from spin_lite.app import chat, views
+    from test_app import fake_run
+
+    root = fake_run(ws / "runs" / "linked-read", [True])
+    adapter = root / "iter-00" / "adapter"
+    (outside / "adapter").mkdir()
+    (outside / "adapter" / "adapter_config.json").write_text("{}")
+    (outside / "adapter" / "adapter_model.safetensors").write_text("stolen")
+    os.rename(adapter, root / "iter-00" / "adapter-real")
+    adapter.symlink_to(outside / "adapter", target_is_directory=True)
+    with pytest.raises(Exception, match="symbolic link") as refused:
+        chat.chat_model(ws, "runs/linked-read", "iter 0")
+    assert workspace.user_message(refused.value).startswith(str(adapter))  # a named refusal, not "unexpected"
+    with pytest.raises(workspace.AppError, match="symbolic link"):
+        app_export.export(ws, "runs/linked-read", "iter 0", kind="adapter")
+    assert not list((ws / "exports").glob("linked-read*"))
+    (root / "iter-00" / "samples.jsonl").unlink()
+    (root / "iter-00" / "samples.jsonl").symlink_to(outside / "secret.jsonl")
+    with pytest.raises(Exception, match="symbolic link") as refused:
+        views.samples(ws, "runs/linked-read", "iter 0")
+    assert "unexpected" not in workspace.user_message(refused.value)
+    (outside / "adapter" / "adapter_config.json").unlink()
+    (outside / "adapter" / "adapter_model.safetensors").unlink()
+    (outside / "adapter").rmdir()
+    assert untouched(outside)
+
+
+# -- uploads are data only; Save config, Abort and the form's values --------------------------------------------------
+def upload(ws: Path, tmp_path: Path, name: str, text: str) -> str:
+    source = tmp_path / "sent" / name
+    source.parent.mkdir(exist_ok=True)
+    source.write_text(text)
+    return workspace.save_upload(ws, source)
+
+
+def test_an_upload_never_makes_a_folder_a_run_or_carries_a_process_record(ws, tmp_path):
+    """Uploads named as a run's records (app-launch.yaml with run_dir: uploads, state.json of [1], app-run.json,
+    .lock) are stored under other names, uploads/ is never a run, and the Run tab's overview still reads every run."""
+    from spin_lite.app import views
+
+    before = views.runs_overview(ws)
+    for name, text, stored in (("app-launch.yaml", "run_dir: uploads\n", "upload-app-launch.yaml"),
+                               ("state.json", "[1]\n", "upload-state.json"),
+                               ("config.yaml", "iterations: 1\n", "upload-config.yaml"),
+                               ("app-run.json", '{"pid": %d}\n' % os.getpid(), "upload-app-run.json"),
+                               (".lock.json", "1", "upload-lock.json"), ("data.jsonl", "{}\n", "data.jsonl")):
+        assert upload(ws, tmp_path, name, text) == f"uploads/{stored}"
+    assert not any(p.name in ("state.json", "config.yaml", "app-run.json", ".lock") for p in (ws / "uploads").iterdir())
+    assert not any(r.startswith("uploads") for r in views.list_runs(ws))
+    assert views.runs_overview(ws) == before
+    with pytest.raises(workspace.AppError, match="an upload is a data file or a config"):
+        upload(ws, tmp_path, "run.log", "x")
+    for run_dir in ("uploads", "uploads/x", "exports/y"):
+        with pytest.raises(workspace.AppError, match="app's (uploads|exports)/ folder"):
+            processes.start_run(ws, tiny_config(run_dir))
+        with pytest.raises(workspace.AppError, match="app's (uploads|exports)/ folder"):
+            processes.continue_run(ws, run_dir)
+
+
+def test_a_broken_run_directory_does_not_hide_the_others(ws):
+    from spin_lite.app import views
+
+    made_run(ws, "runs/state-list")
+    made_run(ws, "runs/state-fine")
+    (ws / "runs" / "state-list" / "state.json").write_text("[1]\n")
+    rows = {r["run_dir"]: r for r in views.runs_overview(ws)}
+    assert rows["runs/state-list"]["status"].startswith("unreadable")
+    assert rows["runs/state-fine"]["status"] == "not started"
+
+
+def test_save_config_never_writes_inside_a_run_directory(ws):
+    run = made_run(ws, "runs/kept")
+    before = (run / "config.yaml").read_text()
+    changed = tiny_config("runs/kept", **{"train.beta": 5, "train.learning_rate": 0.05})
+    for path in ("runs/kept/config.yaml", "runs/kept/iter-00/x.yaml", "runs/kept/app-launch.yaml"):
+        with pytest.raises(workspace.AppError, match="inside the run directory runs/kept"):
+            form.save_config(ws, changed, path)
+    assert (run / "config.yaml").read_text() == before and not (run / "iter-00").exists()
+    assert form.save_config(ws, changed, "configs/kept.yaml") == ws / "configs" / "kept.yaml"
+
+
+# A process that holds a run directory's lock and writes `pid` into the lock file, as a forged record would read.
+FORGE = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
+         "lock.seek(0); lock.truncate(); lock.write(sys.argv[2].encode())\nprint('held', flush=True)\ntime.sleep(120)")
+
+
+def test_abort_signals_only_what_this_app_started(ws):
+    """A run held by a process the app did not start, whose lock file names the app's own pid and whose app-run.json
+    names the holder with its true start time: Abort signals nothing, and never says "kill" the app."""
+    root = made_run(ws, "runs/forged")
+    holder = subprocess.Popen([sys.executable, "-c", FORGE, str(root), str(os.getpid())], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (root / processes.PROCESS_FILE).write_text(
+            '{"pid": %d, "process_start": %d}' % (holder.pid, processes._process_start(holder.pid)))
+        with pytest.raises(workspace.AppError, match="did not start") as refused:
+            processes.abort_run(ws, "runs/forged", grace_s=1)
+        assert str(os.getpid()) not in str(refused.value) and "kill" not in str(refused.value)
+        status = processes.run_status(ws, "runs/forged")
+        assert status["status"] == "running" and status["pid"] is None
+        assert holder.poll() is None  # not signalled
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# A YAML "billion laughs" in one form value: 9^6 (531,441) values from 200 characters.
+ALIAS_BOMB = ("[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+              "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e,*e,*e,*e]]")
+
+
+def test_form_values_are_bounded_before_yaml_and_aliases_refused(ws):
+    keys = [s.key for s in form.settings()]
+    values = form.form_values(tiny_config("runs/bomb"))
+    values[keys.index("train.beta")] = ALIAS_BOMB
+    started = time.time()
+    with pytest.raises(ConfigError, match="train.beta is not valid YAML: anchors and aliases") as refused:
+        form.config_from_form(values)
+    assert time.time() - started < 2 and len(str(refused.value)) < 1000
+    values = form.form_values(tiny_config("runs/bomb"))
+    values[keys.index("data.system_prompt")] = "x" * (form.MAX_VALUE_CHARS + 1)
+    values[keys.index("train.beta")] = "1" * (form.MAX_VALUE_CHARS + 1)
+    with pytest.raises(workspace.AppError, match=r"train.beta, data.system_prompt|data.system_prompt, train.beta"):
+        form.config_from_form(values)
+    # a config file: aliases that expand it past the bound are refused; a merge key (<<: *defaults) is fine
+    (ws / "configs").mkdir(exist_ok=True)
+    (ws / "configs" / "bomb.yaml").write_text("train:\n  beta: " + ALIAS_BOMB + "\n")
+    with pytest.raises(workspace.AppError, match="aliases .* expand it past"):
+        form.open_config(ws, "configs/bomb.yaml")
+    (ws / "configs" / "merge.yaml").write_text("base: &b {beta: 0.2}\n")
+    with pytest.raises(ConfigError):  # an unknown setting, named by the config's own check
+        form.open_config(ws, "configs/merge.yaml")
+    assert len(workspace.user_message(ConfigError("x" * 10 ** 6))) < 5000  # no message of megabytes on the page

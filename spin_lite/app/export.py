@@ -14,7 +14,7 @@ from pathlib import Path
 from ..state import RunDir
 from .processes import child_env
 from .views import number_of, trained_iterations
-from .workspace import EXPORTS, AppError, inside, run_config, run_name
+from .workspace import EXPORTS, AppError, inside, refuse_links, run_config, run_name
 
 EXPORT_KINDS = ("adapter", "merged", "gguf")
 
@@ -101,6 +101,7 @@ def export(workspace, run_dir: str, iteration: int | str, kind: str = "adapter",
         raise AppError(last_error_text(done.stderr) or f"spin-lite export failed with exit code {done.returncode}")
     if kind == "merged":
         return out
+    refuse_links(workspace, out)  # what is archived or offered for download: the export's own files, no link
     if kind == "gguf":
         return next(out.glob("*.gguf"))
     return Path(shutil.make_archive(str(out), "zip", root_dir=out))

@@ -18,7 +18,7 @@ import yaml
 
 from ..config import ConfigError, SpinConfig, load_config, settings_info
 from ..config import choices as setting_choices
-from .workspace import AppError, inside, open_to_write, resolved
+from .workspace import AppError, inside, is_run_dir, open_to_write, resolved, shown
 
 # Values a setting may take where the config accepts a fixed set: its Literal type in spin_lite.config.
 CHOICES = {key: list(values) for key, values in setting_choices().items()}
@@ -59,6 +59,13 @@ class Setting:
 
 
 KINDS = {bool: "bool", int: "int", float: "float", str: "str", int | None: "optional-int", str | None: "optional-str"}
+# The most characters one form value may hold: a long system prompt fits; a value sent through the API to make the
+# config's checks (which quote values) or YAML work for minutes does not, and is refused before either sees it.
+MAX_VALUE_CHARS = 20_000
+# The most YAML nodes a config file loaded into the form may expand to through its aliases (`<<: *defaults` is
+# fine; a "billion laughs" document of 326 characters expanded to 10^9 and took 435 s and 1.3 GB in the checks).
+MAX_YAML_NODES = 100_000
+MAX_CONFIG_BYTES = 1_000_000
 
 
 def settings() -> list[Setting]:
@@ -127,6 +134,9 @@ def config_from_form(values: list) -> SpinConfig:
     if not isinstance(values, (list, tuple)) or len(values) != len(specs):
         raise AppError(f"the settings form has {len(specs)} values; got "
                        f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
+    too_long = [s.key for s, v in zip(specs, values) if len(v if isinstance(v, str) else str(v)) > MAX_VALUE_CHARS]
+    if too_long:
+        raise AppError(f"{', '.join(too_long)}: at most {MAX_VALUE_CHARS:,} characters a setting")
     data: dict = {}
     for s, value in zip(specs, values):
         if s.kind == "yaml":
@@ -164,13 +174,25 @@ def _optional_int(text):
         return text
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: a form value is one number or a short list, and an alias is
+    how a few characters expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            raise yaml.YAMLError(f"anchors and aliases (& and *) are not taken in a form value "
+                                 f"(line {self.peek_event().start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
 def _parse_yaml_field(key: str, text) -> object:
     if not isinstance(text, str):
         return text
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=_NoAliasLoader) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid configuration:\n  - {key} is not valid YAML: {e}") from None
+        raise ConfigError(f"invalid configuration:\n  - {key} is not valid YAML: {' '.join(str(e).split())[:300]}") \
+            from None
     if isinstance(value, str):  # "5e-5": YAML 1.1 reads a float without a dot as a string
         try:
             return float(value)
@@ -202,9 +224,18 @@ def cli_command(workspace, cfg: SpinConfig) -> str:
 
 
 def save_config(workspace, cfg: SpinConfig, path: str) -> Path:
+    """Write `cfg` to a .yaml file of the workspace, never through a link and never inside a run directory (a run's
+    own config.yaml is written by the run: one saved over it would change a run past Continue's check)."""
     target = inside(workspace, path)
     if target.suffix not in (".yaml", ".yml"):
         raise AppError(f"{path}: a config file name ends in .yaml")
+    ws = Path(workspace).resolve()
+    for folder in [target.parent, *target.parent.parents]:
+        if folder == ws or ws not in folder.parents:
+            break
+        if is_run_dir(ws, folder):
+            raise AppError(f"{shown(path)} is inside the run directory {folder.relative_to(ws)}; save configs "
+                           "elsewhere (e.g. configs/NAME.yaml): a run's own files are written by the run")
     resolved(workspace, cfg)  # a config whose paths leave the workspace is not saved
     if (Path(workspace).resolve() / str(path).strip()).is_symlink():  # inside() looked through it
         raise AppError(f"{path} is a symbolic link; the app does not write through links")
@@ -219,6 +250,33 @@ def open_config(workspace, path: str) -> SpinConfig:
     target = inside(workspace, path)
     if target.is_dir():
         target = target / "config.yaml"
+    check_yaml_size(target)
     cfg = load_config(target)
     resolved(workspace, cfg)  # nor loaded into the form
     return cfg
+
+
+def check_yaml_size(path: Path):
+    """AppError for a YAML file too large to load into the form, or whose aliases expand it past MAX_YAML_NODES
+    nodes (counted on the composed document, where an alias is one shared node: nothing is expanded to count)."""
+    if not path.is_file():
+        return  # load_config says what is wrong
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AppError(f"{path.name} is {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError):
+        return  # load_config names the problem
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:  # nodes after expanding every alias, each shared node counted once per use
+        if id(n) not in sizes:
+            sizes[id(n)] = 0  # (a recursive alias counts nothing more than once)
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = 1 + sum(min(size(c), MAX_YAML_NODES + 1) for c in children)
+        return sizes[id(n)]
+
+    if node is not None and size(node) > MAX_YAML_NODES:
+        raise AppError(f"{path.name}: its aliases (*name) expand it past {MAX_YAML_NODES:,} values; a config is a few "
+                       "dozen settings")

@@ -1,14 +1,15 @@
 """Runs as processes: start, continue and abort them, and say whether one is running.
 
-Runs are the CLI's: `start_run` takes the run directory's lock and launches `python -m spin_lite run CONFIG`,
-which inherits and keeps it, in its own process group and session, cwd = the workspace, output appended to
-RUN_DIR/run.log, so closing the page or the app does not stop it. The config it launches is a checked copy,
-app-launch.yaml, written after the checks (Start: the form's config; Continue: the run's own config.yaml with
-the page's changes), so a file swapped in after the check is never what runs. `abort_run` kills that process
-group, once it has checked that the app started it (`started_group`).
+Runs are the CLI's: `start_run` takes the run directory's lock and launches `python -m spin_lite run -`, which
+inherits and keeps it, in its own process group and session, cwd = the workspace, output appended to
+RUN_DIR/run.log, so closing the page or the app does not stop it. The config it runs is the one checked here
+(Start: the form's config; Continue: the run's own config.yaml with the page's changes), handed to it on its
+standard input: no file that the workspace holds, and so none that could be swapped after the check, is read for
+it. `abort_run` kills that process group, once it has checked that this app started it (`started_group`): the
+process's identity (pid and start time) is kept in the app's memory (`LAUNCHED`), never read back from a file.
 
-Files the app adds to a run directory: app-launch.yaml (the config it launched), run.log, app-run.json
-(pid, process start time, command, and how the process ended).
+Files the app adds to a run directory: run.log, and app-run.json (pid, process start time, command, and how the
+process ended), which is shown, never trusted to name a process to signal.
 """
 from __future__ import annotations
 
@@ -25,14 +26,19 @@ from pathlib import Path
 
 import yaml
 
+from ..cli import STDIN
 from ..config import SpinConfig, load_config
-from ..state import RunDir, RunLockedError, atomic_write_json, read_json
-from .workspace import AppError, inside, open_to_write, refuse_links, resolved, run_name
+from ..state import LinkError, RunDir, RunLockedError, atomic_write_json, read_json
+from .workspace import AppError, inside, is_run_dir, open_to_write, refuse_links, resolved, run_name
 
-LAUNCH_CONFIG = "app-launch.yaml"
 PROCESS_FILE = "app-run.json"
 LOG_FILE = "run.log"
 LAUNCH_MARK = "$ spin-lite "  # starts the line run.log gets for each launch
+
+# The run processes this app started, by run directory (resolved): {"pid", "process_start"}. In memory only, so
+# that no file (an upload, a forged app-run.json) can make Abort signal a process the app did not start; after
+# a restart of the app, its earlier runs are stopped where they run (the message says how).
+LAUNCHED: dict[Path, dict] = {}
 
 
 def child_env(**extra: str) -> dict:
@@ -65,12 +71,25 @@ def _alive(pid) -> bool:
 
 def run_status(workspace, run_dir: str) -> dict:
     """Where a run directory stands: status (running, finished, aborted, failed, stopped, not started), the
-    engine's state, iterations done and configured, and the app's process record."""
+    engine's state, iterations done and configured, and the app's process record. A run directory whose files are
+    refused where they are read (a planted link: LinkError) is "failed", or "running" while a process holds it,
+    with the refusal as its error."""
     root = inside(workspace, run_dir)
     rd = RunDir(root)
-    state, proc = rd.state(), read_json(root / PROCESS_FILE, {})
-    config = read_yaml(root / "config.yaml") or read_yaml(root / LAUNCH_CONFIG) or {}
-    running = _alive(proc.get("pid")) or rd.is_locked()
+    launched = LAUNCHED.get(root)
+    running = (launched is not None and _alive(launched["pid"])) or rd.is_locked()
+    pid = running_pid(rd, launched) if running else None
+    try:
+        return _status(rd, run_dir, running, pid)
+    except LinkError as e:
+        return {"run_dir": run_dir, "status": "running" if running else "failed", "iterations_done": 0,
+                "iterations": None, "iteration": None, "stage": None, "updated": None, "pid": pid,
+                "returncode": None, "error": str(e), "best_iteration": None, "chosen": None, "stopped_by_rule": False}
+
+
+def _status(rd: RunDir, run_dir: str, running: bool, pid: int | None) -> dict:
+    state, proc = rd.state(), process_record(rd.root)
+    config = read_yaml(rd.config_path) or {}
     done, planned = rd.completed(), config.get("iterations")
     cfg = rd.settings() if state.get("status") == "finished" and done < (planned or 0) else None
     ended_by_rule = cfg is not None and rd.stopped(cfg)
@@ -88,12 +107,40 @@ def run_status(workspace, run_dir: str) -> dict:
         status = "not started"
     out = {"run_dir": run_dir, "status": status, "iterations_done": done, "iterations": planned,
            "iteration": state.get("iteration"), "stage": state.get("stage"), "updated": state.get("updated"),
-           "pid": proc.get("pid") if running else None, "returncode": proc.get("returncode"), "error": None,
+           "pid": pid, "returncode": proc.get("returncode"), "error": None,
            "best_iteration": rd.best_iteration(), "chosen": rd.chosen_model(),
            "stopped_by_rule": ended_by_rule and not running}
     if status == "failed":
-        out["error"] = last_error(root / LOG_FILE, proc.get("returncode"))
+        out["error"] = last_error(rd.root / LOG_FILE, proc.get("returncode"))
     return out
+
+
+def process_record(root: Path) -> dict:
+    """app-run.json as the page shows it ({} when missing or malformed): how the app's last launch ended
+    (returncode, aborted). Never used to choose a process to signal."""
+    try:
+        record = read_json(root / PROCESS_FILE, {})
+    except (ValueError, OSError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    ok = {"returncode": lambda v: v is None or type(v) is int, "aborted": lambda v: type(v) is bool}
+    return {k: v for k, v in record.items() if k in ok and ok[k](v)}
+
+
+def running_pid(rd: RunDir, launched: dict | None) -> int | None:
+    """The pid the page names for a running run: the process this app started, else the lock's holder when it is
+    a live spin_lite process that is neither this app nor in its process group (the lock file's text is written
+    by whoever holds it, and a forged one must never have the page say "kill" the app)."""
+    if launched is not None and _alive(launched["pid"]):
+        return launched["pid"]
+    holder = rd.lock_holder()
+    if holder is None or holder in (os.getpid(), os.getppid()) or not _alive(holder):
+        return None
+    try:
+        return None if os.getpgid(holder) == os.getpgrp() else holder
+    except OSError:
+        return None
 
 
 def read_yaml(path: Path) -> dict | None:
@@ -145,12 +192,12 @@ def start_run(workspace, cfg: SpinConfig) -> str:
     full = resolved(workspace, cfg)
     root = Path(full.run_dir)
     _refuse_if_running(workspace, rel)
-    if (root / "config.yaml").exists():
+    if (root / "config.yaml").exists() and is_run_dir(workspace, root):
         changed = RunDir(root).changed_settings(cfg.to_dict())
         if changed:
             raise AppError(f"run directory {cfg.run_dir} was started with other settings (changed: "
                            + ", ".join(changed) + "). Choose a new run_dir, or Continue it with its own settings.")
-    elif root.exists() and any(root.iterdir()) and not (root / LAUNCH_CONFIG).exists():
+    if root.exists() and any(root.iterdir()) and not is_run_dir(workspace, root):
         raise AppError(f"{cfg.run_dir} exists and is not a run directory; choose a new run_dir")
     check_model(workspace, cfg)  # model, adapter, LoRA targets, data: errors here, before launching
     load_splits(full.data, load_tokenizer(full.model), full.seed)
@@ -166,9 +213,10 @@ def continue_run(workspace, run_dir: str, iterations: int | None = None, stop_pa
     root = Path(workspace).resolve() / rel
     iterations, stop_patience = _count("iterations", iterations), _count("stop patience", stop_patience)
     _refuse_if_running(workspace, rel)
-    config = root / "config.yaml" if (root / "config.yaml").exists() else root / LAUNCH_CONFIG
-    if not config.exists():
-        raise AppError(f"{run_dir} is not a run directory (no config.yaml); start a run with the Setup settings")
+    config = root / "config.yaml"
+    if not (is_run_dir(workspace, root) and config.exists()):
+        raise AppError(f"{run_dir} is not a run directory (no config.yaml written by a run); start a run with the "
+                       "Setup settings")
     overrides = ([f"run_dir={rel}"] + ([f"iterations={iterations}"] if iterations else [])
                  + ([f"train.stop_patience={stop_patience}"] if stop_patience else []))
     cfg = load_config(config, overrides)  # a broken config file is reported here, not in the log
@@ -190,14 +238,12 @@ def _count(name: str, value) -> int | None:
 
 
 def _launch_checked(workspace, root: Path, rel: str, cfg: SpinConfig) -> str:
-    """Launch `cfg` as checked: written to app-launch.yaml under the run directory's lock, then run from there."""
+    """Launch `cfg` as checked, under the run directory's lock: `spin-lite run -` reads it from its standard input."""
     root.mkdir(parents=True, exist_ok=True)
     refuse_links(workspace, root)
     lock = _take(root, rel)
     try:
-        with open_to_write(root / LAUNCH_CONFIG) as f:
-            f.write(cfg.to_yaml().encode("utf-8"))
-        return _launch(workspace, root, ["run", f"{rel}/{LAUNCH_CONFIG}"], lock)
+        return _launch(workspace, root, rel, cfg.to_yaml(), lock)
     finally:
         lock.close()  # the run's process holds its own copy
 
@@ -219,22 +265,28 @@ def _take(root: Path, rel: str):
                        "another run_dir") from None
 
 
-def _launch(workspace, root: Path, args: list[str], lock) -> str:
-    """Start `python -m spin_lite ARGS` in its own session, cwd = workspace, output appended to run.log; the
-    process inherits `lock` (the run directory's, taken by the caller) and adopts it (spin_lite.state)."""
-    command = [sys.executable, "-m", "spin_lite", *args]
+def _launch(workspace, root: Path, rel: str, config_yaml: str, lock) -> str:
+    """Start `python -m spin_lite run -` in its own session, cwd = workspace, output appended to run.log, with
+    `config_yaml` on its standard input; the process inherits `lock` (the run directory's, taken by the caller) and
+    adopts it (spin_lite.state). Its identity goes to LAUNCHED, in this process's memory."""
+    args = ["run", STDIN]
     env = child_env(PYTHONUNBUFFERED="1", SPIN_LITE_LOCK_FD=str(lock.fileno()))
     with open_to_write(root / LOG_FILE, append=True) as log:
-        log.write(f"\n{LAUNCH_MARK}{shlex.join(args)}    # started by the app, "
+        log.write(f"\n{LAUNCH_MARK}{shlex.join(args)}    # the config of {rel} checked and started by the app, "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode("utf-8"))
         log.flush()
-        proc = subprocess.Popen(command, cwd=Path(workspace).resolve(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                pass_fds=(lock.fileno(),))
-    atomic_write_json(root / PROCESS_FILE, {"pid": proc.pid, "command": ["spin-lite", *args],
-                                            "started": time.time(), "process_start": _process_start(proc.pid)})
+        proc = subprocess.Popen([sys.executable, "-m", "spin_lite", *args], cwd=Path(workspace).resolve(),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env,
+                                start_new_session=True, pass_fds=(lock.fileno(),))
+    LAUNCHED[root] = {"pid": proc.pid, "process_start": _process_start(proc.pid)}
+    with contextlib.suppress(BrokenPipeError):  # a child that died at once: its log says why
+        proc.stdin.write(config_yaml.encode("utf-8"))
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    atomic_write_json(root / PROCESS_FILE, {**LAUNCHED[root], "command": ["spin-lite", *args], "started": time.time()})
     threading.Thread(target=_record_exit, args=(proc, root), daemon=True).start()
-    return f"started `spin-lite {shlex.join(args)}` (process {proc.pid}); it goes on if you close the page"
+    return (f"started the run {rel} (process {proc.pid}: `spin-lite run -`, the checked config on its standard "
+            "input); it goes on if you close the page")
 
 
 def _process_start(pid: int) -> int | None:
@@ -251,19 +303,20 @@ def _record_exit(proc: subprocess.Popen, root: Path):
     which _alive counts as running, so the page never sees it ended without its exit code."""
     info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
     code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status  # killed: minus the signal
-    record = read_json(root / PROCESS_FILE, {})
-    if record.get("pid") == proc.pid:
-        atomic_write_json(root / PROCESS_FILE, {**record, "returncode": code, "ended": time.time()})
+    with contextlib.suppress(ValueError, OSError):  # (a record made unreadable: the exit is not written down)
+        record = read_json(root / PROCESS_FILE, {})
+        if isinstance(record, dict) and record.get("pid") == proc.pid:
+            atomic_write_json(root / PROCESS_FILE, {**record, "returncode": code, "ended": time.time()})
     proc.wait()
 
 
-def started_group(record: dict) -> int | None:
-    """The process group the app started for a run (its app-run.json `record`), while it runs; else None.
+def started_group(record: dict | None) -> int | None:
+    """The process group the app started for a run (`record`: its LAUNCHED entry), while it runs; else None.
 
     Only a group that passes every check is ever signalled: a pid above 1 that is neither the app nor its
     own group, still a spin_lite process (or its zombie), the leader of its own group (start_new_session),
     and started when the record says (a reused pid fails this)."""
-    pid = record.get("pid")
+    pid = (record or {}).get("pid")
     if type(pid) is not int or pid <= 1 or pid in (os.getpid(), os.getpgrp()) or not _alive(pid):
         return None
     try:
@@ -282,17 +335,20 @@ def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
     written atomically, so Continue picks up from the last finished batch or checkpoint. Only a run the app
     started is signalled (started_group); a run started elsewhere is left to whoever started it."""
     root = inside(workspace, run_dir)
-    record = read_json(root / PROCESS_FILE, {})
+    record = LAUNCHED.get(root)
     pid = started_group(record)
     if pid is None:
         rd = RunDir(root)
         if rd.is_locked():
-            holder = rd.lock_holder()
-            raise AppError(f"{run_dir} is running in a process the app did not start"
-                           + (f" (process {holder}): stop it where it runs (Ctrl-C, or kill {holder})"
-                              if holder else ""))
+            holder = running_pid(rd, None)
+            raise AppError(f"{run_dir} is running in a process this app did not start (from the command line, or "
+                           "before the app was restarted): stop it where it runs"
+                           + (f" (Ctrl-C, or kill {holder})" if holder else ""))
         raise AppError(f"{run_dir} is not running")
-    atomic_write_json(root / PROCESS_FILE, {**record, "aborted": True})
+    with contextlib.suppress(ValueError, OSError):
+        stored = read_json(root / PROCESS_FILE, {})
+        atomic_write_json(root / PROCESS_FILE, {**(stored if isinstance(stored, dict) else {}), **record,
+                                                "aborted": True})
     with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
         os.killpg(pid, signal.SIGTERM)  # start_new_session: the process group id is the pid
         deadline = time.time() + grace_s

@@ -22,11 +22,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app makes no o
 
 import gradio as gr
 
+from . import export as export_h
 from . import form, processes, views
 from .ui_models import compare_tab, export_tab, inspect_tab
 from .ui_run import run_tab
 from .ui_setup import setup_tab
-from .workspace import EXPORTS, error_md, user_message
+from .workspace import EXPORTS, error_md, run_name, user_message
 
 CSS = (".spin-bar progress { width: 100%; height: 14px; } .spin-error { color: #b91c1c; }"
        " .spin-best { color: #15803d; font-weight: 600; }"
@@ -52,43 +53,58 @@ def build_demo(workspace: str | Path) -> gr.Blocks:
             run = run_tab(ws, run_dd)
             inspect, sample_dd = inspect_tab(ws, run_dd)
             compare, chat_dd = compare_tab(ws, run_dd)
-            export, export_dd = export_tab(ws, run_dd)
+            export, export_dd, export_msg = export_tab(ws, run_dd)
 
         def run_choices(selected=None):
             runs = views.list_runs(ws)
-            return gr.update(choices=runs, value=selected or (runs[0] if runs else None))
+            return gr.update(choices=runs, value=selected or views.opening_run(ws, runs))
 
         def start(*values):
+            """Check and launch the form's run. A generator: at the click, before the checks (a large model or data
+            set takes a minute), the Run tab turns to the run being started, so it never shows the previous run as if
+            it were this one; then the launch's message, or the refusal."""
             try:
                 cfg = form.config_from_form(list(values))
+                rel = run_name(ws, cfg.run_dir)
+                yield {run_dd: gr.update(value=rel), run.msg: f"checking the model and data of {rel} before starting it"}
                 message = processes.start_run(ws, cfg)
-            except Exception as e:  # a refusal has its own line: the message of a launch before it stays
-                return {setup.start_error: error_md(e)}
-            return {setup.start_msg: message, setup.start_error: "", run.msg: message, run_dd: run_choices(cfg.run_dir)}
+            except Exception as e:  # a refusal has its own line (the form's problems line gives way to it): the
+                yield {setup.start_error: error_md(e), setup.problems: "", run.msg: error_md(e)}  # launch's stays
+                return
+            yield {setup.start_msg: message, setup.start_error: "", run.msg: message, run_dd: run_choices(cfg.run_dir)}
 
         # "multiple": a second click is answered too (a refusal while the run goes on), not dropped
-        setup.start_btn.click(start, setup.fields, [setup.start_msg, setup.start_error, run.msg, run_dd],
+        setup.start_btn.click(start, setup.fields, [setup.start_msg, setup.start_error, setup.problems, run.msg, run_dd],
                               trigger_mode="multiple", api_name="start"
                               ).then(run.show, run_dd, run.view)  # a new run: everything redrawn
-        refresh_btn.click(run_choices, run_dd, run_dd)
+        refresh_btn.click(run_choices, run_dd, run_dd, api_name="refresh_runs")
         demo.load(run_choices, None, run_dd)
+        run_dd.input(lambda: "", None, run.msg)  # a message of Continue or Abort belongs to the run it was about
         run_dd.change(run.show, run_dd, run.view)
-        tab_choices = [sample_dd, chat_dd, export_dd]
-        for event in (run_dd.change, inspect.select, compare.select, export.select):
-            event(lambda r: iteration_choices(ws, r, sample_dd, chat_dd, export_dd), run_dd, tab_choices)
+        tab_choices = [sample_dd, chat_dd, export_dd, export_msg]
+        for first, event in zip((True, False, False, False), (run_dd.change, inspect.select, compare.select,
+                                                              export.select)):
+            event(lambda r: iteration_choices(ws, r, sample_dd, chat_dd, export_dd, export_msg), run_dd, tab_choices,
+                  api_name="model_menus" if first else None)
     return demo
 
 
-def iteration_choices(ws, run_dir, sample_dd, chat_dd, export_dd) -> dict:
+def iteration_choices(ws, run_dir, sample_dd, chat_dd, export_dd, export_msg) -> dict:
     """The models of the selected run in Inspect, Compare and Export (views.model_menus), each opened on the chosen
-    one."""
+    one, and Export's note on the model its menu opens on: this run's, also when the menu's value ("best") stays the
+    same and no change of it would redraw the note."""
     try:
         menus = views.model_menus(ws, run_dir) if run_dir else {}
-    except Exception as e:  # said, not an empty menu without a word: e.g. a damaged record (spin_lite.records)
-        gr.Warning(user_message(e))
-        menus = {}
+    except Exception as e:  # noqa: BLE001 - said on the Export tab; the menus stay empty
+        menus, note = {}, error_md(e)
+    else:
+        value = menus.get("export", ([], None))[1]
+        try:
+            note = export_h.export_note(ws, run_dir, value) if value else ""
+        except Exception as e:  # noqa: BLE001
+            note = error_md(e)
     pick = lambda tab: (lambda choices, value: gr.update(choices=choices, value=value))(*menus.get(tab, ([], None)))
-    return {sample_dd: pick("inspect"), chat_dd: pick("compare"), export_dd: pick("export")}
+    return {sample_dd: pick("inspect"), chat_dd: pick("compare"), export_dd: pick("export"), export_msg: note}
 
 
 # -- launching --------------------------------------------------------------------------------------------------

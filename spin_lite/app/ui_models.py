@@ -29,7 +29,7 @@ def inspect_tab(ws: Path, run_dd):
             return {table: "", summary: None}
         try:
             rows = views.samples(ws, run_dir, sample_set, query or "")
-            return {table: samples_html(rows), summary: views.summary(ws, run_dir, sample_set)}
+            return {table: samples_html(rows, sample_set), summary: views.summary(ws, run_dir, sample_set)}
         except Exception as e:
             return {table: error_md(e), summary: None}
 
@@ -37,18 +37,31 @@ def inspect_tab(ws: Path, run_dd):
     return tab, which
 
 
-def samples_html(rows: list[dict]) -> str:
-    """Held-out samples as chats: the prompt's turns (system, user, assistant), then the real, the opponent's and
-    the new model's responses side by side."""
+def model_column(which: str) -> str:
+    """The name of the responses of the model a sample set is of ("start", "iter N", "control N")."""
+    which = str(which)
+    if which == "start":
+        return "starting model"
+    if which.startswith("control"):
+        return f"{which} (SFT continued)"
+    return f"new model ({which})"
+
+
+def samples_html(rows: list[dict], which: str = "") -> str:
+    """Held-out samples as chats: the prompt's turns (system, user, assistant), then the real response, the
+    opponent's (the model the iteration played against; none for the start and a control) and the responses of the
+    model the set is of (model_column) side by side."""
     if not rows:
         return "<p>No samples.</p>"
-    turn = lambda role, text: (f"<div class='spin-turn' data-role='{role}'><b>{role}</b>"
+    turn = lambda role, text: (f"<div class='spin-turn' data-role='{html.escape(role)}'><b>{html.escape(role)}</b>"
                                f"<div class='spin-text'>{html.escape(text)}</div></div>")
+    columns = [("real", "real response"), ("opponent", "opponent"), ("model", model_column(which))]
+    if not any(r.get("opponent") for r in rows):  # the start and a control have no opponent: no empty column
+        columns.remove(("opponent", "opponent"))
     blocks = []
     for r in rows:
         prompt = "".join(turn(m["role"], m["content"]) for m in views.prompt_turns(r["prompt"]))
-        answers = "".join(f"<div class='spin-answer'>{turn(name, r[key])}</div>" for key, name in
-                          (("real", "real response"), ("opponent", "opponent"), ("model", "new model")))
+        answers = "".join(f"<div class='spin-answer'>{turn(name, r[key])}</div>" for key, name in columns)
         blocks.append(f"<div class='spin-sample'>{prompt}<div class='spin-answers'>{answers}</div></div>")
     return "".join(blocks)
 
@@ -168,5 +181,5 @@ def export_tab(ws: Path, run_dd):
 
     inputs = [run_dd, which, dtype, gguf_type, repo, token, private]
     for kind, button in (("adapter", adapter_btn), ("merged", merged_btn), ("gguf", gguf_btn)):
-        button.click(lambda *values, kind=kind: export(kind, *values), inputs, [msg, download])
-    return tab, which
+        button.click(lambda *values, kind=kind: export(kind, *values), inputs, [msg, download], api_name=f"export_{kind}")
+    return tab, which, msg

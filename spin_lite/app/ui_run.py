@@ -69,7 +69,7 @@ def run_tab(ws: Path, run_dd) -> SimpleNamespace:
     continue_btn.click(lambda r, n, k: act(processes.continue_run, r, n, k), [run_dd, more_iters, patience], msg,
                        trigger_mode="multiple", api_name="continue_run")
     abort_btn.click(lambda r: act(processes.abort_run, r), run_dd, msg, api_name="abort_run").then(show, [run_dd, seen], view)
-    timer.tick(show, [run_dd, seen], view, show_progress="hidden", trigger_mode="always_last")
+    timer.tick(show, [run_dd, seen], view, show_progress="hidden", trigger_mode="always_last", api_name="run_view")
     return SimpleNamespace(msg=msg, view=view, show=show)
 
 
@@ -154,33 +154,36 @@ def padded(values, margin: float = 0.06) -> list[float] | None:
 
 def status_html(status: dict, progress: dict | None) -> str:
     """Where the run is (state.json, app-run.json), its best iteration, and the running stage's progress
-    (progress.json), shown while the run runs or after it stopped midway."""
-    where = f"iteration {status['iteration']}, stage {status['stage']}" if status.get("stage") else ""
-    html = (f"<p><b>{status['run_dir']}</b>: {status['status']} — {status['iterations_done']} of "
-            f"{status['iterations'] or '?'} iterations complete{'; ' + where if where else ''}"
-            f"{' (process ' + str(status['pid']) + ')' if status.get('pid') else ''}</p>")
+    (progress.json), shown while the run runs or after it stopped midway. Every text from the run directory is
+    escaped: a file's or a link's name is shown, never read as markup."""
+    e = lambda value: html.escape(str(value), quote=True)
+    where = f"iteration {e(status['iteration'])}, stage {e(status['stage'])}" if status.get("stage") else ""
+    out = (f"<p><b>{e(status['run_dir'])}</b>: {e(status['status'])} — {e(status['iterations_done'])} of "
+           f"{e(status['iterations'] or '?')} iterations complete{'; ' + where if where else ''}"
+           f"{' (process ' + e(status['pid']) + ')' if status.get('pid') else ''}</p>")
     if status.get("stopped_by_rule"):
-        html += (f"<p class='spin-stop-rule'>the stop rule ended the run after iteration {status['iterations_done'] - 1}"
-                 " (not better on the validation rows); Continue with a higher stop patience to go on</p>")
+        out += (f"<p class='spin-stop-rule'>the stop rule ended the run after iteration {status['iterations_done'] - 1}"
+                " (not better on the validation rows); Continue with a higher stop patience to go on</p>")
     best, chosen = status.get("best_iteration"), status.get("chosen")  # (chosen: RunDir.chosen_model)
     if best is not None:
         named = ("the starting model" if not chosen or chosen == "start" else f"iteration {chosen.split()[-1]}"
                  if chosen.startswith("iter") else f"SFT continued ({chosen})")
-        html += f"<p class='spin-best' data-best='{best}'>best on the validation rows: {named}</p>"
+        out += f"<p class='spin-best' data-best='{e(best)}'>best on the validation rows: {e(named)}</p>"
     if status.get("error"):
-        html += f"<p class='spin-error'>{status['error']}</p>"
+        out += f"<p class='spin-error'>{e(status['error'])}</p>"
     if progress and status["status"] != "finished":
-        html += progress_bar(progress, status["status"] == "running")
-    return html
+        out += progress_bar(progress, status["status"] == "running")
+    return out
 
 
 def progress_bar(p: dict, running: bool) -> str:
+    e = lambda value: html.escape(str(value), quote=True)
     total = p.get("total")
     counts = f"{p['done']}/{total} {p['unit']}" if total is not None else f"{p['done']} {p['unit']}"
     rate = f", {p['rate']:.2f} {p['unit']}/s" if p.get("rate") else ""
     left = f", about {p['remaining_s']:.0f} s left" if running and p.get("remaining_s") is not None else ""
     iteration = "start" if p.get("iteration") is None else f"iteration {p['iteration']}"
     # no value attribute while nothing is counted yet: the bar shows work under way without a share
-    value = f" value='{p['done']}'" if p["done"] and total else ""
-    return (f"<div class='spin-bar' data-stage='{p['stage']}'>{'' if running else 'last progress: '}{iteration} · "
-            f"{p['stage']}: {counts}{rate}{left}<progress max='{total or 1}'{value}></progress></div>")
+    value = f" value='{e(p['done'])}'" if p["done"] and total else ""
+    return (f"<div class='spin-bar' data-stage='{e(p['stage'])}'>{'' if running else 'last progress: '}{e(iteration)} · "
+            f"{e(p['stage'])}: {e(counts + rate + left)}<progress max='{e(total or 1)}'{value}></progress></div>")

@@ -80,7 +80,7 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
             with gr.Column(scale=2):
                 files = config_files_section()
     fields = [field[s.key] for s in specs]  # settings() order: the order form.config_from_form reads
-    wire_setup(ws, demo, fields, first, files, problems)
+    wire_setup(ws, demo, fields, first, files, problems, start_error)
     wire_preset(preset, fields, files, problems)
 
     def estimate_time(*values):
@@ -90,7 +90,8 @@ def setup_tab(ws: Path, demo: gr.Blocks) -> SimpleNamespace:
             return error_md(e)
 
     estimate_btn.click(estimate_time, fields, estimate, api_name="estimate")
-    return SimpleNamespace(fields=fields, start_btn=start_btn, start_msg=start_msg, start_error=start_error)
+    return SimpleNamespace(fields=fields, start_btn=start_btn, start_msg=start_msg, start_error=start_error,
+                           problems=problems)
 
 
 def first_settings(specs: list, values: dict) -> tuple[dict, SimpleNamespace]:
@@ -161,19 +162,21 @@ def wire_preset(preset, fields: list, files: SimpleNamespace, problems):
     preset.input(apply, preset, [problems, files.path, files.msg, *fields])
 
 
-def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: SimpleNamespace, problems):
+def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: SimpleNamespace, problems, start_error):
     data = first.data
 
     def show_config(*values):
+        """The config as YAML and as a command, or what is wrong with it; a changed form clears Start's refusal
+        (about the values before), so an error shows once, and never after it was mended."""
         try:
             cfg = form.config_from_form(list(values))
         except Exception as e:
-            return {problems: error_md(e)}
-        return {files.yaml: cfg.to_yaml(), files.cli: form.cli_command(ws, cfg), problems: ""}
+            return {problems: error_md(e), start_error: ""}
+        return {files.yaml: cfg.to_yaml(), files.cli: form.cli_command(ws, cfg), problems: "", start_error: ""}
 
-    config_view = [files.yaml, files.cli, problems]
+    config_view = [files.yaml, files.cli, problems, start_error]
     gr.on([f.change for f in fields], show_config, fields, config_view, trigger_mode="always_last",
-          show_progress="hidden")
+          show_progress="hidden", api_name="show_config")
     demo.load(show_config, fields, config_view)
 
     def check_model(*values):  # beside the model field, as the CLI says it (preflight)
@@ -204,7 +207,8 @@ def wire_setup(ws: Path, demo, fields: list, first: SimpleNamespace, files: Simp
 
     shown = [data.table, data.msg, first.model_msg]
     data.preview_btn.click(preview, fields, shown, api_name="preview")
-    data.upload.upload(uploaded, data.upload, [first.data_path, data.msg]).then(preview, fields, shown)
+    data.upload.upload(uploaded, data.upload, [first.data_path, data.msg], api_name="upload_data"
+                       ).then(preview, fields, shown)
     wire_config_files(ws, fields, files)
 
 
@@ -232,4 +236,4 @@ def wire_config_files(ws: Path, fields: list, files: SimpleNamespace):
 
     files.save_btn.click(save, [files.path, *fields], [files.msg, files.download], api_name="save")
     files.load_btn.click(load, files.path, [files.msg, *fields], api_name="load")
-    files.upload.upload(load_uploaded, files.upload, [files.msg, *fields])
+    files.upload.upload(load_uploaded, files.upload, [files.msg, *fields], api_name="upload_config")

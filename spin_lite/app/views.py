@@ -12,9 +12,9 @@ import re
 import time
 from pathlib import Path
 
-from ..state import RunDir, compared_with, found_better, read_json, read_jsonl
-from .processes import LAUNCH_CONFIG, LOG_FILE, log_lines, run_status
-from .workspace import AppError, inside, user_message
+from ..state import RunDir, compared_with, confined, found_better, read_json, read_jsonl
+from .processes import LOG_FILE, log_lines, run_status
+from .workspace import APP_FOLDERS, AppError, inside, is_run_dir, user_message
 
 # What one unit of a stage's progress counts (spin_lite.run: SpinRun.generate, score, train, _evaluate).
 STAGE_UNITS = {"generate": "batches", "score": "sequences", "train": "steps", "evaluate": "prompts"}
@@ -25,21 +25,40 @@ TEMPLATES = [re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S), 
 
 
 def list_runs(workspace, depth: int = 3) -> list[str]:
-    """Run directories under the workspace (relative paths, sorted): folders with a config.yaml and a
-    state.json, or launched by the app."""
+    """Run directories under the workspace (relative paths, sorted): workspace.is_run_dir's, never in the app's own
+    uploads/ and exports/ folders."""
     ws = Path(workspace).resolve()
     found = []
     for root, dirs, files in os.walk(ws):
         rel = Path(root).relative_to(ws)
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("node_modules", "site-packages")
-                         and not d.startswith("iter-") and len(rel.parts) < depth)
-        if ("config.yaml" in files and "state.json" in files) or LAUNCH_CONFIG in files:
+                         and not d.startswith("iter-") and len(rel.parts) < depth
+                         and not (rel == Path(".") and d in APP_FOLDERS))
+        if rel != Path(".") and is_run_dir(ws, Path(root)):
             found.append(str(rel))
             dirs[:] = []
     return sorted(found)
 
 
+def opening_run(workspace, runs: list[str] | None = None) -> str | None:
+    """The run a page opens on: a running one (the one active last, when several run), else the one active last;
+    None without runs. Not the alphabetically first: a page reopened while a run goes on shows that run."""
+    runs = list_runs(workspace) if runs is None else runs
+    rank = {}
+    for run in runs:
+        try:
+            s = run_status(workspace, run)
+        except Exception:  # noqa: BLE001 - an unreadable run is listed, just not opened on
+            continue
+        lock = inside(workspace, run) / ".lock"  # touched by every launch: when a run has no state.json yet
+        active = s["updated"] if isinstance(s["updated"], (int, float)) else lock.stat().st_mtime if lock.exists() else 0
+        rank[run] = (s["status"] == "running", active)
+    return max(rank, key=rank.get) if rank else (runs[0] if runs else None)
+
+
 def runs_overview(workspace) -> list[dict]:
+    """One row per run directory: status, iterations done of planned, stage, last update. A run whose files
+    cannot be read gets its own row saying so; the others are shown as usual."""
     rows = []
     for run in list_runs(workspace):
         try:
@@ -73,7 +92,7 @@ def step_metrics(workspace, run_dir: str) -> list[dict]:
     rd = RunDir(inside(workspace, run_dir))
     rows = []
     for folder in sorted(rd.root.glob("iter-[0-9][0-9]")):
-        for r in read_jsonl(folder / "train_log.jsonl"):
+        for r in read_jsonl(confined(rd.root, folder / "train_log.jsonl")):
             rows.append({"iteration": int(folder.name[5:]), "step": r["step"], "global_step": len(rows) + 1,
                          "loss": r["loss"], "margin": r.get("margin"), "accuracy": r.get("accuracy")})
     return rows
@@ -135,9 +154,9 @@ def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
     """Held-out samples side by side (prompt, real, opponent, model), those containing `query` (any case)."""
     root = inside(workspace, run_dir)
     if which == "start":
-        rows = (read_json(root / "eval-start.json") or {}).get("samples", [])
+        rows = (read_json(confined(root, root / "eval-start.json")) or {}).get("samples", [])
     else:
-        rows = read_jsonl(folder_of(RunDir(root), which) / "samples.jsonl")
+        rows = read_jsonl(confined(root, folder_of(RunDir(root), which) / "samples.jsonl"))
     columns = ("prompt", "real", "opponent", "model")
     table = [{c: r.get(c) or "" for c in columns} for r in rows]
     q = str(query).strip().lower()
@@ -158,8 +177,8 @@ def summary(workspace, run_dir: str, which: str) -> dict:
     """summary.json of an iteration, or the starting model's held-out metrics."""
     root = inside(workspace, run_dir)
     if which == "start":
-        return {"model": "start", "eval": (read_json(root / "eval-start.json") or {}).get("metrics")}
-    return read_json(folder_of(RunDir(root), which) / "summary.json") or {}
+        return {"model": "start", "eval": (read_json(confined(root, root / "eval-start.json")) or {}).get("metrics")}
+    return read_json(confined(root, folder_of(RunDir(root), which) / "summary.json")) or {}
 
 
 def number_of(which) -> int:

@@ -20,9 +20,11 @@ from ..config import ConfigError, SpinConfig, load_config
 from ..data import DataError
 from ..model import EMBEDDED, ModelError
 from ..records import RunRecordError
-from ..state import RunLockedError
+from ..state import LinkError, RunLockedError
 
 UPLOADS, EXPORTS, CONFIGS = "uploads", "exports", "configs"
+# The app's own folders, which hold files and never a run (a run directory named inside one is refused).
+APP_FOLDERS = (UPLOADS, EXPORTS)
 # A run directory name the app accepts: folders of letters, digits, "_", "." and "-", each starting with a letter,
 # digit or "_" (no "=", spaces, quotes or "#", so no name can be read as a setting, an option or a YAML comment).
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
@@ -35,13 +37,15 @@ class AppError(ValueError):
     """A request the app refuses; the message is shown on the page as it is."""
 
 
-USER_ERRORS = (AppError, ConfigError, DataError, ModelError, RunLockedError, RunRecordError)
+MAX_MESSAGE = 4000  # characters of one error message on the page: a message quoting huge values is cut
+USER_ERRORS = (AppError, ConfigError, DataError, LinkError, ModelError, RunLockedError, RunRecordError)
 
 
 def user_message(error: BaseException) -> str:
-    """The text the page shows for an error raised by a handler."""
+    """The text the page shows for an error raised by a handler (at most MAX_MESSAGE characters)."""
     if isinstance(error, USER_ERRORS):
-        return str(error)
+        text = str(error)
+        return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f" ... ({len(text) - MAX_MESSAGE:,} more characters)"
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return ("out of memory: use a smaller model, load it in 4 bits (model.load_in_4bit), or lower the batch "
                 f"sizes and data.max_length ({type(error).__name__}: {str(error)[:200]})")
@@ -87,7 +91,25 @@ def run_name(workspace, typed: str | Path) -> str:
     if not RUN_NAME.fullmatch(rel):
         raise AppError(f"run directory name {shown(typed)}: use only letters, digits, '_', '.', '-' and '/' "
                        "(each folder name starting with a letter, digit or '_')")
+    if rel.split("/")[0] in APP_FOLDERS:
+        raise AppError(f"run directory {shown(typed)} is in the app's {rel.split('/')[0]}/ folder, which holds files, "
+                       "never runs; choose another run_dir (e.g. runs/NAME)")
     return rel
+
+
+def is_run_dir(workspace, folder: Path) -> bool:
+    """Whether `folder` (in the workspace) is a run directory: one a run has locked (`.lock`: every run, and the
+    app's launch, takes it before writing anything) or, from a run made before that, one holding config.yaml and
+    state.json; never one of the app's own folders (uploads/, exports/) or a folder in them. Neither an upload nor
+    Save config can write those files, so nothing sent to the app makes a folder a run."""
+    ws = Path(workspace).resolve()
+    try:
+        rel = folder.resolve().relative_to(ws)
+    except ValueError:
+        return False
+    if not rel.parts or rel.parts[0] in APP_FOLDERS or folder.is_symlink() or not folder.is_dir():
+        return False
+    return (folder / ".lock").is_file() or ((folder / "config.yaml").is_file() and (folder / "state.json").is_file())
 
 
 def open_to_write(path: Path, append: bool = False, new: bool = False):
@@ -104,14 +126,15 @@ def open_to_write(path: Path, append: bool = False, new: bool = False):
 
 
 def refuse_links(workspace, root: Path):
-    """A launched run writes anywhere under `root`; refuse a folder holding a symlink, which could send the
-    writes outside the workspace."""
+    """Refuse a folder holding a symlink anywhere under `root`, before the app launches a run into it (which writes
+    anywhere under it) or offers an export's files for download. The run and the readers check each path again
+    where they use it (spin_lite.state.confined): a link planted after this check is refused there."""
     for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
         for name in dirs + files:
             if (Path(folder) / name).is_symlink():
                 link = (Path(folder) / name).relative_to(Path(workspace).resolve())
-                raise AppError(f"{link} is a symbolic link; the app does not run into a folder holding links "
-                               "(remove it, or choose another run_dir)")
+                raise AppError(f"{link} is a symbolic link; the app neither runs into nor reads from a folder "
+                               "holding links, which could lead outside the workspace (remove it)")
 
 
 def local_or_hub(workspace, value: str | None) -> str | None:
@@ -142,15 +165,35 @@ def run_config(workspace, run_dir: str) -> SpinConfig:
     return resolved(workspace, load_config(root / "config.yaml", [f"run_dir={rel}"]))
 
 
+# What an upload may be: a data file or a config (the page's upload boxes take these; the API could send anything).
+UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml")
+# Names of a run directory's own files (spin_lite.state, the app's process record and log): an upload so named, or
+# named with a leading ".", is stored as upload-NAME, so that no upload is ever mistaken for a run's record.
+RUN_RECORDS = {"config.yaml", "state.json", "progress.json", "summary.json", "eval-start.json", "eval-base.json",
+               "eval.json", "samples.jsonl", "pairs.jsonl", "generations.jsonl", "train_log.jsonl",
+               "train_metrics.json", "metrics.json", "app-run.json", "app-launch.yaml", "run.log"}
+
+
+def upload_name(name: str) -> str:
+    """The name an upload called `name` is stored under in uploads/: its own, unless a run's record has it."""
+    if name in RUN_RECORDS or name.startswith(("app-", ".")):
+        return "upload-" + name.lstrip(".")
+    return name
+
+
 def save_upload(workspace, uploaded: str | Path) -> str:
-    """Copy an uploaded file into WORKSPACE/uploads/ (a new name if a different file has its name); the
-    relative path to put in the config."""
+    """Copy an uploaded data or config file into WORKSPACE/uploads/ (upload_name; a new name if a different file has
+    its name); the relative path to put in the config. uploads/ never holds a run (workspace.is_run_dir), so an upload
+    is data only: it never makes a folder a run, and never stands for a run's state or process."""
     source = Path(uploaded)
+    if source.suffix.lower() not in UPLOAD_TYPES:
+        raise AppError(f"{shown(source.name)}: an upload is a data file or a config ({', '.join(UPLOAD_TYPES)})")
+    name = Path(upload_name(source.name))
     folder = inside(workspace, UPLOADS)
     folder.mkdir(parents=True, exist_ok=True)
     content = source.read_bytes()
     for n in itertools.count():
-        target = folder / (source.name if n == 0 else f"{source.stem}-{n}{source.suffix}")
+        target = folder / (name.name if n == 0 else f"{name.stem}-{n}{name.suffix}")
         if target.is_symlink():  # a planted link (dangling or not) is neither read nor written through
             continue
         if target.exists():
