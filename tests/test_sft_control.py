@@ -266,3 +266,10 @@ def test_a_control_at_spins_own_rate_beside_the_sft_rate_one(tiny_config):
     out = export_adapter(cfg.run_dir, "control-spin 1", rd.root.parent / "exported")
     assert load_file(out / "adapter_model.safetensors").keys() == load_file(
         rd.control(1, "spin") / "adapter" / "adapter_model.safetensors").keys()
+    # the app: the arm's models in the menus, its samples in Inspect
+    from spin_lite.app import views
+    ws, run_dir = rd.root.parent.parent, f"{rd.root.parent.name}/{rd.root.name}"
+    values = [v for _, v in views.model_menus(ws, run_dir)["compare"][0]]
+    assert {"control 1", "control-spin 0", "control-spin 1"} <= set(values)
+    assert "control-spin 1" in views.sample_sets(ws, run_dir) and views.samples(ws, run_dir, "control-spin 1")
+    assert views.folder_of(rd, "control-spin 1") == rd.control(1, "spin")

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..state import RunDir
-from .views import number_of
+from ..state import control_name
+from .views import arm_of, number_of
 from .workspace import AppError, run_config
 
 
@@ -22,10 +23,11 @@ def chat_model(workspace, run_dir: str, which: str):
     cfg = run_config(workspace, run_dir)
     rd = RunDir(cfg.run_dir)
     n = -1 if which == "start" else number_of(which)
-    if str(which).startswith("control"):  # SFT continued
-        if n not in rd.trained_controls():
-            raise AppError(f"control {n} of {run_dir} has no trained adapter")
-        n = f"control {n}"
+    if str(which).startswith("control"):  # SFT continued (at the SFT rate, or at SPIN's: "control-spin N")
+        arm = arm_of(which)
+        if n not in rd.trained_controls(arm):
+            raise AppError(f"{control_name(n, arm)} of {run_dir} has no trained adapter")
+        n = control_name(n, arm)
     elif n >= 0 and n not in rd.trained_iterations():
         raise AppError(f"iteration {n} of {run_dir} has no trained adapter")
     adapters = tuple(rd.adapters_of(n, cfg))

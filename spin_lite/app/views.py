@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from ..state import RunDir, compared_with, confined, found_better, read_json, read_jsonl
+from ..state import CONTROL_ARMS, RunDir, compared_with, confined, control_name, found_better, read_json, read_jsonl
 from .processes import LOG_FILE, log_lines, run_status
 from .workspace import APP_FOLDERS, AppError, inside, is_run_dir, user_message
 
@@ -147,7 +147,9 @@ def sample_sets(workspace, run_dir: str) -> list[str]:
     root = inside(workspace, run_dir)
     sets = ["start"] if (root / "eval-start.json").exists() else []
     return (sets + [f"iter {int(p.parent.name[5:])}" for p in sorted(root.glob("iter-[0-9][0-9]/samples.jsonl"))]
-            + [f"control {int(p.parent.name[8:])}" for p in sorted(root.glob("control-[0-9][0-9]/samples.jsonl"))])
+            + [f"control {int(p.parent.name[8:])}" for p in sorted(root.glob("control-[0-9][0-9]/samples.jsonl"))]
+            + [f"control-spin {int(p.parent.name[13:])}"
+               for p in sorted(root.glob("control-spin-[0-9][0-9]/samples.jsonl"))])
 
 
 def samples(workspace, run_dir: str, which: str, query: str = "") -> list[dict]:
@@ -182,16 +184,25 @@ def summary(workspace, run_dir: str, which: str) -> dict:
 
 
 def number_of(which) -> int:
-    """The number in a menu value: "iter 3" -> 3, "control 1" -> 1."""
-    found = re.fullmatch(r"(?:iter |control )?(\d{1,4})", str(which).strip())
+    """The number in a menu value: "iter 3" -> 3, "control 1" -> 1, "control-spin 1" -> 1."""
+    found = re.fullmatch(r"(?:iter |control |control-spin )?(\d{1,4})", str(which).strip())
     if not found:
-        raise AppError(f"unknown model {str(which)[:40]!r}: start, an iteration (iter N) or a control (control N)")
+        raise AppError(f"unknown model {str(which)[:40]!r}: start, an iteration (iter N) or a control (control N, "
+                       "control-spin N)")
     return int(found[1])
 
 
+def arm_of(which) -> str:
+    """The control arm of a menu value: "spin" for "control-spin N" (SFT continued at SPIN's rate), else "sft"."""
+    return "spin" if str(which).startswith("control-spin") else "sft"
+
+
 def folder_of(rd: RunDir, which: str) -> Path:
-    """The folder of "iter N" or "control N" (SFT continued, the control matched to iteration N)."""
-    return (rd.control if str(which).startswith("control") else rd.iteration)(number_of(which))
+    """The folder of "iter N", "control N" (SFT continued, the control matched to iteration N) or "control-spin N"
+    (the same at SPIN's own rate)."""
+    if str(which).startswith("control"):
+        return rd.control(number_of(which), arm_of(which))
+    return rd.iteration(number_of(which))
 
 
 def trained_iterations(workspace, run_dir: str) -> list[int]:
@@ -210,7 +221,8 @@ def model_menus(workspace, run_dir: str) -> dict[str, tuple[list[tuple[str, str]
     option = lambda n: (rd.model_label(n), value(n))
     inspect = [option(s if s.startswith("control") else -1 if s == "start" else number_of(s))
                for s in sample_sets(workspace, run_dir)]
-    controls = [option(f"control {t}") for t in rd.trained_controls()]  # SFT continued, beside the iterations
+    controls = [option(control_name(t, arm)) for arm in CONTROL_ARMS  # SFT continued, beside the iterations
+                for t in rd.trained_controls(arm)]
     compare = [option(-1)] + [option(t) for t in trained] + controls if trained else []
     cfg = rd.settings()
     export = [option(t) for t in trained] + controls
