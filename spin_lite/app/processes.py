@@ -28,7 +28,6 @@ import yaml
 
 from ..cli import STDIN
 from ..config import SpinConfig, load_config
-from ..records import RunRecordError
 from ..state import LinkError, RunDir, RunLockedError, atomic_write_json, read_json
 from .workspace import AppError, inside, is_run_dir, open_to_write, refuse_links, resolved, run_name
 
@@ -82,7 +81,7 @@ def run_status(workspace, run_dir: str) -> dict:
     pid = running_pid(rd, launched) if running else None
     try:
         return _status(rd, run_dir, running, pid)
-    except (LinkError, RunRecordError) as e:  # a planted link, or a damaged record: named on the run's own row
+    except LinkError as e:  # (a damaged record raises RunRecordError: the overview names it "unreadable: ...")
         return {"run_dir": run_dir, "status": "running" if running else "failed", "iterations_done": 0,
                 "iterations": None, "iteration": None, "stage": None, "updated": None, "pid": pid,
                 "returncode": None, "error": str(e), "best_iteration": None, "chosen": None, "stopped_by_rule": False}
