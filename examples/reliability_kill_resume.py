@@ -1,6 +1,6 @@
 """Kill a run in each of its stages (SIGKILL), run the same command again, and compare with an uninterrupted run.
 
-    OMP_NUM_THREADS=1 nice -n 19 python examples/reliability_kill_resume.py     # 12 trials, writes docs/RELIABILITY.md
+    OMP_NUM_THREADS=1 nice -n 19 python examples/reliability_kill_resume.py     # 20 trials, writes docs/RELIABILITY.md
     python examples/reliability_kill_resume.py --trial "iter 0 train" --out /tmp/r.md
 
 A tiny random Llama (2 layers, the embedded model's tokenizer and chat template) runs the whole pipeline in one run:
@@ -95,12 +95,14 @@ def working(p_stage: str, p_iteration: int | None, stage: str):
 
 TARGETS = {
     "set-up": None,  # no progress.json yet: the SPIN_LITE_KILL_AT=set_up:1 hook, at the end of set-up
+    "evaluate base": working("evaluate val", None, "evaluate base"),  # the model before the SFT stage
     "sft": working("sft", None, "sft"),
     "evaluate start": working("evaluate val", None, "evaluate start"),
     "iter 0 generate": working("generate", 0, "generate"),
     "iter 0 score": working("score", 0, "generate"),  # scoring is the last part of the generate stage
     "iter 0 train": working("train", 0, "train"),
     "iter 0 evaluate": working("evaluate val", 0, "evaluate"),
+    "iter 0 evaluate test": working("evaluate test", 0, "evaluate"),
     # iteration 0 complete (its summary.json written) and nothing of what follows it begun: progress.json still
     # shows iteration 0's last evaluation
     "between iterations": lambda s: ("iter-00" in s["complete"] and "control-00" not in s["complete"]
@@ -108,9 +110,14 @@ TARGETS = {
                                      and s["stage"] != "control evaluate"),
     "control 0 train": working("control train", 0, "control train"),
     "control 0 evaluate": working("evaluate val", 0, "control evaluate"),
+    "control 0 evaluate test": working("evaluate test", 0, "control evaluate"),
     "iter 1 generate": working("generate", 1, "generate"),
+    "iter 1 score": working("score", 1, "generate"),
     "iter 1 train": working("train", 1, "train"),
+    "iter 1 evaluate val": working("evaluate val", 1, "evaluate"),
     "iter 1 evaluate": working("evaluate test", 1, "evaluate"),
+    "control 1 train": working("control train", 1, "control train"),
+    "control 1 evaluate": working("evaluate val", 1, "control evaluate"),
 }
 TRIALS = [[name] for name in TARGETS if name != "iter 1 generate"] + [["iter 1 generate", "iter 1 evaluate"]]
 
