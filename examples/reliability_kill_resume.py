@@ -93,6 +93,12 @@ def working(p_stage: str, p_iteration: int | None, stage: str):
     return lambda s: (s["p_stage"], s["p_iteration"], s["stage"]) == (p_stage, p_iteration, stage) and s["done"] > 0
 
 
+def entered(p_stage: str, p_iteration: int | None, stage: str):
+    """As `working`, from the moment progress.json shows the stage at all (0 units done too): an evaluation's few rows
+    can pass between two polls, so "units done" may never be seen there."""
+    return lambda s: (s["p_stage"], s["p_iteration"], s["stage"]) == (p_stage, p_iteration, stage)
+
+
 TARGETS = {
     "set-up": None,  # no progress.json yet: the SPIN_LITE_KILL_AT=set_up:1 hook, at the end of set-up
     "evaluate base": working("evaluate val", None, "evaluate base"),  # the model before the SFT stage
@@ -101,7 +107,7 @@ TARGETS = {
     "iter 0 generate": working("generate", 0, "generate"),
     "iter 0 score": working("score", 0, "generate"),  # scoring is the last part of the generate stage
     "iter 0 train": working("train", 0, "train"),
-    "iter 0 evaluate": working("evaluate val", 0, "evaluate"),
+    "iter 0 evaluate": entered("evaluate val", 0, "evaluate"),
     "iter 0 evaluate test": working("evaluate test", 0, "evaluate"),
     # iteration 0 complete (its summary.json written) and nothing of what follows it begun: progress.json still
     # shows iteration 0's last evaluation
@@ -114,10 +120,10 @@ TARGETS = {
     "iter 1 generate": working("generate", 1, "generate"),
     "iter 1 score": working("score", 1, "generate"),
     "iter 1 train": working("train", 1, "train"),
-    "iter 1 evaluate val": working("evaluate val", 1, "evaluate"),
+    "iter 1 evaluate val": entered("evaluate val", 1, "evaluate"),
     "iter 1 evaluate": working("evaluate test", 1, "evaluate"),
     "control 1 train": working("control train", 1, "control train"),
-    "control 1 evaluate": working("evaluate val", 1, "control evaluate"),
+    "control 1 evaluate": entered("evaluate val", 1, "control evaluate"),
 }
 TRIALS = [[name] for name in TARGETS if name != "iter 1 generate"] + [["iter 1 generate", "iter 1 evaluate"]]
 
