@@ -330,7 +330,10 @@ def test_set_up_run_and_inspect_a_tiny_run(app, page):
     samples = [json.loads(line) for line in (run / "iter-01" / "samples.jsonl").read_text().splitlines()]
     page.get_by_role("tab", name="Inspect").click()
     opens_on_the_chosen_model(page, ws, "inspect", "inspect-which", then="iter 1")
-    table = wait_for_text(page, "#inspect-table", re.escape(samples[0]["real"][:40]))
+    wait_for_text(page, "#inspect-summary", r'"iteration"\s*:\s*1')
+    # the start's samples share the real answers: wait for iteration 1's own (its opponent column) before reading
+    table = wait_for_text(page, "#inspect-table",
+                          rf"^(?![\s\S]*starting model)[\s\S]*{re.escape(samples[0]['real'][:40])}")
     for s in samples:
         assert s["real"][:40] in table and s["opponent"].split()[0] in table
         assert not s["model"].split() or s["model"].split()[0] in table  # the new model's reply (random tokens)
