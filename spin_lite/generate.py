@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .config import GenerationSettings
 from .data import end_of_turn_ids
-from .state import fault_point
+from .state import _confine_write, fault_point, open_append
 
 
 def plan_batches(prompts: dict[str, list[int]], batch_size: int) -> list[list[str]]:
@@ -168,7 +168,7 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
     if rank == 0:
         print(f"{desc}: {engine} engine, {rows} rows a pass (room for {capacity}), stop ids {stops}", flush=True)
     written = len(complete)
-    with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
+    with open_append(path) as f, tqdm(total=len(mine), initial=len(complete), desc=desc,
                                                        unit="batch", disable=rank != 0) as bar:
         for group in groups:
             if all(b in complete for b in group):
@@ -188,6 +188,7 @@ def generate_all(model, tokenizer, prompts: dict[str, list[int]], settings: Gene
                     return
                 records = [{"batch": b, "key": keys[j], "ids": results[j][0], "truncated": results[j][1]}
                            for j in range(len(keys)) if owners[j] == owners[i]]
+                _confine_write(path)  # each batch: the folder is still the run's own (no link swapped in since)
                 f.write("".join(json.dumps(r) + "\n" for r in records))  # one write: a batch lands whole or not
                 f.flush()
                 os.fsync(f.fileno())

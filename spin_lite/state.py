@@ -105,6 +105,15 @@ def _confine_write(path: Path):
             confined(root, path.parent)
 
 
+def open_append(path: Path):
+    """`path` opened for appending text, refusing links like atomic_write_text: no link at a folder above it inside a
+    run directory this process has locked (LinkError), and none at the file itself (O_NOFOLLOW: OSError ELOOP). The
+    appended logs (generations.jsonl, train_log.jsonl) go through it, so a link planted after launch is refused
+    where the write happens."""
+    _confine_write(path)
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a", encoding="utf-8")
+
+
 def atomic_write_text(path: Path, text: str):
     """Write `path` whole or not at all: a temporary file of this process and thread, renamed into place.
 

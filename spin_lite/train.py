@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import SpinConfig, TrainSettings
 from .logprobs import Batch, collate, mixed_precision, sequence_logprobs
 from .loss import spin_loss
-from .state import atomic_write_text, fault_point, recover_dir, replace_dir
+from .state import _confine_write, atomic_write_text, fault_point, open_append, recover_dir, replace_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -254,13 +254,14 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
             check_step(0.0, 1.0, s.max_loss, step + 1, desc, bool(weights), lr_setting)  # nothing not finite is saved
         records.append(record)
         if rank == 0:
-            with open(log_path, "a", encoding="utf-8") as f:
+            with open_append(log_path) as f:
                 f.write(json.dumps(record) + "\n")
             if tracker:
                 tracker(record)
             if progress is not None:
                 progress(step + 1, total_steps)
             if step + 1 in save_at:
+                _confine_write(out_dir / f"step-{step + 1:06d}")  # (no link planted since launch)
                 model.save_pretrained(out_dir / f"step-{step + 1:06d}", selected_adapters=["default"])
         bar.update(1)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if record.get(k) is not None})
@@ -378,6 +379,7 @@ def epoch_accuracy(records: list[dict]) -> float | None:
 
 def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt: Path, get_state, scaler=None):
     tmp = ckpt.with_name(ckpt.name + ".tmp")
+    _confine_write(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in get_state(model).items()},
               tmp / "adapter_model.safetensors")

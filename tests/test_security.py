@@ -455,3 +455,29 @@ def test_form_values_are_bounded_before_yaml_and_aliases_refused(ws):
     with pytest.raises(ConfigError):  # an unknown setting, named by the config's own check
         form.open_config(ws, "configs/merge.yaml")
     assert len(workspace.user_message(ConfigError("x" * 10 ** 6))) < 5000  # no message of megabytes on the page
+
+
+def test_appended_logs_refuse_a_link_planted_after_launch(tmp_path):
+    """generations.jsonl and train_log.jsonl are appended, not renamed into place: a link planted at the file after
+    launch is refused where the write happens (O_NOFOLLOW), and so is a folder swapped for a link inside a run
+    directory this process holds (state._confine_write)."""
+    from spin_lite.state import LinkError, RunDir, open_append
+
+    rd = RunDir(tmp_path / "run")
+    rd.root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lock = rd.lock()
+    try:
+        (rd.root / "iter-00").mkdir()
+        (rd.root / "iter-00" / "train_log.jsonl").symlink_to(outside / "stolen.jsonl")
+        with pytest.raises(OSError):
+            open_append(rd.root / "iter-00" / "train_log.jsonl")
+        (rd.root / "iter-01").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(LinkError):
+            open_append(rd.root / "iter-01" / "generations.jsonl")
+        with open_append(rd.root / "iter-00" / "generations.jsonl") as f:  # a plain file inside: fine
+            f.write("{}\n")
+    finally:
+        lock.close()
+    assert not (outside / "stolen.jsonl").exists() and not (outside / "generations.jsonl").exists()
