@@ -102,3 +102,11 @@ def cli(*args, env=None, cwd=REPO):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "spin_lite", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    """A free localhost port for an app started by a test."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -23,6 +23,7 @@ import pytest
 
 from spin_lite.app import form, workspace
 from spin_lite.state import RunDir
+from conftest import free_port
 from test_app import DEMO, REPO, fake_run, make_workspace, tiny_config
 
 client_module = pytest.importorskip("gradio_client")
@@ -39,13 +40,6 @@ ALIAS_BOMB = ("[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,
 # A process holding a run directory's lock and writing `pid` into the lock file: a forged lock record.
 FORGE = ("import sys, time\nfrom spin_lite.state import RunDir\nlock = RunDir(sys.argv[1]).lock()\n"
          "lock.seek(0); lock.truncate(); lock.write(sys.argv[2].encode())\nprint('held', flush=True)\ntime.sleep(120)")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from spin_lite.app import form, processes, workspace
 from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
 from spin_lite.state import LinkError
+from conftest import free_port
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 # Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
@@ -172,13 +173,6 @@ def test_a_run_config_that_is_not_a_mapping_is_a_named_error(ws):
 
 
 # -- the same escapes through the HTTP API (gradio_client) ------------------------------------------------------------
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def api(ws):
     client_module = pytest.importorskip("gradio_client")
