@@ -64,7 +64,12 @@ TEST_SPLIT_SEED = 1234
 
 def data_files(out: Path, name: str) -> tuple[Path, Path]:
     """The data set split once: a fixed test file and the pool the seeds draw validation and training rows from."""
-    path, n_test = DATASETS[name][0], DATASETS[name][1]
+    return split_once(out, name, DATASETS[name][0], DATASETS[name][1])
+
+
+def split_once(out: Path, name: str, path: str, n_test: int) -> tuple[Path, Path]:
+    """(test file, pool file) of the data file `path`: its rows shuffled with TEST_SPLIT_SEED, the first n_test the
+    test rows, written once under OUT/data/ (round 3 and round 4 alike)."""
     test, pool = out / "data" / f"{name}-test.jsonl", out / "data" / f"{name}-pool.jsonl"
     if not test.exists():
         rows = (REPO / path).read_text().splitlines()
@@ -98,10 +103,16 @@ def keep(out: Path):
     for folder in [*out.glob("*/*/seed-*"), *out.glob("*/converged/*/seed-*")]:
         target = KEPT / folder.relative_to(out)
         if finished(folder) and not finished(target):
-            shutil.copytree(folder, target, dirs_exist_ok=True, ignore=lambda d, names: [
-                n for n in names if (Path(d) / n).is_file() and not (n.endswith((".json", ".yaml"))
-                                                                     or n in ("train_log.jsonl", "samples.jsonl"))
-                or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
+            light_copy(folder, target)
+
+
+def light_copy(folder: Path, target: Path):
+    """A finished run's JSON, YAML, train logs and greedy samples copied to `target` (no adapters, generations or
+    pairs): what the tables read."""
+    shutil.copytree(folder, target, dirs_exist_ok=True, ignore=lambda d, names: [
+        n for n in names if (Path(d) / n).is_file() and not (n.endswith((".json", ".yaml"))
+                                                             or n in ("train_log.jsonl", "samples.jsonl"))
+        or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
 
 
 def restore(out: Path, name: str, point: str, seed: int, converged: bool = False) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from spin_lite.config import load_config  # noqa: E402
 from spin_lite.state import RunDir, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+sys.path.insert(0, str(REPO / "examples"))
+from experiment_round3 import light_copy, split_once  # noqa: E402  (the same split and light copies as round 3)
 
 CONFIG = REPO / "examples" / "configs" / "round4.yaml"
 KEPT = REPO / "docs" / "results" / "round4" / "runs"
@@ -65,20 +67,11 @@ GRID = {f"{o}@{r}": OBJECTIVES[o] + RATES[r] for o in OBJECTIVES for r in RATES}
 # Seed 11 is dropped this session (docs/RESULTS.md, round 4, amendment 2: the CPU time): selection on seed 10 alone.
 SELECTION_SEEDS, REPORT_SEEDS, SELECT_TOP = (10,), (1, 2, 3), 2
 PLATEAU_EPOCHS, PLATEAU_LOGP, PLATEAU_ROWS = (4, 8, 12), 0.01, 2
-TEST_SPLIT_SEED = 1234
 
 
 def data_files(out: Path, name: str) -> tuple[Path, Path]:
     """The data set split once: a fixed test file and the pool the seeds draw validation and training rows from."""
-    path, n_test = DATASETS[name][0], DATASETS[name][1]
-    test, pool = out / "data" / f"{name}-test.jsonl", out / "data" / f"{name}-pool.jsonl"
-    if not test.exists():
-        rows = (REPO / path).read_text().splitlines()
-        random.Random(TEST_SPLIT_SEED).shuffle(rows)
-        test.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(pool, "".join(r + "\n" for r in rows[n_test:]))
-        atomic_write_text(test, "".join(r + "\n" for r in rows[:n_test]))
-    return test, pool
+    return split_once(out, name, DATASETS[name][0], DATASETS[name][1])
 
 
 def base_settings(out: Path, name: str, seed: int) -> list[str]:
@@ -111,10 +104,7 @@ def keep(out: Path, name: str):
         target = KEPT / folder.relative_to(out)
         controls = folder.parts[-3] == "report"
         if finished(folder, controls) and not finished(target, controls):
-            shutil.copytree(folder, target, dirs_exist_ok=True, ignore=lambda d, names: [
-                n for n in names if (Path(d) / n).is_file() and not (n.endswith((".json", ".yaml"))
-                                                                     or n in ("train_log.jsonl", "samples.jsonl"))
-                or n in ("adapter", "checkpoint") or n.startswith(("progress", "state"))])
+            light_copy(folder, target)
 
 
 def run(out: Path, name: str, phase: str, point: str, seed: int):
