@@ -9,8 +9,8 @@ at the SFT rate and at SPIN's own rate, from SFT models at their plateau. Protoc
 Phases (each reads only what the protocol allows it to):
   plateau  SFT alone at 4, 8 and 12 epochs on selection seed 10's rows, evaluated on VALIDATION rows; the plateau
            rule (PLATEAU_*) picks the epochs of every later SFT stage of the data set -> OUT/DATA/plateau.json
-  select   every grid point (GRID) on seed 10, the best SELECT_TOP on seed 11 too; each run is the product's pipeline
-           without the control arm; a point's score is its SPIN choice's mean VALIDATION task metric, then val
+  select   every point of SELECT_GRID (amendment 3: arith all 8, the others the quarter-rate 4) on seed 10; each
+           run is the product's pipeline without the control arm; a point's score is its SPIN choice's mean VALIDATION task metric, then val
            logp/token -> OUT/DATA/selection.json
   report   the chosen point on seeds 1, 2, 3 with both control arms (sft.control_rates [sft, spin]); the test rows
            are read here only, for the tables -> OUT/DATA/report.md and report.json
@@ -64,6 +64,9 @@ OBJECTIVES = {  # each at its paper's reward scale: SPIN's beta 0.1; T-SPIN's al
 }
 RATES = {"sftrate": ["train.lr_ratio_to_sft=1.0"], "quarter": ["train.lr_ratio_to_sft=0.25"]}
 GRID = {f"{o}@{r}": OBJECTIVES[o] + RATES[r] for o in OBJECTIVES for r in RATES}
+# Amendment 3 (docs/RESULTS.md): the data sets selected after arith run the quarter-rate points only.
+SELECT_GRID = {"arith": list(GRID)}
+SELECT_GRID.update({name: [p for p in GRID if p.endswith("@quarter")] for name in ("weekdays", "units", "style")})
 # Seed 11 is dropped this session (docs/RESULTS.md, round 4, amendment 2: the CPU time): selection on seed 10 alone.
 SELECTION_SEEDS, REPORT_SEEDS, SELECT_TOP = (10,), (1, 2, 3), 2
 PLATEAU_EPOCHS, PLATEAU_LOGP, PLATEAU_ROWS = (4, 8, 12), 0.01, 2
@@ -214,7 +217,7 @@ def val_score(folder: Path, model: str, flag: str) -> tuple[float, float]:
 def select(out: Path, name: str, first_only: bool = False) -> dict:
     flag = DATASETS[name][4]
     scores = {}
-    for point in GRID:
+    for point in SELECT_GRID[name]:
         seeds = [s for s in SELECTION_SEEDS if finished(run_dir(out, name, "select", point, s), False)]
         if not seeds:
             continue
@@ -231,7 +234,7 @@ def select(out: Path, name: str, first_only: bool = False) -> dict:
                   spin_choice(run_dir(out, name, "select", p, SELECTION_SEEDS[0])), flag)[1]), reverse=True)
     top = first[:SELECT_TOP]
     if len(SELECTION_SEEDS) == 1:  # amendment 2: every point on seed 10, the best chosen once all have run
-        chosen = first[0] if len(first) == len(GRID) else None
+        chosen = first[0] if len(first) == len(SELECT_GRID[name]) else None
         rule = f"every point on seed {SELECTION_SEEDS[0]}; chosen: the best val task, then val logp/token, of its SPIN choice"
     else:
         both = [p for p in top if set(SELECTION_SEEDS) <= set(scores[p]["seeds"])]
@@ -334,7 +337,7 @@ def main():
         print(json.dumps(plateau(out, args.data), indent=1))
     elif args.phase == "select":
         for seed in args.seeds or SELECTION_SEEDS:
-            points = args.points or (list(GRID) if seed == SELECTION_SEEDS[0] else select(out, args.data)["top_on_first_seed"])
+            points = args.points or (SELECT_GRID[args.data] if seed == SELECTION_SEEDS[0] else select(out, args.data)["top_on_first_seed"])
             if not args.tables_only:
                 run(out, args.data, "select", points[0], seed)  # the SFT stage, shared by the others
                 rest = [(p, seed) for p in points[1:]]

@@ -115,7 +115,7 @@ class ControlArm:
         torch.manual_seed(self.cfg.seed)  # control 0 without a starting adapter: a fresh one, as the SFT stage's
         model = self._sft_model(None if source is None else self.dir.checked_model(str(source)))
         if not trained:
-            steps = read_json(self.dir.iteration(t) / "summary.json")["train"]["steps"]
+            steps = self.dir.trained_steps(t)
             self.run._set_state(stage="control train")
             # the data orders of control t: keys 1000 + t, apart from the SFT stage's (0)
             # (the same keys in both arms: their controls see the same rows in the same order, only the rate differs)
@@ -197,7 +197,7 @@ class ControlArm:
         """Optimizer steps since the start of "iter N" or "control N": as many as iterations 0..N took together."""
         if key == "start":
             return 0
-        return sum(s["train"]["steps"] for s in self.dir.summaries()[:model_number(key) + 1])
+        return sum(self.dir.trained_steps(t) for t in range(model_number(key) + 1))
 
     def _val(self, key: str) -> tuple[dict | None, dict | None]:
         """(validation metrics, per-row validation scores) of "start", "iter N" or "control N"."""

@@ -20,6 +20,14 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA from pinned memory without blocking: a blocking copy waits for every kernel
+    queued before it, which would stall the host once a micro batch."""
+    if torch.device(device).type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -35,15 +43,8 @@ class Batch:
     """Real (not padding) tokens of the batch, counted by `collate` on the host (for tokens/s, without a read)."""
 
     def to(self, device) -> "Batch":
-        """The batch on `device`. To CUDA from pinned memory without blocking: a blocking copy waits for every
-        kernel queued before it, which would stall the host once a micro batch."""
-        cuda = torch.device(device).type == "cuda"
-
-        def move(t):
-            if t is None or not cuda or t.is_cuda:
-                return None if t is None else t.to(device)
-            return t.pin_memory().to(device, non_blocking=True)
-
+        """The batch on `device` (to_device: without blocking on CUDA)."""
+        move = lambda t: None if t is None else to_device(t, device)
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), move(self.picked),
                      self.tokens)
 

@@ -593,6 +593,16 @@ class RunDir:
     def summaries(self) -> list[dict]:
         return [read_json(self.iteration(t) / "summary.json") for t in range(self.completed())]
 
+    def trained_steps(self, t: int) -> int:
+        """The optimizer steps iteration t took (its summary's train.steps): what the control arms match. A summary
+        without them (a run written before they were recorded) is a named error, not a KeyError."""
+        path = self.iteration(t) / "summary.json"
+        steps = ((read_json(path, {}) or {}).get("train") or {}).get("steps")
+        if steps is None:
+            raise RunRecordError(path, "train.steps", f"iteration {t}'s optimizer steps (the control arm matches "
+                                 "them)", "nothing")
+        return steps
+
     def state(self) -> dict:
         return read_json(self.state_path, {})
 

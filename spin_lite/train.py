@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import SpinConfig, TrainSettings
-from .logprobs import Batch, collate, mixed_precision, sequence_logprobs
+from .logprobs import Batch, collate, mixed_precision, sequence_logprobs, to_device
 from .loss import spin_loss
 from .state import _confine_write, atomic_write_text, fault_point, open_append, recover_dir, replace_dir
 
@@ -126,7 +126,7 @@ def spin_objective(beta: float, settings: TrainSettings, pad_id: int) -> Objecti
 
     def loss(pairs, logps, counts):
         n = len(pairs)
-        opponent = lambda key: torch.tensor([p[key] for p in pairs], dtype=logps.dtype, device=logps.device)
+        opponent = lambda key: to_device(torch.tensor([p[key] for p in pairs], dtype=logps.dtype), logps.device)
         out = spin_loss(logps[:n], logps[n:2 * n], opponent("opponent_real"), opponent("opponent_gen"), beta,
                         settings.loss_type, settings.sft_weight, counts[:n].to(logps.dtype), settings.dpop_lambda,
                         logps[2 * n:] if len(logps) > 2 * n else None, settings.history_weight, settings.space_mu)

@@ -110,3 +110,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def hold_run(root: Path) -> int:
+    """Freeze a run the app started (SIGSTOP to its process group, whose leader app-run.json names) so that an Abort
+    lands in the middle of it however fast this machine is: a tiny run can otherwise finish between the test seeing
+    it at work and the abort arriving. The abort's SIGTERM waits while it is stopped; its SIGKILL, after the grace
+    period, ends it. Returns the group."""
+    import json
+    import signal
+
+    pid = json.loads((root / "app-run.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGSTOP)
+    return pid

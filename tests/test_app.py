@@ -31,6 +31,8 @@ from spin_lite.data import DataError
 from spin_lite.model import ModelError
 from spin_lite.state import flatten
 
+from conftest import hold_run
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo_sft.jsonl"
 # The tiny run of these tests and the browser test: 8 training prompts, 4 held out, 8 new tokens.
@@ -426,10 +428,11 @@ def test_abort_then_continue(ws, finished_run):
     assert not (ws / finished_run / "app-launch.yaml").exists()  # no file in the run directory is the launch
     deadline = time.time() + 120
     while not (ws / finished_run / "iter-01").exists() and time.time() < deadline:  # iteration 1 has begun
-        time.sleep(0.05)
+        time.sleep(0.02)
+    hold_run(ws / finished_run)  # held there, however fast the machine: the abort cannot come after the end
     assert load_config(ws / finished_run / "config.yaml").iterations == 2  # what it runs: written by the run
     assert processes.run_status(ws, finished_run)["status"] == "running"
-    assert "aborted" in processes.abort_run(ws, finished_run, grace_s=5)
+    assert "aborted" in processes.abort_run(ws, finished_run, grace_s=2)
     status = processes.run_status(ws, finished_run)
     assert status["status"] == "aborted" and status["iterations_done"] == 1
     with pytest.raises(workspace.AppError, match="not running"):

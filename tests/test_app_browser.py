@@ -28,7 +28,7 @@ import pytest
 
 from spin_lite.app import chat, form, processes, views
 from spin_lite.state import RunDir
-from conftest import free_port
+from conftest import free_port, hold_run
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -410,6 +410,13 @@ def test_abort_a_second_run_and_continue_it(app, page):
     page.wait_for_function("() => window.launched !== null", timeout=120_000)
     turned, launched = page.evaluate("() => [window.turned, window.launched]")
     assert turned is not None and turned < launched, (turned, launched)  # the menu turned before the launch
+    deadline = time.time() + 300
+    while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
+        time.sleep(0.02)
+    assert (ws / "runs" / "web2" / "iter-00").exists(), views.run_log(ws, "runs/web2")
+    # Held there (SIGSTOP): a tiny run ends within seconds, sooner than the page steps below; the abort's SIGKILL
+    # ends it after its grace period
+    hold_run(ws / "runs" / "web2")
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-status", r"runs/web2: ")
     page.get_by_role("tab", name="Setup").click()
@@ -424,10 +431,6 @@ def test_abort_a_second_run_and_continue_it(app, page):
     page.get_by_role("tab", name="Run").click()
     wait_for_text(page, "#run-dir", r"(?m)^runs/web2$")
     wait_for_text(page, "#run-status", r"runs/web2: running")
-    deadline = time.time() + 300
-    while not (ws / "runs" / "web2" / "iter-00").exists() and time.time() < deadline:  # past the set-up
-        time.sleep(0.1)
-    assert (ws / "runs" / "web2" / "iter-00").exists(), views.run_log(ws, "runs/web2")
     page.locator("#abort-run").click()
     wait_for_text(page, "#run-msg", r"aborted runs/web2")
     wait_for_text(page, "#run-status", r"runs/web2: aborted")

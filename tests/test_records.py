@@ -244,3 +244,16 @@ def test_a_starting_model_made_by_the_sft_stage_is_exported_when_no_iteration_be
                     f"{copy} --iteration start --out exports/run-start  (the adapter; --merged or --gguf q8_0: one "
                     "model file)")
     assert "your starting adapter" not in last
+
+
+def test_a_summary_without_its_steps_is_a_named_error_where_the_control_matches_them(copy):
+    """The control arms match each iteration's optimizer steps (RunDir.trained_steps): a summary of an older run
+    without train.steps names the file and the field instead of raising a KeyError."""
+    assert RunDir(copy).trained_steps(0) > 0
+    path = copy / "iter-00" / "summary.json"
+    summary = json.loads(path.read_text())
+    del summary["train"]["steps"]
+    path.write_text(json.dumps(summary))
+    with pytest.raises(RunRecordError, match=r"iter-00/summary.json: field train.steps: expected iteration 0's "
+                                             r"optimizer steps"):
+        RunDir(copy).trained_steps(0)

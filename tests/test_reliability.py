@@ -18,7 +18,7 @@ from typing import get_args
 
 import pytest
 
-from conftest import REPO, tiny_settings
+from conftest import REPO, hold_run, tiny_settings
 from spin_lite.app import form, processes, views, workspace
 from spin_lite import config
 from spin_lite.cli import main
@@ -108,10 +108,11 @@ def test_two_launches_at_once_start_one_run(tmp_path):
         time.sleep(0.2)
     try:
         assert RunDir(ws / "runs" / "race").lock_holder() == pid, views.run_log(ws, "runs/race")
+        hold_run(ws / "runs" / "race")  # held there: the abort below lands mid-run, however fast the machine
         with pytest.raises(workspace.AppError, match="already running"):
             processes.start_run(ws, cfg)
     finally:
-        assert "aborted" in processes.abort_run(ws, "runs/race", grace_s=5)
+        assert "aborted" in processes.abort_run(ws, "runs/race", grace_s=2)
     assert not RunDir(ws / "runs" / "race").is_locked()
     assert not list((ws / "runs" / "race").glob("*.tmp"))
 

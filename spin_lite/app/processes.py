@@ -359,6 +359,11 @@ def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
     deadline = time.time() + 10
     while RunDir(root).is_locked() and time.time() < deadline:  # an exiting process still holds its files
         time.sleep(0.05)
+    finished = run_status(workspace, run_dir)["status"] == "finished"  # it may have ended on its own meanwhile
     with open_to_write(root / LOG_FILE, append=True) as log:
-        log.write(f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue picks it up\n".encode())
+        log.write((f"\nabort from the app at {time.strftime('%Y-%m-%d %H:%M:%S')} came after the run had finished\n"
+                   if finished else f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue "
+                   "picks it up\n").encode())
+    if finished:
+        return f"{run_dir} had finished before the abort reached it: nothing was stopped"
     return f"aborted {run_dir}; Continue resumes it from what is on disk"
