@@ -9,6 +9,7 @@ r16 on every linear layer, gradient checkpointing), whole optimizer steps timed 
 alternated --repeats times, each run 2 warm-up steps and --steps measured ones:
   autocast      train.autocast auto: bfloat16 autocast, no float32 copy of the LoRA inputs (spin_lite now)
   no_autocast   train.autocast never: the LoRA branch in float32 (spin_lite before)
+  packed        autocast auto and train.pack_pairs: each pair one row, the shared prompt computed once
   and a kernel table of one step of each (kernels_train_<arm>.txt).
 Scoring with the shared prompt once (`pack`): forward + backward of the scorer on the same pairs, apart (2B sequences,
 what fit does) against packed ([prompt | real | generated], a document mask: sdpa; flex_attention with --flex).
@@ -119,7 +120,8 @@ def profiler(wait: int, active: int):
 
 
 # -- training ------------------------------------------------------------------------------------------------------
-ARMS_TRAIN = {"autocast": "auto", "no_autocast": "never"}
+ARMS_TRAIN = {"autocast": {"autocast": "auto"}, "no_autocast": {"autocast": "never"},
+              "packed": {"autocast": "auto", "pack_pairs": True}}
 
 
 def train_part(report: Report, size: str, repeats: int, steps: int):
@@ -127,20 +129,22 @@ def train_part(report: Report, size: str, repeats: int, steps: int):
     s = C.SIZES[size]
     # bf16 on a CPU too in the rehearsal, where `always` stands for auto: the autocast code path runs there as well
     quant = "bf16"
-    arms = ARMS_TRAIN if CUDA else {"autocast": "always", "no_autocast": "never"}
+    arms = ARMS_TRAIN if CUDA else {name: {**train, "autocast": {"auto": "always"}.get(train["autocast"],
+                                                                                    train["autocast"])}
+                                    for name, train in ARMS_TRAIN.items()}
     model = B.with_lora(B.load(size, quant))
     body = B.body_of(model)
     runs = 0
 
-    def fit(setting: str, n_steps: int, progress):
+    def fit(setting: dict, n_steps: int, progress):
         nonlocal runs
         runs += 1
         out = C.WORK / f"profile-train-{os.getpid()}-{runs}"
         out.mkdir(parents=True, exist_ok=True)
-        cfg = B.train_config(size, quant, s, out, train={"autocast": setting})
+        cfg = B.train_config(size, quant, s, out, train=setting)
         train_adapter(model, B.train_pairs(size, s, s.train_pairs * n_steps), cfg, 0, out, C.PAD, progress=progress)
 
-    def timed(setting: str) -> dict:
+    def timed(setting: dict) -> dict:
         reset_peak()
         clock = C.StepClock(body)
         try:
@@ -154,7 +158,12 @@ def train_part(report: Report, size: str, repeats: int, steps: int):
         for name, setting in arms.items():
             def one(name=name, setting=setting):
                 measured[name].append(timed(setting))
-                return B.median_of(measured[name]) | {"train.autocast": setting}
+                median = B.median_of(measured[name])
+                # the pairs' tokens as two sequences each (what TRL counts), whatever the arm feeds its body: packed
+                # rows hold fewer (the prompt once), so its own tokens/s understates the work a step does
+                pair_tokens = 2 * s.train_pairs * (s.train_prompt + s.train_response)
+                return median | {f"train.{k}": v for k, v in setting.items()} | {
+                    "pair_tokens_per_s": pair_tokens / median["step_s_median"] if median.get("step_s_median") else None}
             report.arm("train", name, one)
     report.data["train"]["tokens_per_step"] = 2 * s.train_pairs * (s.train_prompt + s.train_response)
     for name, setting in arms.items():  # one step's kernels: the third of a 3-step fit

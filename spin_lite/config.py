@@ -192,6 +192,11 @@ class TrainSettings:
     weights and AdamW's state still float32 (what TRL gets from accelerate). auto: on CUDA; always: on any device;
     never: the LoRA branch in float32. float16 and float32 models never autocast. Opponent scoring and
     evaluation use the same setting, so the policy starts equal to the opponent."""
+    pack_pairs: bool = False
+    """Score each SPIN pair as one row, [prompt | real | generated] with a document mask, so the shared prompt is
+    computed once, not twice (spin_lite.logprobs.pack): the same log-probs and gradients within float rounding
+    (tests/test_precision.py). Off by default until the GPU check has timed it (docs/PERFORMANCE.md); needs the hf
+    backend and a model with sdpa, eager or flex_attention attention."""
     sft_weight: float = 0.0
     """Weight of a likelihood anchor: + sft_weight x (negative log-likelihood per token of the real response)
     added to each pair's SPIN loss (iterative RPO; like TRL's loss_type=["sigmoid", "sft"], except that the NLL is

@@ -194,10 +194,14 @@ class Packed:
     """[N] row x K + (k - 1): which response each token belongs to."""
     responses: int
     """K: responses a row."""
+    tokens: int | None = None
+    """The tokens the K sequences prompt + response hold apart (the prompt counted K times): tokens/s stays
+    comparable with unpacked scoring and with other trainers."""
 
     def to(self, device) -> "Packed":
-        return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.document, self.picked,
-                                               self.targets, self.owner)), self.responses)
+        """The rows on `device` (to_device: without blocking on CUDA)."""
+        return Packed(*(to_device(t, device) for t in (self.input_ids, self.position_ids, self.document, self.picked,
+                                                       self.targets, self.owner)), self.responses, self.tokens)
 
 
 def pack(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int) -> Packed:
@@ -226,7 +230,8 @@ def pack(prompts: list[list[int]], responses: list[list[list[int]]], pad_id: int
             owner += [i * k + n] * len(r)
             start += len(r)
     return Packed(ids, positions, document, torch.tensor(picked, dtype=torch.long),
-                  torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long), k)
+                  torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long), k,
+                  sum(k * len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses)))
 
 
 def document_mask(document: torch.Tensor, implementation: str):
@@ -255,6 +260,20 @@ def hidden_dtype(model) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def why_not_packed(model) -> str | None:
+    """Why `model` cannot score packed rows (None: it can): its logits must be its output layer of its body's
+    states, and its attention one that takes a document mask."""
+    if _body_and_head(model) is None:
+        return "its logits are not an output layer applied to its body's states"
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if attention not in PACKED_ATTENTION:
+        return f"its attention is {attention}, not one of {', '.join(PACKED_ATTENTION)}"
+    return None
+
+
 def packed_logprobs(model, packed: Packed, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed response log-probs [B, K] float32, response tokens [B, K]) of packed rows: what `sequence_logprobs`
     gives for each prompt + response on its own (tests/test_precision.py), with the prompt computed once."""
@@ -263,7 +282,7 @@ def packed_logprobs(model, packed: Packed, chunk: int = 1024) -> tuple[torch.Ten
         raise ValueError("packed_logprobs needs a model whose logits are its output layer of its body's states")
     body, head = parts
     config = getattr(model, "config", None)
-    mask = document_mask(packed.document, getattr(config, "_attn_implementation", None) or "sdpa")
+    mask = document_mask(packed.document, getattr(config, "_attn_implementation", None) or "sdpa")  # (why_not_packed)
     if isinstance(mask, torch.Tensor) and mask.is_floating_point():  # (eager's additive mask: the model's dtype)
         mask = mask.to(hidden_dtype(model))
     hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,

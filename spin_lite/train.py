@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .config import SpinConfig, TrainSettings
-from .logprobs import Batch, collate, mixed_precision, sequence_logprobs, to_device
+from .config import ConfigError, SpinConfig, TrainSettings
+from .logprobs import (Batch, Packed, collate, mixed_precision, pack, packed_logprobs, sequence_logprobs, to_device,
+                       why_not_packed)
 from .loss import spin_loss
 from .state import _confine_write, atomic_write_text, fault_point, open_append, recover_dir, replace_dir
 
@@ -116,10 +117,15 @@ def with_proto(pairs: list, loss_type: str) -> bool:
     return loss_type == "tspin" and any("proto_ids" in p for p in pairs)
 
 
-def spin_objective(beta: float, settings: TrainSettings, pad_id: int) -> Objective:
-    """The SPIN loss (+ the likelihood anchor) per pair, averaged over the step's pairs."""
+def spin_objective(beta: float, settings: TrainSettings, pad_id: int, packed: bool = False) -> Objective:
+    """The SPIN loss (+ the likelihood anchor) per pair, averaged over the step's pairs. `packed`: each pair scored
+    as one row [prompt | real | generated (| proto)] (train.pack_pairs); the scorer returns the same layout."""
     def batch(pairs):  # 2B sequences: B real responses, then B generated ones, same prompts (+ B proto: tspin)
         prompts, responses = [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs]
+        if packed:
+            third = with_proto(pairs, settings.loss_type)
+            return pack(prompts, [[p["real_ids"], p["gen_ids"]] + ([p.get("proto_ids", p["gen_ids"])] if third else [])
+                                  for p in pairs], pad_id)
         if with_proto(pairs, settings.loss_type):
             return collate(prompts * 3, responses + [p.get("proto_ids", p["gen_ids"]) for p in pairs], pad_id)
         return collate(prompts * 2, responses, pad_id)
@@ -169,7 +175,10 @@ class _Scorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch):
+    def forward(self, batch: Batch | Packed):
+        if isinstance(batch, Packed):  # [B, K] -> every row's first response, then every row's second, ...
+            logps, counts = packed_logprobs(self.model, batch)
+            return logps.T.reshape(-1), counts.T.reshape(-1)
         return sequence_logprobs(self.model, batch)
 
 
@@ -353,7 +362,11 @@ def train_adapter(model, pairs: list[dict], cfg: SpinConfig, iteration: int, out
                   rank: int = 0, world_size: int = 1, progress=None) -> dict:
     """SPIN's training phase of iteration t: `fit` with the SPIN objective on the scored pairs; returns the last
     epoch's mean metrics."""
-    records = fit(model, pairs, spin_objective(cfg.beta_at(iteration), cfg.train, pad_id), cfg.train, out_dir,
+    if cfg.train.pack_pairs and (why := why_not_packed(model)):
+        raise ConfigError(f"train.pack_pairs: true needs a model that scores packed rows, and this one cannot: {why}. "
+                          "Set train.pack_pairs: false")
+    objective = spin_objective(cfg.beta_at(iteration), cfg.train, pad_id, packed=cfg.train.pack_pairs)
+    records = fit(model, pairs, objective, cfg.train, out_dir,
                   lr=cfg.lr_at(iteration), seed=cfg.seed, order_key=iteration, rank=rank, world_size=world_size,
                   progress=progress, desc=f"train iter {iteration}", log_extra={"beta": cfg.beta_at(iteration)},
                   tracker=_tracker(cfg, out_dir, iteration) if rank == 0 else None)
