@@ -63,7 +63,7 @@ class Step:
 STEPS = [
     Step("profile", "kernel tables of a training step and of decoding steps; A/B of each lever (train.autocast, "
          "generation.decode_attention, the engines at 64 and 512 rows: engine_for's fix, scoring with the prompt packed "
-         "once)", 220),
+         "once, length buckets)", 250),
     Step("tests", "pytest -m gpu tests/test_gpu.py (4-bit runs with autocast, resume after SIGKILL, the static "
          "engine's CUDA graph with the grouped decode attention)", 65),
     Step("unsloth", "the Unsloth backend end to end: greedy tokens against hf on one adapter, a whole iteration",

@@ -15,7 +15,9 @@ Scoring with the shared prompt once (`pack`): forward + backward of the scorer o
 what fit does) against packed ([prompt | real | generated], a document mask: sdpa; flex_attention with --flex).
 Decoding, from the merged copy, prompts of 32-128 tokens (left padding: the attention mask in play, as with real
 prompts), --new tokens sampled to full length, the arms alternated --repeats times after a warm-up at their rows:
-  static_gqa_<rows>    the static engine, generation.decode_attention auto (K/V never repeated)
+  static_gqa_<rows>    the static engine, generation.decode_attention auto (K/V never repeated, the slots written so
+                       far rounded up to a bucket of 64)
+  static_flat_<rows>   the same without length buckets: every step attends to every cache slot (before)
   static_sdpa_<rows>   the static engine, transformers' sdpa (before)
   eager_<rows>         the eager engine
   at the peer's batch (64) and at spin_lite's own (512): engine_for picks static for a pass of up to 64 rows, and
@@ -288,6 +290,7 @@ def gen_part(report: Report, size: str, repeats: int, new_tokens: int):
         return G.Sampling(True, 1.0, 1.0, owners, [G._generator(1000 + o, device) for o in range(max(owners) + 1)])
 
     def decode(engine: str, attention: str, rows: int, new: int, pick=None, graphs=None) -> float:
+        bucket = 0 if attention == "flat" else None  # gqa without length buckets (every slot), else the default
         """tokens/s of one decode of `rows` prompts, `new` tokens each (no stop id: full length)."""
         pick = pick or sampling(rows)
         if engine != "static" and isinstance(pick, _Stepped):
@@ -297,7 +300,7 @@ def gen_part(report: Report, size: str, repeats: int, new_tokens: int):
         t0 = time.perf_counter()
         if engine == "static":
             G.decode_static(merged, prompts[:rows], [], C.PAD, new, pick, lambda *a: ended.append(1), graphs=graphs,
-                            attention=attention)
+                            attention="auto" if attention in ("auto", "flat") else attention, bucket=bucket)
         else:
             G.decode(merged, prompts[:rows], [], C.PAD, new, pick, lambda *a: ended.append(1))
         C.sync()
@@ -305,15 +308,16 @@ def gen_part(report: Report, size: str, repeats: int, new_tokens: int):
         return rows * new / (time.perf_counter() - t0)
 
     arms = {f"{engine}_{rows}": (engine.split("_")[0], engine.split("_")[-1], rows)
-            for rows in (small, big) for engine in ("static_gqa", "static_sdpa", "eager")}
+            for rows in (small, big) for engine in ("static_gqa", "static_flat", "static_sdpa", "eager")}
+    setting = lambda attention: {"gqa": "auto", "flat": "flat"}.get(attention, "sdpa")  # noqa: E731
     for engine, attention, rows in arms.values():  # warm-up at the measured rows
-        decode(engine, "auto" if attention == "gqa" else "sdpa", rows, 8)
+        decode(engine, setting(attention), rows, 8)
     measured: dict[str, list[dict]] = {name: [] for name in arms}
     for r in range(repeats):
         for name, (engine, attention, rows) in arms.items():
             def one(name=name, engine=engine, attention=attention, rows=rows):
                 reset_peak()
-                tps = decode(engine, "auto" if attention == "gqa" else "sdpa", rows, new_tokens)
+                tps = decode(engine, setting(attention), rows, new_tokens)
                 measured[name].append({"tokens_per_s": tps, "rows": rows, "new_tokens": new_tokens,
                                        "peak_gib": peak_gib()})
                 return B.median_of(measured[name])
@@ -324,7 +328,7 @@ def gen_part(report: Report, size: str, repeats: int, new_tokens: int):
 
         def table(name=name, engine=engine, attention=attention, rows=rows):
             with profiler(wait=3, active=4) as prof:  # steps: the prefill's token, 2 steps, 1 warm-up, 4 recorded
-                decode(engine, "auto" if attention == "gqa" else "sdpa", rows, 10, _Stepped(sampling(rows), prof.step),
+                decode(engine, setting(attention), rows, 10, _Stepped(sampling(rows), prof.step),
                        graphs=False)
             return kernel_table(prof, report.out / f"kernels_gen_{name}.txt")
         report.data["profiles"][f"gen_{name}"] = _try(table)

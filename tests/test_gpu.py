@@ -70,7 +70,8 @@ def _sharp_tiny_model(tiny_model_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, monkeypatch, capsys):
     """On CUDA the static engine records its decoding step once and replays it: greedy tokens equal the eager
-    engine's, with the grouped decode attention (generation.decode_attention auto) and with transformers' sdpa,
+    engine's, with the grouped decode attention (generation.decode_attention auto: a graph for each length bucket)
+    and with transformers' sdpa,
     sampled tokens are the same for the same seed, and no fallback note is printed."""
     from spin_lite import generate as gen
     from spin_lite.config import GenerationSettings
@@ -79,15 +80,16 @@ def test_static_engine_replays_a_cuda_graph(tiny_model_dir, tokenizer, dtype, mo
     prompts = [torch.randint(100, 5000, (8 + 5 * i,), generator=g).tolist() for i in range(6)]
     recorded = []
     record = gen._record
-    monkeypatch.setattr(gen, "_record", lambda step: recorded.append(1) or record(step))
+    monkeypatch.setattr(gen, "_record", lambda step, pool=None: recorded.append(1) or record(step, pool))
     stops, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
     greedy = {(e, a): gen.generate_batch(model, prompts, GenerationSettings(max_new_tokens=40, do_sample=False,
                                                                             engine=e, decode_attention=a),
                                          stops, pad, seed=0)
               for e, a in (("eager", "auto"), ("static", "auto"), ("static", "sdpa"))}
     out = capsys.readouterr().out
-    # recorded with the grouped decode attention (no note that transformers refused it) and with sdpa
-    assert len(recorded) == 2 and "without a CUDA graph" not in out and "sdpa attention for decoding" not in out
+    # recorded with the grouped decode attention (no note that transformers refused it): one graph for each of its
+    # 2 buckets (prompts of up to 33 tokens + 40 new: slots 64, then 73), and one with sdpa (no buckets)
+    assert len(recorded) == 3 and "without a CUDA graph" not in out and "sdpa attention for decoding" not in out
     greedy = {e if a == "auto" else "static_sdpa": tokens for (e, a), tokens in greedy.items()}
     assert greedy["static"] == greedy["eager"] == greedy["static_sdpa"]
     assert len({tuple(ids) for ids, _ in greedy["eager"]}) > 1  # the context matters: rows differ

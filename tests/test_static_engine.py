@@ -210,3 +210,31 @@ def test_static_engine_decodes_with_grouped_heads_and_transformers_tokens(tiny, 
     else:
         assert calls == []
     assert tiny.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("bucket", [4, 7])
+def test_decoding_attends_to_the_written_slots_rounded_up_to_a_bucket(tiny, tok, prompts, bucket, monkeypatch):
+    """With length buckets, each decoding step's attention reads the slots written so far rounded up to a multiple of
+    `bucket` (a bucket past the cache's end: the whole cache), and the greedy tokens are still transformers' (left
+    padding, rows ending early)."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: seen.append(k.shape[-2]) or sdpa(q, k, *a, **kw))
+    max_new, pad = 12, tok.pad_token_id
+    eos = early_eos(hf_greedy(tiny, prompts, tok.eos_token_id, pad, max_new), max_new)
+    expected = hf_greedy(tiny, prompts, eos, pad, max_new)
+    seen.clear()
+    out = {}
+    sampling = gen.Sampling(False, 1.0, 1.0, [0] * len(prompts), [gen._generator(0, torch.device("cpu"))])
+    gen.decode_static(tiny, prompts, eos, pad, max_new, sampling, lambda i, ids, t: out.__setitem__(i, (ids, t)),
+                      bucket=bucket)
+    assert [out[i] for i in range(len(prompts))] == expected
+    width = max(map(len, prompts))
+    total = width + max_new
+    layers = tiny.config.num_hidden_layers
+    steps = seen[layers:]  # after the prompt's pass
+    assert seen[:layers] == [total] * layers  # the prompt's pass: the whole static cache
+    bounds = [min(total, -(-(width + s) // bucket) * bucket) for s in range(1, len(steps) // layers + 1)]
+    assert steps == [b for b in bounds for _ in range(layers)]
+    assert min(steps) < total  # the early steps read fewer slots than the cache holds
