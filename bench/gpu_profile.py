@@ -10,6 +10,9 @@ alternated --repeats times, each run 2 warm-up steps and --steps measured ones:
   autocast      train.autocast auto: bfloat16 autocast, no float32 copy of the LoRA inputs (spin_lite now)
   no_autocast   train.autocast never: the LoRA branch in float32 (spin_lite before)
   packed        autocast auto and train.pack_pairs: each pair one row, the shared prompt computed once
+  compiled      autocast auto and train.fused_kernels compile: each decoder layer through torch.compile (inductor;
+                its compilation falls in the first run's warm-up steps)
+  liger         autocast auto and train.fused_kernels liger: Liger-Kernel's RMSNorm, SwiGLU and RoPE
   and a kernel table of one step of each (kernels_train_<arm>.txt).
 Scoring with the shared prompt once (`pack`): forward + backward of the scorer on the same pairs, apart (2B sequences,
 what fit does) against packed ([prompt | real | generated], a document mask: sdpa; flex_attention with --flex).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -123,7 +127,9 @@ def profiler(wait: int, active: int):
 
 # -- training ------------------------------------------------------------------------------------------------------
 ARMS_TRAIN = {"autocast": {"autocast": "auto"}, "no_autocast": {"autocast": "never"},
-              "packed": {"autocast": "auto", "pack_pairs": True}}
+              "packed": {"autocast": "auto", "pack_pairs": True},
+              "compiled": {"autocast": "auto", "fused_kernels": "compile"},
+              "liger": {"autocast": "auto", "fused_kernels": "liger"}}
 
 
 def train_part(report: Report, size: str, repeats: int, steps: int):
@@ -131,9 +137,16 @@ def train_part(report: Report, size: str, repeats: int, steps: int):
     s = C.SIZES[size]
     # bf16 on a CPU too in the rehearsal, where `always` stands for auto: the autocast code path runs there as well
     quant = "bf16"
+    # on a CPU: `always` stands for auto; compile with aot_eager (no C++ code generated); liger cannot run
     arms = ARMS_TRAIN if CUDA else {name: {**train, "autocast": {"auto": "always"}.get(train["autocast"],
                                                                                     train["autocast"])}
-                                    for name, train in ARMS_TRAIN.items()}
+                                    for name, train in ARMS_TRAIN.items() if name != "liger"}
+    if not CUDA:
+        from spin_lite import kernels
+        kernels.COMPILE_BACKEND = "aot_eager"
+    if importlib.util.find_spec("liger_kernel") is None:
+        arms.pop("liger", None)
+        report.data["train"]["liger"] = {"status": "skipped: liger-kernel is not installed"}
     model = B.with_lora(B.load(size, quant))
     body = B.body_of(model)
     runs = 0

@@ -5,6 +5,7 @@
 #
 # Writes .whl/ (docs/PERFORMANCE.md, "How to run the GPU check"), carried whole by ONE device call:
 #   .whl/core/      bitsandbytes, trl, datasets and what they need there, pytest and its two dependencies,
+#                   liger-kernel (train.fused_kernels: liger; Triton comes with torch there),
 #                   and the embedded model's tokenizer files (spin_lite_home/: the GPU tests use its vocabulary
 #                   and chat template). Installed into /tmp/site, on every step's path.
 #   .whl/unsloth/   unsloth, unsloth_zoo and what they need there (no xformers: unsloth runs without it).
@@ -23,7 +24,7 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
 
 CORE="bitsandbytes==0.50.2 trl==1.15.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18
- pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1"
+ pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 liger-kernel==0.8.5"
 UNSLOTH="unsloth==2026.10.9 unsloth_zoo==2026.10.9 torchao==0.18.0 tyro==1.0.17 docstring_parser==0.18.0
  shtab==1.13.0 typeguard==4.6.1 cut_cross_entropy==25.1.1 msgspec==0.22.0 hf_transfer==0.1.9 diffusers==0.42.1
  pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0

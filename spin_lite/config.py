@@ -36,6 +36,7 @@ Engine = Literal["auto", "eager", "static"]
 ChooseBy = Literal["auto", "task", "logp"]
 ControlRate = Literal["sft", "spin"]
 DecodeAttention = Literal["auto", "sdpa"]
+FusedKernels = Literal["none", "compile", "liger"]
 Autocast = Literal["auto", "always", "never"]  # (not on/off: YAML reads those as booleans)
 
 
@@ -192,6 +193,10 @@ class TrainSettings:
     weights and AdamW's state still float32 (what TRL gets from accelerate). auto: on CUDA; always: on any device;
     never: the LoRA branch in float32. float16 and float32 models never autocast. Opponent scoring and
     evaluation use the same setting, so the policy starts equal to the opponent."""
+    fused_kernels: FusedKernels = "none"
+    """Fused kernels while training (spin_lite.kernels): compile (torch.compile of each decoder layer), liger
+    (Liger-Kernel's RMSNorm, SwiGLU and RoPE; CUDA, `pip install liger-kernel`), none. Off by default until the GPU
+    check has timed them (docs/PERFORMANCE.md); undone after each training phase."""
     pack_pairs: bool = False
     """Score each SPIN pair as one row, [prompt | real | generated] with a document mask, so the shared prompt is
     computed once, not twice (spin_lite.logprobs.pack): the same log-probs and gradients within float rounding

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, SpinConfig, TrainSettings
+from .kernels import fused_kernels
 from .logprobs import (Batch, Packed, collate, mixed_precision, pack, packed_logprobs, sequence_logprobs, to_device,
                        why_not_packed)
 from .loss import spin_loss
@@ -218,66 +219,67 @@ def fit(model, items: list, objective: Objective, settings: TrainSettings, out_d
     device = next(model.parameters()).device
 
     model.train()
-    skipped_in_a_row = 0
-    # The host reads the device once a step (`_read_step`, where it waits for the device): the step's metrics,
-    # gradient norm, and whether the step before left every weight finite (`weights`, computed on the device after
-    # each optimizer step and read with the next step's figures, or before anything is saved).
-    weights = None
-    bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=rank != 0)
-    for step in range(start, total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(len(items), seed, order_key, epoch)
-        step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
-        began = time.perf_counter()
-        sums, tokens = _accumulate(scorer, objective, step_items, s.micro_batch_size, rank, world_size, device,
-                                   scaler, lambda: mixed_precision(model, s.autocast))
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
-        norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        sums, tokens, grad_norm, finite = _read_step(sums, tokens, norm, weights)
-        check_step(0.0, 1.0, s.max_loss, step, desc, finite, lr_setting)  # the step before left every weight finite
-        # with loss scaling a non-finite gradient is an overflow: the step is skipped and the scale lowered, not
-        # divergence; the guard then applies only to a run of such steps
-        skipped = scaler is not None and not math.isfinite(grad_norm)
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise TrainingDiverged(f"{desc}: training diverged at step {step + 1} ({skipped_in_a_row} steps in a "
-                                   "row with non-finite float16 gradients, at every loss scale)")
-        record = {"step": step + 1, "epoch": epoch, **objective.record(sums, len(step_items))}
-        if not skipped:
-            check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc, lr_setting=lr_setting)
-        record.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],  # the rate this step runs at
-                      tokens_per_s=tokens / (time.perf_counter() - began), **(log_extra or {}))
-        if scaler is not None:
-            record.update(skipped=skipped, loss_scale=scaler.get_scale())  # the scale this step ran at
-            scaler.step(optimizer)  # no step where a gradient is not finite
-            scaler.update()  # halves the scale after such a step, doubles it after 2,000 clean ones
-        else:
-            optimizer.step()
-        if not skipped:  # a skipped step leaves the weights, AdamW and the learning-rate schedule as they were
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        weights = _all_finite(params)  # not read here: with the next step's figures, or before a save
-        saves = step + 1 in save_at or ((step + 1) % s.save_every == 0 and step + 1 < total_steps)
-        if saves or step + 1 == total_steps:  # (on every process: they stop together)
-            check_step(0.0, 1.0, s.max_loss, step + 1, desc, bool(weights), lr_setting)  # nothing not finite is saved
-        records.append(record)
-        if rank == 0:
-            with open_append(log_path) as f:
-                f.write(json.dumps(record) + "\n")
-            if tracker:
-                tracker(record)
-            if progress is not None:
-                progress(step + 1, total_steps)
-            if step + 1 in save_at:
-                _confine_write(out_dir / f"step-{step + 1:06d}")  # (no link planted since launch)
-                model.save_pretrained(out_dir / f"step-{step + 1:06d}", selected_adapters=["default"])
-        bar.update(1)
-        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if record.get(k) is not None})
-        if (step + 1) % s.save_every == 0 and step + 1 < total_steps and rank == 0:
-            _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict, scaler)
-        fault_point("train_step", step + 1)
-    bar.close()
+    with fused_kernels(model, s.fused_kernels):  # (undone after the last step, or on an error)
+        skipped_in_a_row = 0
+        # The host reads the device once a step (`_read_step`, where it waits for the device): the step's metrics,
+        # gradient norm, and whether the step before left every weight finite (`weights`, computed on the device after
+        # each optimizer step and read with the next step's figures, or before anything is saved).
+        weights = None
+        bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=rank != 0)
+        for step in range(start, total_steps):
+            epoch, k = divmod(step, steps_per_epoch)
+            order = epoch_order(len(items), seed, order_key, epoch)
+            step_items = [items[i] for i in order[k * per_step:(k + 1) * per_step]]
+            began = time.perf_counter()
+            sums, tokens = _accumulate(scorer, objective, step_items, s.micro_batch_size, rank, world_size, device,
+                                       scaler, lambda: mixed_precision(model, s.autocast))
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the gradients in their own units, for clipping and the guard
+            norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            sums, tokens, grad_norm, finite = _read_step(sums, tokens, norm, weights)
+            check_step(0.0, 1.0, s.max_loss, step, desc, finite, lr_setting)  # the step before left every weight finite
+            # with loss scaling a non-finite gradient is an overflow: the step is skipped and the scale lowered, not
+            # divergence; the guard then applies only to a run of such steps
+            skipped = scaler is not None and not math.isfinite(grad_norm)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingDiverged(f"{desc}: training diverged at step {step + 1} ({skipped_in_a_row} steps in a "
+                                       "row with non-finite float16 gradients, at every loss scale)")
+            record = {"step": step + 1, "epoch": epoch, **objective.record(sums, len(step_items))}
+            if not skipped:
+                check_step(record["loss"], grad_norm, s.max_loss, step + 1, desc, lr_setting=lr_setting)
+            record.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],  # the rate this step runs at
+                          tokens_per_s=tokens / (time.perf_counter() - began), **(log_extra or {}))
+            if scaler is not None:
+                record.update(skipped=skipped, loss_scale=scaler.get_scale())  # the scale this step ran at
+                scaler.step(optimizer)  # no step where a gradient is not finite
+                scaler.update()  # halves the scale after such a step, doubles it after 2,000 clean ones
+            else:
+                optimizer.step()
+            if not skipped:  # a skipped step leaves the weights, AdamW and the learning-rate schedule as they were
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            weights = _all_finite(params)  # not read here: with the next step's figures, or before a save
+            saves = step + 1 in save_at or ((step + 1) % s.save_every == 0 and step + 1 < total_steps)
+            if saves or step + 1 == total_steps:  # nothing not finite is saved (on every process: they stop together)
+                check_step(0.0, 1.0, s.max_loss, step + 1, desc, bool(weights), lr_setting)
+            records.append(record)
+            if rank == 0:
+                with open_append(log_path) as f:
+                    f.write(json.dumps(record) + "\n")
+                if tracker:
+                    tracker(record)
+                if progress is not None:
+                    progress(step + 1, total_steps)
+                if step + 1 in save_at:
+                    _confine_write(out_dir / f"step-{step + 1:06d}")  # (no link planted since launch)
+                    model.save_pretrained(out_dir / f"step-{step + 1:06d}", selected_adapters=["default"])
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "accuracy") if record.get(k) is not None})
+            if (step + 1) % s.save_every == 0 and step + 1 < total_steps and rank == 0:
+                _save_checkpoint(model, optimizer, scheduler, step + 1, ckpt, get_peft_model_state_dict, scaler)
+            fault_point("train_step", step + 1)
+        bar.close()
     if s.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()

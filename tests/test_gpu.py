@@ -151,3 +151,53 @@ def test_unsloth_backend_end_to_end(tmp_path, tokenizer):
     assert all(a[:4] == b[:4] for a, b in zip(hf, fast)), (hf, fast)  # the context is there from step 2 on
     same = sum(x == y for a, b in zip(hf, fast) for x, y in zip(a, b))
     assert same >= 0.8 * sum(len(a) for a in hf), (same, hf, fast)  # kernels may differ late in a sequence
+
+
+# -- fused kernels for training (train.fused_kernels) ---------------------------------------------------------------
+@pytest.mark.parametrize("setting", ["compile", "liger"])
+def test_fused_kernels_train_as_transformers_layers_do(tiny_model_dir, setting):
+    """The tiny model in bfloat16 with a LoRA adapter: within fused_kernels (inductor-compiled decoder layers, or
+    Liger's RMSNorm, SwiGLU and RoPE) the summed log-probs and LoRA gradients of one batch equal transformers' own
+    layers' within bfloat16 rounding (log-probs 1e-2 relative, gradients 5% of their norm), and after the block the
+    model is transformers' again (no bound forward, the RoPE function restored)."""
+    if setting == "liger":
+        pytest.importorskip("liger_kernel")
+    import transformers.models.llama.modeling_llama as modeling
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from spin_lite.config import LoraSettings
+    from spin_lite.kernels import fused_kernels
+    from spin_lite.logprobs import collate, sequence_logprobs
+    from spin_lite.model import lora_config
+    torch.manual_seed(7)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+                           lora_config(LoraSettings())).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (9, 14, 5)]
+    answers = [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (7, 3, 12)]
+    batch = collate(prompts, answers, 0).to("cuda")
+    rope = modeling.apply_rotary_pos_emb
+
+    def score():
+        model.zero_grad(set_to_none=True)
+        logps, _ = sequence_logprobs(model, batch)
+        logps.sum().backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach().float(), grads
+
+    plain_logps, plain_grads = score()
+    with fused_kernels(model, setting):
+        score()  # (compile: the first call compiles)
+        logps, grads = score()
+    torch.testing.assert_close(logps, plain_logps, rtol=1e-2, atol=1e-2)
+    diff = sum(float((grads[n] - plain_grads[n]).norm() ** 2) for n in plain_grads) ** 0.5
+    norm = sum(float(plain_grads[n].norm() ** 2) for n in plain_grads) ** 0.5
+    assert diff <= 0.05 * norm, (diff, norm)
+    assert modeling.apply_rotary_pos_emb is rope
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())

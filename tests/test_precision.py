@@ -8,6 +8,7 @@ Run alone: .venv/bin/python -m pytest -q tests/test_precision.py
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from spin_lite.logprobs import autocasts, collate, mixed_precision, sequence_logprobs
@@ -175,3 +176,44 @@ def test_the_document_mask_as_a_flex_block_mask_equals_the_dense_one():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # the second response of row 0 (positions 5-7) sees the prompt (0-2) and itself, not the first response (3-4)
     assert dense[0, 0, 6].tolist()[:8] == [True, True, True, False, False, True, True, False]
+
+
+def test_compiled_decoder_layers_train_as_the_layers_do_and_are_undone_after(tiny_model_dir, tiny_config, tmp_path,
+                                                                               monkeypatch):
+    """train.fused_kernels: compile, on the CPU with torch.compile's aot_eager backend (the graphs inductor would
+    fuse on a GPU, run without generating code): during training every decoder layer runs compiled (gradient
+    checkpointing on, as by default), the step losses and trained LoRA weights equal the uncompiled model's, and
+    after the training phase the layers are uncompiled again (scoring and generation run transformers' model)."""
+    from spin_lite import kernels
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    runs = {}
+    for setting in ("none", "compile"):
+        cfg = tiny_config(**{"train.fused_kernels": setting, "train.learning_rate": 1e-3,
+                             "train.gradient_checkpointing": "true"})
+        model = _model(tiny_model_dir, torch.float32, cfg.lora)
+        layers = kernels.decoder_layers(model)
+        during = []
+        (tmp_path / setting).mkdir()
+        train_adapter(model, _pairs(8), cfg, 0, tmp_path / setting, pad_id=0,
+                      progress=lambda *a: during.append([layer._compiled_call_impl is not None for layer in layers]))
+        runs[setting] = (_log(tmp_path / setting), _trainable(model), during,
+                         [layer._compiled_call_impl for layer in layers])
+    (log, weights, during, after), (plain_log, plain_weights, plain_during, _) = runs["compile"], runs["none"]
+    assert len(layers) == 2 and during == [[True, True]] * 2 and plain_during == [[False, False]] * 2
+    assert after == [None, None]
+    for step, plain in zip(log, plain_log):
+        assert step["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    for name, w in plain_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernels_are_refused_by_name_where_they_cannot_run(tiny_model_dir, tiny_config, tmp_path):
+    """liger needs CUDA (Triton kernels): on the CPU a named refusal before any step, nothing left patched."""
+    from spin_lite.config import ConfigError
+    cfg = tiny_config(**{"train.fused_kernels": "liger"})
+    model = _model(tiny_model_dir, torch.float32, cfg.lora)
+    with pytest.raises(ConfigError, match=r"train.fused_kernels: liger needs a CUDA GPU .* Set train.fused_kernels"):
+        train_adapter(model, _pairs(4), cfg, 0, tmp_path, pad_id=0)
+    assert not (tmp_path / "train_log.jsonl").read_text().strip()  # no step ran
+    assert all("forward" not in m.__dict__ for m in model.modules())
