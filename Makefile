@@ -49,6 +49,7 @@ clean:
 # docs/PERFORMANCE.md, "How to run the GPU check", gives the device calls.
 .PHONY: gpu-check gpu-wheels
 gpu-check:
+	$(MAKE) install EXTRAS=dev,bench  # trl, the peer of bench.train and bench.iter (the GPU machine: from the wheels)
 	bash bench/gpu_check.sh $(WHEELS) $(ARGS)
 
 # The wheels that the GPU machine lacks, into .whl/core and .whl/unsloth (58 MiB together: one device call).
