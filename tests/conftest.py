@@ -112,6 +112,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_app(ws: Path, log_path: Path | None = None, timeout_s: float = 180, **env: str):
+    """`python app.py --workspace ws` on a free localhost port (one thread, offline, no analytics; `env` added), its
+    output in `log_path` (or dropped); returns (the process, its url) once the page answers. Fails the test with the
+    log's end when the app exits or does not answer within `timeout_s`."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **env}
+    with open(log_path or os.devnull, "w") as log:  # (the app keeps its own handle)
+        server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return server, url
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail("the app did not start" + (f":\n{log_path.read_text()[-3000:]}" if log_path else ""))
+            time.sleep(0.5)
+
+
+def stop_app(server, ws: Path):
+    """Stop an app started by start_app, then every run it left running: the runs outlive the app by design, and with
+    the app gone so is the identity Abort signals (processes.LAUNCHED); a run's process group is its lock holder's
+    (start_new_session)."""
+    import signal
+
+    from spin_lite.app import views
+    from spin_lite.state import RunDir
+
+    server.terminate()
+    server.wait(timeout=30)
+    for run in views.list_runs(ws):
+        holder = RunDir(ws / run).lock_holder() if RunDir(ws / run).is_locked() else None
+        if holder:
+            try:
+                os.killpg(holder, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def hold_run(root: Path) -> int:
     """Freeze a run the app started (SIGSTOP to its process group, whose leader app-run.json names) so that an Abort
     lands in the middle of it however fast this machine is: a tiny run can otherwise finish between the test seeing

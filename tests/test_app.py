@@ -29,7 +29,7 @@ from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig, load_config
 from spin_lite.data import DataError
 from spin_lite.model import ModelError
-from spin_lite.state import flatten
+from spin_lite.state import RunDir, flatten
 
 from conftest import hold_run
 
@@ -671,3 +671,23 @@ def test_a_wheel_serves_the_app(tmp_path):
     where, blocks, linked, presets = built.stdout.split()[-4:]
     assert where.startswith(purelib) and blocks == "True"
     assert (linked, presets) == ("False", "True")  # the presets' files themselves, not links, are in the wheel
+
+
+def test_an_abort_that_comes_after_the_run_finished_says_so(tmp_path, monkeypatch):
+    """A run that finishes on its own while Abort is being clicked (its process still there, then gone): the
+    message and the run's log say that it had finished and nothing was stopped, not "aborted"."""
+    root = fake_run(tmp_path / "runs" / "done", [True])
+    RunDir(root).set_state(status="finished", iteration=0, stage="done")
+    assert processes.run_status(tmp_path, "runs/done")["status"] == "finished"
+    # a process the app would have started for it (its command line names spin_lite), ending at the abort's SIGTERM
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "spin_lite"], start_new_session=True)
+    try:
+        monkeypatch.setitem(processes.LAUNCHED, root.resolve(),
+                            {"pid": proc.pid, "process_start": processes._process_start(proc.pid)})
+        message = processes.abort_run(tmp_path, "runs/done", grace_s=1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert message == "runs/done had finished before the abort reached it: nothing was stopped"
+    assert "came after the run had finished" in (root / processes.LOG_FILE).read_text()
+    assert processes.run_status(tmp_path, "runs/done")["status"] == "finished"

@@ -21,14 +21,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from spin_lite.app import chat, form, processes, views
+from spin_lite.app import chat, form, views
 from spin_lite.state import RunDir
-from conftest import free_port, hold_run
+from conftest import hold_run, start_app, stop_app
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -47,40 +46,9 @@ def app(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("browser-ws"))
     shutil.rmtree(ws / "data")  # the guided flow starts from the bundled sample: only the model is here
     ARTIFACTS.mkdir(exist_ok=True)
-    port = free_port()
-    log = open(ARTIFACTS / "app-browser-server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"the app did not start; see {ARTIFACTS / 'app-browser-server.log'}")
-            time.sleep(0.5)
+    server, url = start_app(ws, ARTIFACTS / "app-browser-server.log", timeout_s=90)
     yield url, ws
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
-    stop_runs(ws)  # the runs outlive the app by design; not the test
-
-
-def stop_runs(ws: Path):
-    """Stop every run still holding its run directory: the app that started them is gone, and with it the identity
-    Abort signals (processes.LAUNCHED); a run's process group is its lock holder's (start_new_session)."""
-    import signal
-
-    for run in views.list_runs(ws):
-        holder = RunDir(ws / run).lock_holder() if RunDir(ws / run).is_locked() else None
-        if holder:
-            try:
-                os.killpg(holder, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    stop_app(server, ws)
 
 
 @pytest.fixture(scope="module")

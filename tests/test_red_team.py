@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from spin_lite.app import form, workspace
 from spin_lite.state import RunDir
-from conftest import free_port
+from conftest import start_app, stop_app
 from test_app import DEMO, REPO, fake_run, make_workspace, tiny_config
 
 client_module = pytest.importorskip("gradio_client")
@@ -72,33 +70,12 @@ def nothing_escapes(outside):
 @pytest.fixture(scope="module")
 def app(ws, tmp_path_factory):
     """`python app.py` with a password (SPIN_LITE_APP_AUTH), its output in a log that must never show a traceback."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("red-team-log") / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "SPIN_LITE_APP_AUTH": ":".join(AUTH)}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
-                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail("the app did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.5)
+    server, url = start_app(ws, log_path, SPIN_LITE_APP_AUTH=":".join(AUTH))
     client = client_module.Client(url, auth=AUTH, verbose=False)
     yield client, server, url
     alive = server.poll() is None
-    server.terminate()
-    server.wait(timeout=30)
-    for run in ws.glob("runs/*"):  # runs the tests left running (their app is gone: signal the lock holders)
-        holder = RunDir(run).lock_holder() if RunDir(run).is_locked() else None
-        if holder:
-            os.killpg(holder, signal.SIGKILL)
+    stop_app(server, ws)
     assert alive, "the app crashed:\n" + log_path.read_text()[-3000:]
     raised = tracebacks(log_path.read_text())
     assert not raised, "\n".join(raised)

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from spin_lite.app import form, processes, workspace
 from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
 from spin_lite.state import LinkError
-from conftest import free_port
+from conftest import start_app, stop_app
 from test_app import DEMO, REPO, make_workspace, tiny_config
 
 # Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
@@ -176,26 +175,11 @@ def test_a_run_config_that_is_not_a_mapping_is_a_named_error(ws):
 @pytest.fixture(scope="module")
 def api(ws):
     client_module = pytest.importorskip("gradio_client")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--workspace", str(ws), "--port", str(port)],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail("the app did not start")
-            time.sleep(0.5)
+    server, url = start_app(ws)
     try:
         yield client_module.Client(url, verbose=False)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_app(server, ws)
 
 
 def test_escapes_through_the_http_api(api, ws, outside):

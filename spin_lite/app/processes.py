@@ -359,7 +359,9 @@ def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
     deadline = time.time() + 10
     while RunDir(root).is_locked() and time.time() < deadline:  # an exiting process still holds its files
         time.sleep(0.05)
-    finished = run_status(workspace, run_dir)["status"] == "finished"  # it may have ended on its own meanwhile
+    finished = False  # it may have ended on its own meanwhile (its process perhaps not reaped yet: not "running")
+    with contextlib.suppress(ValueError, OSError, LinkError):  # (a damaged or linked record: not finished)
+        finished = _status(RunDir(root), run_dir, False, None)["status"] == "finished"
     with open_to_write(root / LOG_FILE, append=True) as log:
         log.write((f"\nabort from the app at {time.strftime('%Y-%m-%d %H:%M:%S')} came after the run had finished\n"
                    if finished else f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue "

@@ -27,7 +27,7 @@ from . import form, processes, views
 from .ui_models import compare_tab, export_tab, inspect_tab
 from .ui_run import run_tab
 from .ui_setup import setup_tab
-from .workspace import EXPORTS, error_md, run_name, user_message
+from .workspace import EXPORTS, error_md, run_name
 
 CSS = (".spin-bar progress { width: 100%; height: 14px; } .spin-error { color: #b91c1c; }"
        " .spin-best { color: #15803d; font-weight: 600; }"
