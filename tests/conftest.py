@@ -158,6 +158,25 @@ def stop_app(server, ws: Path):
                 pass
 
 
+def recorded_launch(monkeypatch) -> dict:
+    """The app's main() with a stand-in for its Gradio page: what main() passes to launch() lands in the returned
+    dict (host, share, auth, ...), and nothing is served."""
+    pytest.importorskip("gradio")
+    from spin_lite.app import ui
+
+    launched = {}
+
+    class Demo:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(ui, "build_demo", lambda ws: Demo())
+    return launched
+
+
 def hold_run(root: Path) -> int:
     """Freeze a run the app started (SIGSTOP to its process group, whose leader app-run.json names) so that an Abort
     lands in the middle of it however fast this machine is: a tiny run can otherwise finish between the test seeing

@@ -31,7 +31,7 @@ from spin_lite.data import DataError
 from spin_lite.model import ModelError
 from spin_lite.state import RunDir, flatten
 
-from conftest import hold_run
+from conftest import hold_run, recorded_launch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo_sft.jsonl"
@@ -606,19 +606,8 @@ def test_export_gguf_and_hub_push_from_the_app(ws, finished_run, monkeypatch, tm
 
 # -- the app module ---------------------------------------------------------------------------------------------------
 def test_app_flags(monkeypatch, tmp_path):
-    pytest.importorskip("gradio")
+    launched = recorded_launch(monkeypatch)
     from spin_lite.app import ui as app
-
-    launched = {}
-
-    class Demo:
-        def queue(self, **kwargs):
-            return self
-
-        def launch(self, **kwargs):
-            launched.update(kwargs)
-
-    monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
     app.main(["--workspace", str(tmp_path)])
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["auth"] is None
     assert launched["show_error"] is True  # Gradio's own refusals (a value of the wrong shape) say why

@@ -18,7 +18,7 @@ from typing import get_args
 
 import pytest
 
-from conftest import REPO, hold_run, tiny_settings
+from conftest import REPO, hold_run, recorded_launch, tiny_settings
 from spin_lite.app import form, processes, views, workspace
 from spin_lite import config
 from spin_lite.cli import main
@@ -247,18 +247,8 @@ def test_a_killed_run_shows_why_not_a_warning_line(tmp_path):
 
 
 def test_auth_from_a_file_or_the_environment(monkeypatch, tmp_path):
-    pytest.importorskip("gradio")
+    launched = recorded_launch(monkeypatch)
     from spin_lite.app import ui as app
-    launched = {}
-
-    class Demo:
-        def queue(self, **kwargs):
-            return self
-
-        def launch(self, **kwargs):
-            launched.update(kwargs)
-
-    monkeypatch.setattr(app, "build_demo", lambda ws: Demo())
     secret = tmp_path / "auth.txt"
     secret.write_text("ann:s3cret:with-colon\n")
     app.main(["--workspace", str(tmp_path), "--auth-file", str(secret)])
