@@ -74,11 +74,15 @@ def _liger(model, layers: list[torch.nn.Module]):
         from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     except ImportError as e:
         raise ConfigError(f"train.fused_kernels: liger needs Liger-Kernel (pip install liger-kernel): {e}") from e
-    bound = []  # (module, attribute): methods bound on a module instance, over its class's
+    act = getattr(getattr(model, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"train.fused_kernels: liger's SwiGLU needs a silu activation, and this model's is {act}. "
+                          "Set train.fused_kernels: none (or compile)")
+    bound = []  # (module, attribute, what the instance had there before: usually nothing, its class's method)
 
     def bind(module, name, function):
+        bound.append((module, name, module.__dict__.get(name)))
         module.__dict__[name] = function.__get__(module, type(module))
-        bound.append((module, name))
 
     for norm in (m for m in model.modules() if type(m).__name__.endswith("RMSNorm")):  # the final norm too
         norm.offset, norm.casting_mode, norm.in_place, norm.row_mode = 0.0, "llama", False, None  # (Liger's)
@@ -94,8 +98,11 @@ def _liger(model, layers: list[torch.nn.Module]):
         modeling.apply_rotary_pos_emb = liger_rotary_pos_emb
 
     def undo():
-        for module, name in bound:
-            module.__dict__.pop(name, None)
+        for module, name, before in reversed(bound):
+            if before is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = before
         if rope is not None:
             modeling.apply_rotary_pos_emb = rope
     return undo

@@ -97,6 +97,13 @@ class SpinRun:
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")
         self.backend = resolve_backend(self.cfg.model, self.cfg.mode)
+        if self.backend == "unsloth":  # its fast forward drops the attention mask while training, and patches layers
+            for key, value in (("train.pack_pairs", self.cfg.train.pack_pairs),
+                               ("train.fused_kernels", self.cfg.train.fused_kernels != "none")):
+                if value:
+                    raise ConfigError(f"{key} needs the hf backend, and this run uses unsloth (model.backend="
+                                      f"{self.cfg.model.backend}): Unsloth's own forward ignores a document mask while "
+                                      f"training and brings its own kernels. Set model.backend: hf, or turn {key} off")
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.splits = load_splits(self.cfg.data, self.tokenizer, self.cfg.seed)
         if self.rank == 0:

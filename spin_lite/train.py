@@ -123,7 +123,7 @@ def spin_objective(beta: float, settings: TrainSettings, pad_id: int, packed: bo
     as one row [prompt | real | generated (| proto)] (train.pack_pairs); the scorer returns the same layout."""
     def batch(pairs):  # 2B sequences: B real responses, then B generated ones, same prompts (+ B proto: tspin)
         prompts, responses = [p["prompt_ids"] for p in pairs], [p["real_ids"] for p in pairs] + [p["gen_ids"] for p in pairs]
-        if packed:
+        if packed and all(prompts):  # (a pair with an empty prompt has nothing to share: scored apart)
             third = with_proto(pairs, settings.loss_type)
             return pack(prompts, [[p["real_ids"], p["gen_ids"]] + ([p.get("proto_ids", p["gen_ids"])] if third else [])
                                   for p in pairs], pad_id)

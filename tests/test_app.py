@@ -663,16 +663,18 @@ def test_a_wheel_serves_the_app(tmp_path):
 
 
 def test_an_abort_that_comes_after_the_run_finished_says_so(tmp_path, monkeypatch):
-    """A run that finishes on its own while Abort is being clicked (its process still there, then gone): the
-    message and the run's log say that it had finished and nothing was stopped, not "aborted"."""
+    """A run that finishes on its own while Abort is being clicked (its process still there, then gone with exit
+    code 0): the message and the run's log say that it had finished and nothing was stopped, not "aborted". (A run
+    the abort's signal ends has a negative exit code: test_abort_then_continue.)"""
     root = fake_run(tmp_path / "runs" / "done", [True])
     RunDir(root).set_state(status="finished", iteration=0, stage="done")
-    assert processes.run_status(tmp_path, "runs/done")["status"] == "finished"
-    # a process the app would have started for it (its command line names spin_lite), ending at the abort's SIGTERM
+    # a process the app would have started for it (its command line names spin_lite)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "spin_lite"], start_new_session=True)
     try:
-        monkeypatch.setitem(processes.LAUNCHED, root.resolve(),
-                            {"pid": proc.pid, "process_start": processes._process_start(proc.pid)})
+        record = {"pid": proc.pid, "process_start": processes._process_start(proc.pid)}
+        monkeypatch.setitem(processes.LAUNCHED, root.resolve(), record)
+        # what _record_exit writes when the run ends on its own
+        (root / processes.PROCESS_FILE).write_text(json.dumps({**record, "returncode": 0}))
         message = processes.abort_run(tmp_path, "runs/done", grace_s=1)
     finally:
         proc.kill()

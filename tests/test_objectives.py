@@ -174,6 +174,8 @@ def test_packed_pairs_train_as_the_pairs_scored_apart(tiny_model_dir, tiny_confi
     objective = lambda packed: spin_objective(0.5, cfg.train, 0, packed=packed)  # noqa: E731
     pairs = _uneven_pairs(4, loss_type == "tspin")
     assert objective(True).batch(pairs).tokens == objective(False).batch(pairs).tokens  # tokens/s: like for like
+    empty = [dict(pairs[0], prompt_ids=[])] + pairs[1:]  # nothing to share: the micro batch is scored apart
+    assert type(objective(True).batch(empty)) is type(objective(False).batch(empty))
 
 
 def test_packed_pairs_refuse_a_model_that_cannot_take_a_document_mask(tiny_model_dir, tiny_config, tmp_path):

@@ -330,6 +330,15 @@ def started_group(record: dict | None) -> int | None:
     return pid
 
 
+def _exit_code(root: Path, pid: int) -> int | None:
+    """The exit code _record_exit wrote for process `pid` of the run, or None (not yet, or unreadable)."""
+    with contextlib.suppress(ValueError, OSError, LinkError):
+        record = read_json(root / PROCESS_FILE, {})
+        if isinstance(record, dict) and record.get("pid") == pid and type(record.get("returncode")) is int:
+            return record["returncode"]
+    return None
+
+
 def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
     """Stop a running run: SIGTERM to its process group, SIGKILL after `grace_s`. Everything on disk is
     written atomically, so Continue picks up from the last finished batch or checkpoint. Only a run the app
@@ -356,12 +365,10 @@ def abort_run(workspace, run_dir: str, grace_s: float = 10.0) -> str:
             time.sleep(0.1)
         if started_group(record) == pid:
             os.killpg(pid, signal.SIGKILL)
-    deadline = time.time() + 10
-    while RunDir(root).is_locked() and time.time() < deadline:  # an exiting process still holds its files
+    deadline = time.time() + 10  # an exiting process still holds its files; _record_exit then writes how it ended
+    while (RunDir(root).is_locked() or _exit_code(root, pid) is None) and time.time() < deadline:
         time.sleep(0.05)
-    finished = False  # it may have ended on its own meanwhile (its process perhaps not reaped yet: not "running")
-    with contextlib.suppress(ValueError, OSError, LinkError):  # (a damaged or linked record: not finished)
-        finished = _status(RunDir(root), run_dir, False, None)["status"] == "finished"
+    finished = _exit_code(root, pid) == 0  # it ended on its own before the signal came (killed: minus the signal)
     with open_to_write(root / LOG_FILE, append=True) as log:
         log.write((f"\nabort from the app at {time.strftime('%Y-%m-%d %H:%M:%S')} came after the run had finished\n"
                    if finished else f"\naborted from the app at {time.strftime('%Y-%m-%d %H:%M:%S')}; Continue "
