@@ -131,11 +131,16 @@ def run(out: Path, name: str, phase: str, point: str, seed: int):
 
 
 def _run(out: Path, name: str, phase: str, point: str, seed: int, folder: Path, controls: bool):
-    for other in sorted((out / name).glob(f"*/*/seed-{seed}")):  # the shared SFT stage of this data set and seed
-        if other != folder and (other / "sft" / "summary.json").exists() and not (folder / "sft").exists():
-            shutil.copytree(other / "sft", folder / "sft", ignore=shutil.ignore_patterns("checkpoint"))
-            for f in ("eval-base.json", "eval-start.json"):
+    shared = ("sft/summary.json", "eval-base.json", "eval-start.json")  # the SFT stage of this data set and seed
+    for other in sorted((out / name).glob(f"*/*/seed-{seed}")):
+        if other != folder and all((other / f).exists() for f in shared) and not (folder / "sft").exists():
+            # the evaluations first, the stage folder last and whole (a rename): a run being set up never looks
+            # like a source to another worker (two of them set up at once copied half a folder: 2026-12-07)
+            for f in shared[1:]:
                 shutil.copy(other / f, folder / f)
+            shutil.rmtree(folder / "sft.copy", ignore_errors=True)
+            shutil.copytree(other / "sft", folder / "sft.copy", ignore=shutil.ignore_patterns("checkpoint"))
+            (folder / "sft.copy").rename(folder / "sft")
             break
     settings = [f"run_dir={folder}", *base_settings(out, name, seed), f"sft.epochs={sft_epochs(out, name)}",
                 *GRID[point], f"sft.control={'true' if controls else 'false'}", "sft.control_rates=[sft, spin]"]
