@@ -265,8 +265,10 @@ def choices(folder: Path) -> dict[str, str]:
 
 def pooled(folders: list[Path], new: str, old: str, flag: str, resamples: int = 2000) -> dict:
     """new - old on the test rows over all seeds: each seed's difference (logp/token weighted by tokens, the task
-    metric as a share), averaged over seeds, with a 90% interval from a paired bootstrap over the shared test rows."""
-    pairs = [(RunDir(f).evaluation(choices(f)[new])["test_rows"], RunDir(f).evaluation(choices(f)[old])["test_rows"])
+    metric as a share), averaged over seeds, with a 90% interval from a paired bootstrap over the shared test rows.
+    `new`, `old`: an arm ("self-play", ...: its choice in each run) or a model of the run ("start", "control 1")."""
+    model = lambda f, key: choices(f).get(key, key)  # noqa: E731
+    pairs = [(RunDir(f).evaluation(model(f, new))["test_rows"], RunDir(f).evaluation(model(f, old))["test_rows"])
              for f in folders]
     keys = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
     draws = np.random.default_rng(0).integers(0, len(keys), size=(resamples, len(keys)))
@@ -308,6 +310,25 @@ def report(out: Path, name: str, point: str) -> str:
             lines.append(f"- self-play's choice - {old}'s: task {g['task'][0]:+.3f} [{g['task'][1]:+.3f}, "
                          f"{g['task'][2]:+.3f}], logp/token {g['logp/token'][0]:+.3f} [{g['logp/token'][1]:+.3f}, "
                          f"{g['logp/token'][2]:+.3f}]")
+        lines += ["", "The run's own choice (made on validation rows) against the best arm on the test rows (task, then "
+                  "logp/token), per seed, paired bootstrap (90%):", ""]
+        for f in folders:
+            c, rd = choices(f), RunDir(f)
+            rows = lambda m: rd.evaluation(m)["test_rows"]  # noqa: E731
+            score = lambda m: (sum(bool(x.get(flag)) for x in rows(m).values()),  # noqa: E731
+                               sum(x["logp"] for x in rows(m).values()) / sum(x["tokens"] for x in rows(m).values()))
+            best = max((c[k] for k in ("SFT model", "self-play", "control@sft", "control@spin")), key=score)
+            if c["run's choice"] == best:
+                lines.append(f"- seed {f.name[5:]}: the run chose the best arm's model ({best})")
+                continue
+            g = pooled([f], "run's choice", best, flag)
+            within = all(g[m][1] <= 0 <= g[m][2] for m in g)
+            gaps[f"{f.name}: run's choice - best"] = g | {"best": best, "within_noise": within}
+            chose = c["run's choice"]
+            lines.append(f"- seed {f.name[5:]}: {chose} - {best}: task {g['task'][0]:+.3f} "
+                         f"[{g['task'][1]:+.3f}, {g['task'][2]:+.3f}], logp/token {g['logp/token'][0]:+.3f} "
+                         f"[{g['logp/token'][1]:+.3f}, {g['logp/token'][2]:+.3f}]: "
+                         + ("within the noise" if within else "**outside the noise**"))
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / name / "report.md", text)
     atomic_write_json(out / name / "report.json", {"point": point, "gaps": gaps,
