@@ -253,6 +253,29 @@ def select(out: Path, name: str, first_only: bool = False) -> dict:
     return result
 
 
+def selection_table(out: Path, name: str) -> str:
+    """The selection runs on validation rows, a markdown table: each model's val task metric / logp/token, the SPIN
+    choice, the stop rule's verdicts and the training's margin accuracy over informative pairs and tie share."""
+    flag = DATASETS[name][4]
+    lines = ["| point | SFT model | iter 0 | iter 1 | SPIN's choice | verdicts (iter 0; iter 1) | train (iter 0; iter 1) |",
+             "|---|---|---|---|---|---|---|"]
+    for point in SELECT_GRID[name]:
+        folder = run_dir(out, name, "select", point, SELECTION_SEEDS[0])
+        if not finished(folder, False):
+            lines.append(f"| {point} | not finished | | | | | |")
+            continue
+        cell = lambda model: "{:.3f} / {:.3f}".format(*val_score(folder, model, flag))  # noqa: E731
+        summaries = RunDir(folder).summaries()
+        verdict = lambda v: ("better" if v.get("better") else "not clearly better" if v.get("accepted")  # noqa: E731
+                             else "**rejected**")
+        train = lambda t: (f"acc {t['accuracy']:.2f}, ties {t['tie_share']:.2f}"  # noqa: E731
+                           + (f", history {t['history']:+.2f}" if "history" in t else ""))
+        lines.append(f"| {point} | {cell('start')} | {cell('iter 0')} | {cell('iter 1')} | {spin_choice(folder)} | "
+                     + "; ".join(verdict(x["selection"]) for x in summaries) + " | "
+                     + "; ".join(train(x["train"]) for x in summaries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the report, on test rows ----------------------------------------------------------------------------------
 def choices(folder: Path) -> dict[str, str]:
     """The models each arm chose on validation rows, and the run's own choice."""
@@ -369,6 +392,9 @@ def main():
                 rest = [(p, seed) for p in points[1:]]
                 run_all(out, args.data, "select", rest[::-1] if args.reverse else rest, args.parallel)
         print(json.dumps(select(out, args.data), indent=1))
+        table = selection_table(out, args.data)
+        atomic_write_text(KEPT.parent / f"{args.data}-selection.md", table)
+        print(table)
     else:
         chosen = read_json(out / args.data / "selection.json") or read_json(KEPT.parent / f"{args.data}-selection.json")
         if not chosen or not chosen.get("chosen"):
