@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from .config import ConfigError, describe_settings, load_config
+from .config import STDIN, ConfigError, describe_settings, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +77,6 @@ def config_and_overrides(first: str | None, rest: list[str]) -> tuple[str | None
             and not first.endswith((".yaml", ".yml")):
         return None, [first, *rest]
     return first, rest
-
-
-STDIN = "-"  # `spin-lite run -`: the config's YAML comes on standard input
 
 
 def load_run_config(first: str | None, rest: list[str]):

@@ -36,6 +36,7 @@ Engine = Literal["auto", "eager", "static"]
 ChooseBy = Literal["auto", "task", "logp"]
 ControlRate = Literal["sft", "spin"]
 DecodeAttention = Literal["auto", "sdpa"]
+STDIN = "-"  # the config file's name in `spin-lite run -`: its YAML comes on standard input (how the app launches runs)
 FusedKernels = Literal["none", "compile", "liger"]
 Autocast = Literal["auto", "always", "never"]  # (not on/off: YAML reads those as booleans)
 

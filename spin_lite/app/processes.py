@@ -26,8 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cli import STDIN
-from ..config import SpinConfig, load_config
+from ..config import STDIN, SpinConfig, load_config
 from ..state import LinkError, RunDir, RunLockedError, atomic_write_json, read_json
 from .workspace import AppError, inside, is_run_dir, open_to_write, refuse_links, resolved, run_name
 
