@@ -133,7 +133,9 @@ def run(out: Path, name: str, phase: str, point: str, seed: int):
 def _run(out: Path, name: str, phase: str, point: str, seed: int, folder: Path, controls: bool):
     shared = ("sft/summary.json", "eval-base.json", "eval-start.json")  # the SFT stage of this data set and seed
     for other in sorted((out / name).glob(f"*/*/seed-{seed}")):
-        if other != folder and all((other / f).exists() for f in shared) and not (folder / "sft").exists():
+        # (a light copy restored from docs/results has no adapter: it cannot be a source)
+        if (other != folder and all((other / f).exists() for f in shared) and (other / "sft" / "adapter").is_dir()
+                and not (folder / "sft").exists()):
             # the evaluations first, the stage folder last and whole (a rename): a run being set up never looks
             # like a source to another worker (two of them set up at once copied half a folder: 2026-12-07)
             for f in shared[1:]:
