@@ -42,6 +42,7 @@ from .evaluate import evaluate, judge, row_scores, score
 from .generate import generate_all, read_generations, stop_token_ids
 from .model import build_model, load_adapter_weights, load_base, load_tokenizer, resolve_backend, save_merged_base
 from .preflight import check_model
+from .records import RunRecordError
 from .report import format_table
 from .state import (STAGES, RunDir, atomic_write_json, atomic_write_text, fault_point, found_better, read_json,
                     read_jsonl, replace_dir)
@@ -93,6 +94,12 @@ class SpinRun:
         if changed:
             raise ConfigError(f"run directory {self.dir.root} was started with a different config; changed: "
                               + ", ".join(changed) + ". Use a new run_dir, or the same settings to continue.")
+        if self.cfg.sft.enabled and self.dir.sft_done() and not (self.dir.sft_dir / "adapter" / "adapter_config.json"
+                                                                ).exists():  # the run's starting model is gone
+            redo = ("remove sft/ to run the stage again" if not self.dir.completed() else
+                    "the iterations were trained from it, so use a new run_dir if it is lost")
+            raise RunRecordError(self.dir.sft_dir / "adapter", None, "the SFT stage's adapter, which sft/summary.json "
+                                 f"says was made (SPIN's starting model): put the folder back, or {redo}")
         tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.train.report_to)
         if tracker and importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"train.report_to={tracker} needs the {tracker} package: pip install {tracker}")

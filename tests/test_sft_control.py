@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_lite.config import ConfigError
 from spin_lite.evaluate import score
+from spin_lite.records import RunRecordError
 from spin_lite.export import export_adapter
 from spin_lite.report import format_table, versus_line
 from spin_lite.run import SpinRun
@@ -65,6 +66,14 @@ def test_sft_stage_runs_once_and_is_iteration_0s_opponent(tiny_config, tiny_mode
         with pytest.raises(ConfigError, match=next(iter(change))):
             SpinRun(tiny_config(iterations=1, **{"sft.enabled": "true", "sft.steps": 3, "sft.learning_rate": 3e-3}
                                 | change), log=lambda *a: None).prepare()
+
+    # A stage marked done whose adapter is gone is refused by name, before anything is trained or written.
+    shutil.rmtree(rd.sft_dir / "adapter")
+    before = tree_digest(rd.root)
+    with pytest.raises(RunRecordError, match=r"sft/adapter: expected the SFT stage's adapter.*use a new run_dir"):
+        SpinRun(tiny_config(iterations=2, **{"sft.enabled": "true", "sft.steps": 3, "sft.learning_rate": 3e-3}),
+                log=lambda *a: None).run()
+    assert tree_digest(rd.root) == before
 
 
 def test_control_arm_matches_spin_steps_and_can_win(tiny_config, tmp_path, capsys):
