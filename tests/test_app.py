@@ -31,7 +31,7 @@ from spin_lite.data import DataError
 from spin_lite.model import ModelError
 from spin_lite.state import RunDir, flatten
 
-from conftest import hold_run, recorded_launch
+from conftest import hold_run, make_tiny_model, recorded_launch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "data" / "demo_sft.jsonl"
@@ -47,23 +47,23 @@ TINY = {"model.name": "models/tiny", "data.path": "data/demo_sft.jsonl", "data.m
 
 def make_workspace(root: Path) -> Path:
     """A workspace with models/tiny (2-layer Llama, real tokenizer) and data/demo_sft.jsonl."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from spin_lite.config import ModelConfig
     from spin_lite.model import embedded_model_dir, load_tokenizer
 
-    tokenizer = load_tokenizer(ModelConfig(name=str(embedded_model_dir())))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "models" / "tiny")
-    tokenizer.save_pretrained(root / "models" / "tiny")
+    make_tiny_model(root / "models" / "tiny", load_tokenizer(ModelConfig(name=str(embedded_model_dir()))))
     (root / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(DEMO, root / "data" / DEMO.name)
     return root
+
+
+def made_run(ws: Path, rel: str) -> Path:
+    """A run directory as a run leaves it before its first stage: config.yaml, state.json, its lock file."""
+    run = ws / rel
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(tiny_config(rel).to_yaml())
+    RunDir(run).lock().close()
+    (run / "state.json").write_text("{}")
+    return run
 
 
 def tiny_config(run_dir: str, **extra) -> SpinConfig:

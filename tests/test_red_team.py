@@ -22,7 +22,7 @@ import pytest
 from spin_lite.app import form, workspace
 from spin_lite.state import RunDir
 from conftest import start_app, stop_app
-from test_app import DEMO, REPO, fake_run, make_workspace, tiny_config
+from test_app import DEMO, REPO, fake_run, made_run, make_workspace, tiny_config
 
 client_module = pytest.importorskip("gradio_client")
 FULL = os.environ.get("SPIN_LITE_RED_TEAM") == "full"
@@ -110,16 +110,6 @@ def answer(client, *args, api_name: str) -> str:
 
 def values(run_dir: str, **extra) -> list:
     return form.form_values(tiny_config(run_dir, **extra))
-
-
-def made_run(ws: Path, rel: str) -> Path:
-    """A run directory as a run leaves it before its first stage: config.yaml, state.json, its lock file."""
-    run = ws / rel
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(tiny_config(rel).to_yaml())
-    RunDir(run).lock().close()
-    (run / "state.json").write_text("{}")
-    return run
 
 
 def upload(client, tmp_path: Path, name: str, text: str) -> str:

@@ -23,7 +23,7 @@ from spin_lite.app import export as app_export
 from spin_lite.config import ConfigError, SpinConfig
 from spin_lite.state import LinkError
 from conftest import start_app, stop_app
-from test_app import DEMO, REPO, make_workspace, tiny_config
+from test_app import DEMO, REPO, made_run, make_workspace, tiny_config
 
 # Run directory names that, passed on the run's command line, were read as overrides (`=`, ` #` comments out
 # the rest): the first wrote the run outside the workspace, the second made Inspect show an outside file.
@@ -146,18 +146,6 @@ def test_export_never_writes_through_a_link(ws, outside):
     with pytest.raises(workspace.AppError, match="symbolic link"):
         app_export.export(ws, "runs/exp", 0, kind="adapter")
     assert untouched(outside)
-
-
-def made_run(ws: Path, rel: str) -> Path:
-    """A run directory as a run leaves it before its first stage: config.yaml, state.json, its lock file."""
-    from spin_lite.state import RunDir
-
-    run = ws / rel
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(tiny_config(rel).to_yaml())
-    RunDir(run).lock().close()
-    (run / "state.json").write_text("{}")
-    return run
 
 
 def test_a_run_config_that_is_not_a_mapping_is_a_named_error(ws):
