@@ -72,7 +72,7 @@ class ControlArm:
         began, rows = time.time(), self.run.splits.train
         out.mkdir(parents=True, exist_ok=True)
         self.run._set_state(iteration=None, stage="sft", status="running")
-        trained = (out / "adapter" / "adapter_config.json").exists()
+        trained = self.dir.sft_trained()
         torch.manual_seed(self.cfg.seed)  # a fresh adapter's initialisation, as `spin-lite sft` does it
         model = self._sft_model(str(self.dir.model_files(out / "adapter")) if trained else self.cfg.model.adapter)
         if not trained:

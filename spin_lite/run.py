@@ -94,8 +94,7 @@ class SpinRun:
         if changed:
             raise ConfigError(f"run directory {self.dir.root} was started with a different config; changed: "
                               + ", ".join(changed) + ". Use a new run_dir, or the same settings to continue.")
-        if self.cfg.sft.enabled and self.dir.sft_done() and not (self.dir.sft_dir / "adapter" / "adapter_config.json"
-                                                                ).exists():  # the run's starting model is gone
+        if self.cfg.sft.enabled and self.dir.sft_done() and not self.dir.sft_trained():  # the starting model is gone
             redo = ("remove sft/ to run the stage again" if not self.dir.completed() else
                     "the iterations were trained from it, so use a new run_dir if it is lost")
             raise RunRecordError(self.dir.sft_dir / "adapter", None, "the SFT stage's adapter, which sft/summary.json "

@@ -340,6 +340,10 @@ class RunDir:
     def sft_done(self) -> bool:
         return (self.sft_dir / "summary.json").exists()
 
+    def sft_trained(self) -> bool:
+        """The SFT stage's adapter is saved (sft/adapter): its training is over, whether or not summary.json is."""
+        return (self.sft_dir / "adapter" / "adapter_config.json").exists()
+
     def control(self, t: int, arm: str = "sft") -> Path:
         """The folder of the control matched to iteration t in the control arm `arm` (sft.control_rates): "sft",
         SFT continued at the SFT rate (control-NN/), or "spin", at SPIN's own rate (control-spin-NN/); confined:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from spin_lite.config import ConfigError
 from spin_lite.evaluate import score
-from spin_lite.records import RunRecordError
 from spin_lite.export import export_adapter
+from spin_lite.records import RunRecordError
 from spin_lite.report import format_table, versus_line
 from spin_lite.run import SpinRun
 from spin_lite.state import RunDir, read_json, read_jsonl
